@@ -5,12 +5,21 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One cache for the whole test session (features, the SmolLM2 safetensors converted from its GGUF once),
+# never the user's ~/.cache.
+_SESSION_CACHE = Path(tempfile.mkdtemp(prefix="wsi-llava-test-cache-"))
+os.environ["WSI_LLAVA_CACHE"] = str(_SESSION_CACHE)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 def pytest_addoption(parser):
@@ -53,3 +62,19 @@ def cache_dir(tmp_path) -> Path:
     d = tmp_path / "cache"
     d.mkdir()
     return d
+
+
+@pytest.fixture(scope="session")
+def shared_cache() -> Path:
+    """The test session's cache folder (also ``$WSI_LLAVA_CACHE``)."""
+    return _SESSION_CACHE
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> Path:
+    """A small synthetic world (2 slides, 2048 px, seed 1), generated once per test session."""
+    from wsi_llava.synth import generate_world
+
+    out = tmp_path_factory.mktemp("world")
+    generate_world(out, n_slides=2, seed=1, size=(2048, 2048))
+    return out

@@ -15,7 +15,9 @@ class Evidence(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     tile_indices: list[int] = Field(default_factory=list, description="indices into the slide's tile grid")
-    coords: list[tuple[int, int]] = Field(default_factory=list, description="tile top-left, level-0 px (x, y)")
+    coords: list[tuple[int, int]] = Field(
+        default_factory=list, description="tile top-left, level-0 px (x, y)"
+    )
     scores: list[float] = Field(default_factory=list, description="relevance, sums to 1 over the tiles")
     tile_size: int = Field(0, description="tile edge in level-0 px")
     method: str = "answer-token attention through the pooling bins"

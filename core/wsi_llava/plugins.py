@@ -23,6 +23,7 @@ DEFAULT_PLUGINS = (
     "wsi_llava.slide.plugin",
     "wsi_llava.encoders.plugin",
     "wsi_llava.model.plugin",
+    "wsi_llava.eval.plugin",
 )
 
 

@@ -6,6 +6,7 @@ CLI, napari progress bars, QuPath dialogs).
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable
 
@@ -35,3 +36,25 @@ class CancelToken:
     def raise_if_cancelled(self) -> None:
         if self._event.is_set():
             raise Cancelled("cancelled by the user")
+
+
+class TerminalProgress:
+    """A ``ProgressCallback`` drawing one tqdm bar per message on stderr (silent when not a terminal)."""
+
+    def __init__(self) -> None:
+        self._bars: dict[str, object] = {}
+
+    def __call__(self, done: int, total: int, message: str) -> None:
+        from tqdm import tqdm
+
+        bar = self._bars.get(message)
+        if bar is None:
+            bar = self._bars[message] = tqdm(total=total or None, desc=message, file=sys.stderr, disable=None)
+        bar.n = done  # type: ignore[attr-defined]
+        bar.refresh()  # type: ignore[attr-defined]
+        if total and done >= total:
+            bar.close()  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        for bar in self._bars.values():
+            bar.close()  # type: ignore[attr-defined]

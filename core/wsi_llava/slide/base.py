@@ -103,7 +103,7 @@ class BaseSlideReader(ABC):
     @property
     def has_mpp(self) -> bool:
         try:
-            self.mpp
+            _ = self.mpp
         except SlideError:
             return False
         return True
@@ -128,12 +128,14 @@ class BaseSlideReader(ABC):
             raise RegionError(f"{self.path}: region size must be positive, got {w}x{h}")
         out = self._read((int(location[0]), int(location[1])), level, (w, h))
         if out.shape != (h, w, 3) or out.dtype != np.uint8:
-            raise SlideError(f"{self.path}: reader returned {out.shape} {out.dtype}, expected ({h}, {w}, 3) uint8")
+            raise SlideError(
+                f"{self.path}: reader returned {out.shape} {out.dtype}, expected ({h}, {w}, 3) uint8"
+            )
         return out
 
     def thumbnail(self, max_size: int = 1024) -> np.ndarray:
         """The whole slide, downscaled so that its longer side is at most ``max_size`` pixels."""
-        from skimage.transform import resize
+        from PIL import Image
 
         w0, h0 = self.dimensions
         scale = max(w0, h0) / max_size
@@ -142,7 +144,8 @@ class BaseSlideReader(ABC):
         img = self.read_region((0, 0), level, (lw, lh))
         tw, th = max(1, round(w0 / max(scale, 1.0))), max(1, round(h0 / max(scale, 1.0)))
         if (tw, th) != (lw, lh):
-            img = (resize(img, (th, tw), order=1, anti_aliasing=True, preserve_range=True)).astype(np.uint8)
+            # Pillow's box filter averages each output pixel's footprint: antialiased, no float copies
+            img = np.array(Image.fromarray(img).resize((tw, th), Image.Resampling.BOX))
         return img
 
     def fingerprint(self) -> str:

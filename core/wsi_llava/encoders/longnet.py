@@ -1,0 +1,432 @@
+"""LongNet slide encoder with dilated attention, in the shape and state-dict layout of Prov-GigaPath.
+
+Our own implementation of the published method (LongNet, Ding et al. 2023; Prov-GigaPath's
+``gigapath_slide_enc12l768d``): tile features are projected, given 2-D sin-cos positions from their tile
+grid cell, prefixed with a CLS token and run through pre-LN transformer layers (sub-LN inside attention and
+MLP, as torchscale's encoder). Parameter names follow Prov-GigaPath's released ``slide_encoder.pth`` so
+:func:`load_gigapath_slide_encoder` loads it strictly.
+
+Dilated attention, per branch ``(segment length w, ratio r)``: the sequence is zero-padded to a multiple of
+``w`` and split into segments; inside each segment (zero-padded to a multiple of ``r``) head group ``j``
+keeps the tokens at offsets ``j, j+r, j+2r, ...``, attends among them, and scatters the result back.
+Branches are combined per token and head with weights ``softmax_b(lse_b)``, i.e. proportional to each
+branch's softmax denominator, which equals attention over the union of the branches' keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from wsi_llava.encoders.config import SlideEncoderConfig
+from wsi_llava.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DilatedAttention",
+    "LongNetViT",
+    "SlideEncoderConfig",
+    "attention_with_lse",
+    "dilated_attention",
+    "grid_positions",
+    "load_gigapath_slide_encoder",
+    "sincos_2d",
+]
+
+_FUSED_BROKEN: set[str] = set()
+_MATH_CHUNK_ELEMS = 1 << 26  # score elements per chunk on the math path (256 MB in float32)
+
+
+# --------------------------------------------------------------------------------------------------------
+# attention with log-sum-exp
+# --------------------------------------------------------------------------------------------------------
+def _attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """Exact softmax attention and its LSE (at least float32), chunked over queries to bound memory."""
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    rows = max(1, _MATH_CHUNK_ELEMS // max(1, n_k * math.prod(q.shape[:-2])))
+    acc = torch.promote_types(q.dtype, torch.float32)  # at least float32; float64 stays float64
+    kf = k.to(acc).transpose(-1, -2)
+    vf = v.to(acc)
+    outs, lses = [], []
+    for i in range(0, n_q, rows):
+        s = (q[..., i : i + rows, :].to(acc) @ kf) * scale
+        lse = torch.logsumexp(s, dim=-1)
+        outs.append(torch.exp(s - lse.unsqueeze(-1)) @ vf)
+        lses.append(lse)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+    lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=-1)
+    return out.to(v.dtype), lse.float() if acc != torch.float64 else lse
+
+
+def _attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """PyTorch's fused kernels that also return the LSE (inference only; None when unavailable)."""
+    dev = q.device.type
+    if dev in _FUSED_BROKEN:
+        return None
+    try:
+        if dev == "cpu":
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
+        elif dev == "cuda":
+            if q.dtype in (torch.float16, torch.bfloat16):
+                out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
+            else:
+                out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+        else:
+            return None
+    except Exception as exc:  # noqa: BLE001 - any kernel refusal falls back to the exact math path
+        logger.info("fused attention with LSE unavailable on %s (%s); using the math path", dev, exc)
+        _FUSED_BROKEN.add(dev)
+        return None
+    lse = lse[..., : q.shape[-2]]
+    return out, lse.to(torch.promote_types(lse.dtype, torch.float32))
+
+
+def attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention over ``(B, H, L, d)`` tensors → ``(out (B, H, L, d), lse (B, H, L) float32)``.
+
+    Inference uses PyTorch's fused kernels; with gradients the exact math path is used so the gradient
+    also flows through the LSE (the branch weights), which the fused kernels do not differentiate.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if not needs_grad and math.isclose(scale, q.shape[-1] ** -0.5):
+        fused = _attention_fused(q, k, v)
+        if fused is not None:
+            return fused
+    return _attention_math(q, k, v, scale)
+
+
+# --------------------------------------------------------------------------------------------------------
+# dilated attention
+# --------------------------------------------------------------------------------------------------------
+def _head_offsets(num_heads: int, ratio: int, device: torch.device) -> torch.Tensor:
+    """Offset inside each group of ``ratio`` tokens that head ``h`` reads (LongNet's head groups)."""
+    per_group = -(-num_heads // ratio)  # heads padded to a multiple of ratio, split into ratio groups
+    return torch.arange(num_heads, device=device) // per_group
+
+
+def _dilated_branch(q, k, v, segment: int, ratio: int):
+    """One (segment, ratio) branch → dense ``(B, L, H, d)`` output and ``(B, L, H)`` LSE (-inf = not covered)."""
+    b, n_tok, h, d = q.shape
+    seg = min(segment, n_tok)
+    n_seg = -(-n_tok // seg)
+    g = -(-seg // ratio)
+    heads = torch.arange(h, device=q.device)
+    offs = _head_offsets(h, ratio, q.device)
+
+    def sparse(x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (0, 0, 0, 0, 0, n_seg * seg - n_tok)).view(b, n_seg, seg, h, d)
+        x = F.pad(x, (0, 0, 0, 0, 0, g * ratio - seg)).view(b, n_seg, g, ratio, h, d)
+        x = x.permute(0, 1, 4, 3, 2, 5)[:, :, heads, offs]  # (b, n_seg, h, g, d)
+        return x.reshape(b * n_seg, h, g, d)
+
+    out, lse = attention_with_lse(sparse(q), sparse(k), sparse(v))
+    dense = out.new_zeros(b, n_seg, h, ratio, g, d)
+    dense[:, :, heads, offs] = out.view(b, n_seg, h, g, d)
+    dense_lse = lse.new_full((b, n_seg, h, ratio, g), float("-inf"))
+    dense_lse[:, :, heads, offs] = lse.view(b, n_seg, h, g)
+    dense = dense.permute(0, 1, 4, 3, 2, 5).reshape(b, n_seg, g * ratio, h, d)[:, :, :seg]
+    dense_lse = dense_lse.permute(0, 1, 4, 3, 2).reshape(b, n_seg, g * ratio, h)[:, :, :seg]
+    return dense.reshape(b, n_seg * seg, h, d)[:, :n_tok], dense_lse.reshape(b, n_seg * seg, h)[:, :n_tok]
+
+
+def dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilated_ratios: Sequence[int],
+) -> torch.Tensor:
+    """LongNet dilated attention over ``(B, L, H, d)`` projections → ``(B, L, H, d)``.
+
+    Zero padding (to whole segments and whole dilation groups) is attended as LongNet does: padded keys
+    score 0 and carry a zero value, so outputs match the released Prov-GigaPath model.
+    """
+    outs, lses = [], []
+    for seg, ratio in zip(segment_lengths, dilated_ratios, strict=True):
+        o, lse = _dilated_branch(q, k, v, int(seg), int(ratio))
+        outs.append(o)
+        lses.append(lse)
+    if len(outs) == 1:
+        return outs[0]
+    lse_all = torch.stack(lses)  # (n_branch, B, L, H)
+    top = lse_all.max(dim=0).values
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    w = torch.exp(lse_all - top)
+    w = w / w.sum(dim=0).clamp_min(1e-30)
+    out = outs[0] * w[0].unsqueeze(-1).to(outs[0].dtype)
+    for o, wi in zip(outs[1:], w[1:], strict=True):
+        out = out + o * wi.unsqueeze(-1).to(o.dtype)
+    return out
+
+
+class DilatedAttention(nn.Module):
+    """Multi-head dilated self-attention with torchscale's sub-LN (``inner_attn_ln``) before ``out_proj``."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        segment_lengths: Sequence[int],
+        dilated_ratios: Sequence[int],
+        eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.segment_lengths = tuple(int(s) for s in segment_lengths)
+        self.dilated_ratios = tuple(int(r) for r in dilated_ratios)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.inner_attn_ln = nn.LayerNorm(embed_dim, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, dim = x.shape
+        shape = (b, n, self.num_heads, self.head_dim)
+        q, k, v = self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
+        out = dilated_attention(q, k, v, self.segment_lengths, self.dilated_ratios)
+        return self.out_proj(self.inner_attn_ln(out.reshape(b, n, dim)))
+
+
+class FeedForward(nn.Module):
+    """fc1 → GELU (in float32) → sub-LN → fc2 (torchscale ``FeedForwardNetwork`` with ``subln``)."""
+
+    def __init__(self, embed_dim: int, ffn_dim: int, eps: float, dropout: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(embed_dim, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, embed_dim)
+        self.ffn_layernorm = nn.LayerNorm(ffn_dim, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc1(x)
+        x = F.gelu(x.float()).type_as(x)
+        return self.dropout(self.fc2(self.ffn_layernorm(x)))
+
+
+class LongNetLayer(nn.Module):
+    """Pre-LN encoder layer: ``x + attn(LN(x))`` then ``x + ffn(LN(x))``."""
+
+    def __init__(self, cfg: SlideEncoderConfig) -> None:
+        super().__init__()
+        d, eps = cfg.embed_dim, cfg.layernorm_eps
+        self.self_attn = DilatedAttention(d, cfg.num_heads, cfg.segment_lengths, cfg.dilated_ratios, eps)
+        self.self_attn_layer_norm = nn.LayerNorm(d, eps=eps)
+        self.ffn = FeedForward(d, cfg.ffn_dim, eps, cfg.dropout)
+        self.final_layer_norm = nn.LayerNorm(d, eps=eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.self_attn(self.self_attn_layer_norm(x)))
+        return x + self.ffn(self.final_layer_norm(x))
+
+
+class LongNetEncoder(nn.Module):
+    """The stack of layers plus the output LayerNorm (torchscale ``Encoder`` with ``normalize_output``)."""
+
+    def __init__(self, cfg: SlideEncoderConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(LongNetLayer(cfg) for _ in range(cfg.depth))
+        self.layer_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layernorm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(x)
+        for layer in self.layers:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                from torch.utils.checkpoint import checkpoint
+
+                x = checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
+        return self.layer_norm(x)
+
+
+class PatchEmbed(nn.Module):
+    """Linear projection of tile features to the LongNet width."""
+
+    def __init__(self, in_dim: int, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_dim, embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+# --------------------------------------------------------------------------------------------------------
+# positions
+# --------------------------------------------------------------------------------------------------------
+def grid_positions(coords: torch.Tensor, tile_size: int) -> torch.Tensor:
+    """Tile grid cell ``floor(coords / tile_size)`` of level-0 ``(x, y)`` coordinates (int64)."""
+    if tile_size <= 0:
+        raise ModelError(f"tile_size_level0 must be a positive number of pixels, got {tile_size}")
+    return torch.div(coords.to(torch.int64), int(tile_size), rounding_mode="floor")
+
+
+def sincos_2d(grid: torch.Tensor, dim: int) -> torch.Tensor:
+    """2-D sin-cos embedding ``(..., dim)`` of grid cells ``(..., 2)`` = ``(gx, gy)``, float32.
+
+    Equal to the row ``gx * G + gy`` of Prov-GigaPath's ``get_2d_sincos_pos_embed(dim, G)`` table (its first
+    half encodes ``gy``, its second ``gx``), computed for the given cells only instead of a 1e6-row table.
+    """
+    quarter = dim // 4
+    dev = grid.device if grid.device.type in ("cpu", "cuda", "meta") else torch.device("cpu")
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64, device=dev) / quarter)
+    g = grid.to(device=dev, dtype=torch.float64)
+
+    def one(p: torch.Tensor) -> torch.Tensor:
+        ang = p.unsqueeze(-1) * omega
+        return torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1)
+
+    return torch.cat([one(g[..., 1]), one(g[..., 0])], dim=-1).to(device=grid.device, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------------
+# the model
+# --------------------------------------------------------------------------------------------------------
+class LongNetViT(nn.Module):
+    """Prov-GigaPath's slide encoder backbone: tile features + coords → ``(B, 1 + N, D)`` encoder output.
+
+    ``norm`` (eps 1e-6) is part of the released weights; WSI-LLaVA applies it after pooling, so
+    :class:`~wsi_llava.encoders.slide_encoder.SlideEncoder` calls it, not :meth:`forward`.
+    """
+
+    def __init__(self, cfg: SlideEncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg.in_dim, cfg.embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.encoder = LongNetEncoder(cfg)
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self._warned_grid = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Prov-GigaPath's initialisation: xavier-uniform Linear weights, zero biases, unit LayerNorms."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def positions(self, coords: torch.Tensor, tile_size: int) -> torch.Tensor:
+        """Sin-cos position embeddings for level-0 tile coordinates ``(..., 2)``."""
+        grid = grid_positions(coords, tile_size)
+        g = self.cfg.slide_ngrids
+        if (
+            not self._warned_grid
+            and not grid.is_meta
+            and grid.numel()
+            and (int(grid.min()) < 0 or int(grid.max()) >= g)
+        ):
+            logger.warning("tile grid exceeds the %dx%d positional grid; positions are extrapolated", g, g)
+            self._warned_grid = True
+        return sincos_2d(grid, self.cfg.embed_dim)
+
+    def forward(self, features: torch.Tensor, coords: torch.Tensor, tile_size: int) -> torch.Tensor:
+        """``(B, N, in_dim)`` features, ``(B, N, 2)`` level-0 coords → ``(B, 1 + N, embed_dim)``."""
+        x = self.patch_embed(features)
+        x = x + self.positions(coords, tile_size).to(x.dtype)
+        cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)  # the CLS position embedding is zero
+        return self.encoder(torch.cat([cls, x], dim=1))
+
+
+# --------------------------------------------------------------------------------------------------------
+# loading Prov-GigaPath's slide_encoder.pth
+# --------------------------------------------------------------------------------------------------------
+_WRAPPERS = ("model", "state_dict", "module")
+_PREFIXES = ("module.", "model.", "slide_encoder.", "longnet.", "backbone.")
+_IGNORED = ("pos_embed",)  # fixed sin-cos table (a non-persistent buffer upstream); we compute it on the fly
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(
+            f"{path}: slide encoder weights not found (expected Prov-GigaPath's slide_encoder.pth)"
+        )
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"{path}: cannot read slide encoder weights ({exc})") from exc
+    while isinstance(sd, dict):
+        inner = next((sd[w] for w in _WRAPPERS if isinstance(sd.get(w), dict)), None)
+        if inner is None:
+            break
+        sd = inner
+    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ModelError(f"{path}: expected a state dict of tensors (optionally under a 'model' key)")
+    changed = True
+    while changed:
+        changed = False
+        for p in _PREFIXES:
+            if all(k.startswith(p) for k in sd):
+                sd = {k[len(p) :]: v for k, v in sd.items()}
+                changed = True
+    return sd
+
+
+def _infer_config(sd: dict[str, torch.Tensor]) -> SlideEncoderConfig:
+    try:
+        embed_dim, in_dim = sd["patch_embed.proj.weight"].shape
+        depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
+        ffn = sd["encoder.layers.0.ffn.fc1.weight"].shape[0]
+    except (KeyError, ValueError) as exc:
+        raise ModelError(f"not a Prov-GigaPath slide encoder state dict (missing {exc})") from exc
+    return SlideEncoderConfig.gigapath(
+        in_dim=in_dim, embed_dim=embed_dim, depth=depth, mlp_ratio=ffn / embed_dim
+    )
+
+
+def load_gigapath_slide_encoder(path: Path, model: LongNetViT | None = None) -> LongNetViT:
+    """Load Prov-GigaPath's ``slide_encoder.pth`` (``{"model": state_dict}``) strictly into ``model``.
+
+    With ``model=None`` a :class:`LongNetViT` is built in the paper shape, with widths and depth read from
+    the file. Missing, unexpected or mis-shaped keys raise :class:`ModelError` naming a few of them.
+    """
+    path = Path(path)
+    sd = _read_state_dict(path)
+    for k in _IGNORED:
+        sd.pop(k, None)
+    if model is None:
+        model = LongNetViT(_infer_config(sd))
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:4])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:4])})")
+        if shapes:
+            parts.append(f"{len(shapes)} mis-shaped (e.g. {'; '.join(shapes[:3])})")
+        raise ModelError(f"{path}: does not match the Prov-GigaPath slide encoder layout: {'; '.join(parts)}")
+    model.load_state_dict(sd, strict=True)
+    logger.info("loaded Prov-GigaPath slide encoder weights from %s (%d tensors)", path, len(sd))
+    return model

@@ -1,0 +1,1 @@
+"""Default judge prompt texts (our own wording of the published WSI-Precision / WSI-Relevance protocol)."""

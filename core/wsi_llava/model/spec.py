@@ -1,0 +1,107 @@
+"""``ModelSpec``: what a wsi-llava checkpoint is made of, saved as ``wsi_llava.json`` in its folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from wsi_llava.errors import ModelError
+
+SPEC_FILE = "wsi_llava.json"
+
+TemplateName = Literal["vicuna_v1", "llava_v1", "chat"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TileEncoderSpec(_Strict):
+    """Which registered tile encoder makes the tile features, and its weights (None: random or built-in)."""
+
+    name: str = "prov-gigapath"
+    weights: str | None = None
+
+
+class TilingSpec(_Strict):
+    """How tiles are cut: edge in pixels at the target resolution."""
+
+    target_mpp: float = Field(0.5, gt=0)
+    tile_size: int = Field(256, gt=0)
+
+
+class ProjectorSpec(_Strict):
+    """The visual projector: ``mlp2x_gelu`` (LLaVA-1.5) or ``linear``; in_dim is the visual token width."""
+
+    type: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
+    in_dim: int = Field(1024, gt=0)
+    out_dim: int = Field(4096, gt=0)
+
+
+class LLMSpec(_Strict):
+    """The language model: a local Hugging Face folder or a package id such as ``smollm2-135m-instruct``."""
+
+    source: str
+
+
+class GenerationSpec(_Strict):
+    """Default decoding settings; temperature 0 means greedy."""
+
+    max_new_tokens: int = Field(512, gt=0)
+    temperature: float = Field(0.0, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    no_repeat_ngram_size: int | None = Field(None, ge=1)
+
+
+class ModelSpec(_Strict):
+    """Everything needed to rebuild a ``WSILlava`` from a checkpoint folder (except the weights)."""
+
+    name: str
+    version: str = "0.1.0"
+    demo: bool = False
+    untrained: bool = False
+    tile_encoder: TileEncoderSpec = Field(default_factory=TileEncoderSpec)
+    tiling: TilingSpec = Field(default_factory=TilingSpec)
+    slide_encoder: dict[str, Any] | None = Field(
+        None, description="SlideEncoderConfig fields; None when visual tokens come precomputed (576x1024)"
+    )
+    projector: ProjectorSpec = Field(default_factory=ProjectorSpec)
+    llm: LLMSpec
+    template: TemplateName = "vicuna_v1"
+    lora: str | None = Field(None, description="peft adapter subfolder of the checkpoint, e.g. 'lora'")
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    n_visual_tokens: int = Field(576, gt=0, description="visual tokens per slide or region")
+
+    @property
+    def slide_encoder_n_tokens(self) -> int:
+        """Visual tokens per slide or region (the slide encoder's pooled bins)."""
+        if self.slide_encoder is not None:
+            return int(self.slide_encoder.get("n_tokens", 576))
+        return self.n_visual_tokens
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``wsi_llava.json`` into ``folder``."""
+        path = Path(folder) / SPEC_FILE
+        path.write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> ModelSpec:
+        """Read ``wsi_llava.json`` from ``folder``; bad content raises ``ModelError`` naming the field."""
+        path = Path(folder) / SPEC_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ModelError(f"{path}: not found") from None
+        except json.JSONDecodeError as e:
+            raise ModelError(f"{path}: not valid JSON ({e})") from None
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in e.errors()
+            )
+            raise ModelError(f"{path}: invalid model spec: {problems}") from None

@@ -1,0 +1,173 @@
+"""Prompt templates: LLaVA's ``vicuna_v1`` / ``llava_v1`` and the tokenizer's own chat template.
+
+``build_prompt`` tokenises the text around ``<image>`` separately and puts ``IMAGE_TOKEN_INDEX``
+(-200) where the image goes, as LLaVA's ``tokenizer_image_token`` does; ``<image>`` never enters the
+vocabulary. With an answer, labels are -100 everywhere except the answer tokens and the end token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from wsi_llava.errors import ModelError, WsiLlavaError
+
+IMAGE_TOKEN_INDEX = -200
+IGNORE_INDEX = -100
+IMAGE_TOKEN = "<image>"
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+LLAVA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+TEMPLATES = ("vicuna_v1", "llava_v1", "chat")
+
+
+@dataclass
+class PromptParts:
+    """Token ids with one ``IMAGE_TOKEN_INDEX``; ``labels`` only when an answer was given."""
+
+    input_ids: list[int]
+    prompt_len: int  # ids before the answer (the generation prompt), placeholder included
+    text: str  # the prompt text with ``<image>`` in it (answer excluded)
+    labels: list[int] | None = None
+    stop_strings: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)  # e.g. the chat template's end-of-turn
+
+    @property
+    def image_position(self) -> int:
+        return self.input_ids.index(IMAGE_TOKEN_INDEX)
+
+
+def _clean_question(question: str) -> str:
+    if question is None or not str(question).strip():
+        raise WsiLlavaError("question is empty")
+    q = str(question).replace(IMAGE_TOKEN, "").strip()
+    if not q:
+        raise WsiLlavaError("question is empty")
+    return q
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    if not text:
+        return []
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts a BOS token in front by default (LLaMA does, GPT-2 style ones do not)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    with_special = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    return bool(with_special) and with_special[0] == bos and _encode(tokenizer, "a")[:1] != [bos]
+
+
+def prompt_text(template: str, tokenizer: Any, question: str) -> str:
+    """The generation prompt as text, with ``<image>`` where the visual tokens go."""
+    q = _clean_question(question)
+    user = f"{IMAGE_TOKEN}\n{q}"
+    if template in ("vicuna_v1", "llava_v1"):
+        system = VICUNA_SYSTEM if template == "vicuna_v1" else LLAVA_V1_SYSTEM
+        return f"{system} USER: {user} ASSISTANT:"
+    if template == "chat":
+        return _chat(tokenizer, [{"role": "user", "content": user}], generation=True)
+    raise ModelError(f"template {template!r}: expected one of {', '.join(TEMPLATES)}")
+
+
+def _chat(tokenizer: Any, messages: list[dict[str, str]], generation: bool) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelError(
+            f"template 'chat': the tokenizer {type(tokenizer).__name__} has no chat_template; "
+            "use template 'vicuna_v1' or a tokenizer that ships one"
+        )
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+
+
+def _answer_suffix(template: str, tokenizer: Any, question: str, prompt: str, answer: str) -> str:
+    eos = tokenizer.eos_token or ""
+    if template in ("vicuna_v1", "llava_v1"):
+        return f" {answer}{eos}"
+    q = _clean_question(question)
+    full = _chat(
+        tokenizer,
+        [{"role": "user", "content": f"{IMAGE_TOKEN}\n{q}"}, {"role": "assistant", "content": answer}],
+        generation=False,
+    )
+    if not full.startswith(prompt):
+        raise ModelError(
+            "template 'chat': the tokenizer's chat template does not render the answer after the "
+            "generation prompt; use template 'vicuna_v1'"
+        )
+    suffix = full[len(prompt) :].rstrip()
+    if eos and eos in suffix:  # drop what follows the end-of-turn token (e.g. a trailing newline)
+        suffix = suffix[: suffix.rindex(eos) + len(eos)]
+    return suffix
+
+
+def _special_ids(tokenizer: Any) -> set[int]:
+    return {int(i) for i in getattr(tokenizer, "all_special_ids", []) or []}
+
+
+def chat_end_of_turn(tokenizer: Any) -> int | None:
+    """The special token the chat template closes an assistant turn with (``<|im_end|>``...), if any."""
+    prompt = _chat(tokenizer, [{"role": "user", "content": "x"}], generation=True)
+    full = _chat(
+        tokenizer, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], generation=False
+    )
+    if not full.startswith(prompt):
+        return None
+    specials = _special_ids(tokenizer)
+    ids = [i for i in _encode(tokenizer, full[len(prompt) :].rstrip()) if i in specials]
+    return ids[-1] if ids else None
+
+
+def build_prompt(template: str, tokenizer: Any, question: str, answer: str | None = None) -> PromptParts:
+    """Token ids for ``question`` (and ``answer`` when training) with -200 at ``<image>``."""
+    text = prompt_text(template, tokenizer, question)
+    before, after = text.split(IMAGE_TOKEN, 1)
+    ids_before = _encode(tokenizer, before)
+    if template != "chat" and _adds_bos(tokenizer):
+        ids_before = [tokenizer.bos_token_id, *ids_before]
+    ids_after = _encode(tokenizer, after)
+    prompt_ids = [*ids_before, IMAGE_TOKEN_INDEX, *ids_after]
+    stops = ["</s>"] if template in ("vicuna_v1", "llava_v1") else []
+    end_ids: list[int] = []
+    if template == "chat":
+        end = chat_end_of_turn(tokenizer)
+        end_ids = [end] if end is not None else []
+    if answer is None:
+        return PromptParts(
+            input_ids=prompt_ids,
+            prompt_len=len(prompt_ids),
+            text=text,
+            stop_strings=stops,
+            stop_token_ids=end_ids,
+        )
+    if not str(answer).strip():
+        raise WsiLlavaError("answer is empty")
+    suffix = _answer_suffix(template, tokenizer, question, text, str(answer).strip())
+    # tokenise prompt tail + answer together (as LLaVA tokenises the whole conversation), then split
+    joint = _encode(tokenizer, after + suffix)
+    if joint[: len(ids_after)] == ids_after and len(joint) > len(ids_after):
+        answer_ids = joint[len(ids_after) :]
+    else:
+        answer_ids = _encode(tokenizer, suffix)
+    eos_id = tokenizer.eos_token_id
+    ends = {*end_ids, *([eos_id] if eos_id is not None else [])}
+    if eos_id is not None and (not answer_ids or answer_ids[-1] not in ends):
+        answer_ids.append(eos_id)
+    input_ids = [*prompt_ids, *answer_ids]
+    labels = [IGNORE_INDEX] * len(prompt_ids) + list(answer_ids)
+    return PromptParts(
+        input_ids=input_ids,
+        prompt_len=len(prompt_ids),
+        text=text,
+        labels=labels,
+        stop_strings=stops,
+        stop_token_ids=end_ids,
+    )

@@ -1,0 +1,455 @@
+"""``WSILlava``: a projector that turns slide tokens into LLM embeddings, spliced in at ``<image>``.
+
+Imitates Hugging Face ``modeling_llava``: one splice point (:meth:`WSILlava.embed`) used by training
+(:meth:`forward`), streaming generation (:meth:`stream`) and evidence (:meth:`visual_relevance`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+from torch import nn
+
+from wsi_llava.errors import ModelError
+from wsi_llava.model.spec import ModelSpec
+from wsi_llava.model.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX, PromptParts, build_prompt
+
+logger = logging.getLogger(__name__)
+
+
+class GenerationResult(BaseModel):
+    """What the last :meth:`WSILlava.stream` produced, with timings (seconds)."""
+
+    prompt_len: int = Field(description="prompt positions fed to the LLM, visual tokens included")
+    n_visual_tokens: int
+    new_token_ids: list[int] = Field(default_factory=list)
+    text: str = ""
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    n_new_tokens: int = 0
+    stop_reason: Literal["eos", "stop_string", "max_tokens", "cancelled"] = "max_tokens"
+
+
+@dataclass
+class Spliced:
+    """Output of :meth:`WSILlava.embed`: LLM inputs with the visual embeddings in place."""
+
+    inputs_embeds: torch.Tensor  # (B, L - 1 + n_vis, hidden)
+    attention_mask: torch.Tensor  # (B, L - 1 + n_vis)
+    position_ids: torch.Tensor  # (B, L - 1 + n_vis)
+    labels: torch.Tensor | None  # -100 over visual positions
+    image_starts: torch.Tensor  # (B,) first visual position of each row
+    n_visual: int
+
+
+CancelLike = Any  # a wsi_llava.progress.CancelToken, or a callable returning True to stop
+
+
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def _is_cancelled(cancel: CancelLike) -> bool:
+    if cancel is None:
+        return False
+    if hasattr(cancel, "cancelled"):
+        return bool(cancel.cancelled)
+    return bool(cancel())
+
+
+def _banned_ngram_tokens(ids: Sequence[int], n: int) -> list[int]:
+    """Tokens that would repeat an n-gram already in ``ids`` (as ``no_repeat_ngram_size`` does)."""
+    if n <= 0 or len(ids) + 1 < n:
+        return []
+    if n == 1:
+        return list(set(ids))
+    prefix = tuple(ids[len(ids) - n + 1 :])
+    return [ids[i + n - 1] for i in range(len(ids) - n + 1) if tuple(ids[i : i + n - 1]) == prefix]
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    sorted_logits, order = torch.sort(logits, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    cum = torch.cumsum(probs, dim=-1)
+    remove = cum - probs > top_p  # keep the smallest set whose mass reaches top_p (>= 1 token)
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters might still become a stop string or a multi-token character."""
+    keep = 0
+    if text.endswith("\ufffd"):
+        keep = len(text) - len(text.rstrip("\ufffd"))
+    body = text[: len(text) - keep]
+    longest = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(body)), 0, -1):
+            if body.endswith(s[:k]):
+                longest = max(longest, k)
+                break
+    return keep + longest
+
+
+class WSILlava(nn.Module):
+    """Projector + any Hugging Face causal LM (+ optional slide encoder), with its tokenizer and spec."""
+
+    def __init__(
+        self,
+        llm: nn.Module,
+        tokenizer: Any,
+        projector: nn.Module,
+        spec: ModelSpec,
+        slide_encoder: nn.Module | None = None,
+        tile_encoder: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.projector = projector
+        self.spec = spec
+        self.slide_encoder = slide_encoder
+        self.tile_encoder = tile_encoder
+        self.last_generation: GenerationResult | None = None
+        self.checkpoint_dir: Path | None = None  # set by the loaders; resolves relative weight paths
+
+    # --- basics ----------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.llm.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.llm.parameters()).dtype
+
+    @property
+    def n_visual_tokens(self) -> int:
+        return self.spec.slide_encoder_n_tokens
+
+    def prompt(self, question: str, answer: str | None = None) -> PromptParts:
+        """Token ids for ``question`` in this model's template (labels too when ``answer`` is given)."""
+        return build_prompt(self.spec.template, self.tokenizer, question, answer)
+
+    def encode_slide(
+        self, features: torch.Tensor, coords: torch.Tensor, tile_size_level0: int
+    ) -> torch.Tensor:
+        """Tile features (N, D) + level-0 coords (N, 2) -> visual tokens (n_tokens, in_dim)."""
+        if self.slide_encoder is None:
+            raise ModelError(
+                f"model {self.spec.name!r} has no slide encoder: it takes precomputed visual tokens "
+                f"({self.n_visual_tokens}x{self.spec.projector.in_dim})"
+            )
+        p = next(self.slide_encoder.parameters())
+        return self.slide_encoder(
+            torch.as_tensor(features).to(p.device, p.dtype),
+            torch.as_tensor(coords).to(p.device),
+            tile_size_level0,
+        )
+
+    def build_tile_encoder(self) -> nn.Module:
+        """The tile encoder named in the spec, with this checkpoint's weights (or its own when trained here)."""
+        if self.tile_encoder is not None:
+            return self.tile_encoder
+        from wsi_llava.model.checkpoint import build_tile_encoder
+
+        return build_tile_encoder(self.spec, self.checkpoint_dir)
+
+    def _embed_tokens(self) -> nn.Module:
+        return self.llm.get_input_embeddings()
+
+    # --- the one splice point --------------------------------------------------------------------
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        visual_tokens: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> Spliced:
+        """Project ``visual_tokens`` (B, n_vis, in_dim) and put them where each row's -200 is.
+
+        One placeholder becomes ``n_vis`` positions (LLaVA semantics); every row needs exactly one.
+        """
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if visual_tokens is None:
+            raise ValueError("input_ids hold an <image> placeholder but no visual tokens were given")
+        if visual_tokens.dim() == 2:
+            visual_tokens = visual_tokens[None]
+        bsz, length = input_ids.shape
+        if visual_tokens.shape[0] != bsz:
+            raise ValueError(f"{bsz} prompts but visual tokens for {visual_tokens.shape[0]}")
+        is_img = input_ids == IMAGE_TOKEN_INDEX
+        counts = is_img.sum(dim=1)
+        if not bool((counts == 1).all()):
+            raise ValueError(
+                f"each prompt needs exactly one <image> placeholder ({IMAGE_TOKEN_INDEX}); got {counts.tolist()}"
+            )
+        device = self._embed_tokens().weight.device
+        input_ids = input_ids.to(device)
+        pdtype = next(self.projector.parameters()).dtype
+        vis = self.projector(visual_tokens.to(device=device, dtype=pdtype))
+        text = self._embed_tokens()(input_ids.masked_fill(is_img.to(device), 0))
+        vis = vis.to(text.dtype)
+        n_vis = vis.shape[1]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(device)
+        starts = is_img.to(device).int().argmax(dim=1)
+        embeds, masks, labs = [], [], []
+        for b in range(bsz):
+            p = int(starts[b])
+            embeds.append(torch.cat([text[b, :p], vis[b], text[b, p + 1 :]]))
+            ones = attention_mask.new_ones(n_vis)
+            masks.append(torch.cat([attention_mask[b, :p], ones, attention_mask[b, p + 1 :]]))
+            if labels is not None:
+                lb = labels[b].to(device)
+                labs.append(torch.cat([lb[:p], lb.new_full((n_vis,), IGNORE_INDEX), lb[p + 1 :]]))
+        mask = torch.stack(masks)
+        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return Spliced(
+            inputs_embeds=torch.stack(embeds),
+            attention_mask=mask,
+            position_ids=position_ids,
+            labels=torch.stack(labs) if labels is not None else None,
+            image_starts=starts,
+            n_visual=n_vis,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        visual_tokens: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The LLM's output (with ``loss`` when ``labels`` are given) for right-padded batches."""
+        s = self.embed(input_ids, visual_tokens, attention_mask=attention_mask, labels=labels)
+        return self.llm(
+            inputs_embeds=s.inputs_embeds,
+            attention_mask=s.attention_mask,
+            position_ids=s.position_ids,
+            labels=s.labels,
+            **kwargs,
+        )
+
+    # --- generation ------------------------------------------------------------------------------
+    def _stop_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        gen_cfg = getattr(self.llm, "generation_config", None)
+        eos = getattr(gen_cfg, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, list | tuple):
+            ids.update(int(e) for e in eos)
+        return ids
+
+    def _prefill_inputs(self, question: str, visual_tokens: torch.Tensor) -> tuple[PromptParts, Spliced]:
+        parts = self.prompt(question)
+        vt = torch.as_tensor(visual_tokens)
+        if vt.dim() == 3:
+            if vt.shape[0] != 1:
+                raise ValueError(f"stream takes the visual tokens of one slide, got a batch of {vt.shape[0]}")
+            vt = vt[0]
+        if vt.dim() != 2 or vt.shape[1] != self.spec.projector.in_dim:
+            raise ModelError(
+                f"visual tokens of shape {tuple(vt.shape)}: expected (n_tokens, {self.spec.projector.in_dim})"
+            )
+        ids = torch.tensor([parts.input_ids], dtype=torch.long)
+        return parts, self.embed(ids, vt[None])
+
+    def _cache_arg(self) -> str:
+        """``cache`` (transformers >= 5.2x) or ``past_key_values`` (older), whichever the LLM takes."""
+        import inspect
+
+        base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+    @torch.inference_mode()
+    def stream(
+        self,
+        question: str,
+        visual_tokens: torch.Tensor,
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        no_repeat_ngram_size: int | None = None,
+        seed: int | None = None,
+        cancel: CancelLike = None,
+    ) -> Iterator[str]:
+        """Answer ``question`` about ``visual_tokens`` (n_vis, in_dim), yielding text as it is decoded.
+
+        KV-cached: one prefill, then one token per step; greedy at temperature 0, else seeded sampling.
+        Unset arguments take ``spec.generation``. ``self.last_generation`` holds the result afterwards.
+        """
+        gen = self.spec.generation
+        max_new = gen.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        temp = gen.temperature if temperature is None else float(temperature)
+        top_p = gen.top_p if top_p is None else top_p
+        ngram = gen.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size
+        if max_new < 1:
+            raise ModelError(f"max_new_tokens must be >= 1, got {max_new}")
+        if not temp >= 0:
+            raise ModelError(f"temperature must be >= 0 (0 = greedy), got {temp}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ModelError(f"top_p must be in (0, 1], got {top_p}")
+        parts, s = self._prefill_inputs(question, visual_tokens)
+        result = GenerationResult(prompt_len=s.inputs_embeds.shape[1], n_visual_tokens=s.n_visual)
+        self.last_generation = result
+        stops = parts.stop_strings
+        stop_ids = self._stop_token_ids() | set(parts.stop_token_ids)
+        generator = None
+        if temp > 0:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
+
+        cache_arg = self._cache_arg()
+        t0 = time.perf_counter()
+        out = self.llm(
+            inputs_embeds=s.inputs_embeds,
+            attention_mask=s.attention_mask,
+            position_ids=s.position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        past = _cache_of(out)
+        logits = out.logits[:, -1, :]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        result.prefill_seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        new_ids: list[int] = []
+        emitted = 0
+        cur_len = s.inputs_embeds.shape[1]
+        reason: str = "max_tokens"
+        text = ""
+        try:
+            while len(new_ids) < max_new:
+                if _is_cancelled(cancel):
+                    reason = "cancelled"
+                    break
+                step = logits[0].float()
+                if ngram:
+                    banned = _banned_ngram_tokens(new_ids, int(ngram))
+                    if banned:
+                        step = step.clone()
+                        step[banned] = float("-inf")
+                if temp > 0:
+                    step = step / temp
+                    if top_p is not None and top_p < 1:
+                        step = _top_p_filter(step, float(top_p))
+                    probs = torch.softmax(step, dim=-1)
+                    tok = int(torch.multinomial(probs, 1, generator=generator))
+                else:
+                    tok = int(torch.argmax(step))
+                if tok in stop_ids:
+                    reason = "eos"
+                    break
+                new_ids.append(tok)
+                text = self.tokenizer.decode(new_ids, skip_special_tokens=True).lstrip()
+                hit = min((text.find(st) for st in stops if st in text), default=-1)
+                if hit >= 0:
+                    text = text[:hit]
+                    reason = "stop_string"
+                    break
+                safe = len(text) - _held_back(text, stops)
+                if safe > emitted:
+                    chunk = text[emitted:safe]
+                    emitted = safe
+                    result.text = text[:emitted]
+                    yield chunk
+                if len(new_ids) >= max_new:
+                    break
+                cur_len += 1
+                out = self.llm(
+                    input_ids=torch.tensor([[tok]], device=self.device),
+                    attention_mask=torch.ones((1, cur_len), dtype=torch.long, device=self.device),
+                    use_cache=True,
+                    **{cache_arg: past},
+                )
+                past = _cache_of(out)
+                logits = out.logits[:, -1, :]
+            text = text.rstrip("\ufffd")
+            if len(text) > emitted:
+                yield text[emitted:]
+                emitted = len(text)
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            result.decode_seconds = time.perf_counter() - t1
+            result.new_token_ids = list(new_ids)
+            result.n_new_tokens = len(new_ids)
+            result.text = text[:emitted] if emitted else ""
+            result.stop_reason = reason  # type: ignore[assignment]
+
+    def generate_text(self, question: str, visual_tokens: torch.Tensor, **kwargs: Any) -> str:
+        """The whole answer at once (drains :meth:`stream`)."""
+        return "".join(self.stream(question, visual_tokens, **kwargs))
+
+    # --- evidence --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def visual_relevance(
+        self,
+        question: str,
+        visual_tokens: torch.Tensor,
+        answer_ids: Sequence[int] | torch.Tensor,
+        *,
+        layers: Literal["last_half", "all"] = "last_half",
+    ) -> np.ndarray:
+        """Attention from the answer-producing positions to each visual token, normalised to sum 1.
+
+        One eager-attention forward pass over prompt + answer; heads and layers (default: the last
+        half) are averaged. Returns ``(n_vis,)`` float64.
+        """
+        parts = self.prompt(question)
+        answer = [int(a) for a in (answer_ids.tolist() if torch.is_tensor(answer_ids) else answer_ids)]
+        ids = torch.tensor([parts.input_ids + answer], dtype=torch.long)
+        vt = torch.as_tensor(visual_tokens)
+        s = self.embed(ids, vt if vt.dim() == 3 else vt[None])
+        start, n_vis = int(s.image_starts[0]), s.n_visual
+        prompt_end = len(parts.input_ids) - 1 + n_vis  # positions of the expanded prompt
+        # the position before each answer token is the one that produced it
+        queries = list(range(prompt_end - 1, prompt_end - 1 + max(1, len(answer))))
+        target = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        previous = getattr(target.config, "_attn_implementation", None)
+        switched = previous not in (None, "eager") and hasattr(target, "set_attn_implementation")
+        if switched:
+            target.set_attn_implementation("eager")
+        try:
+            out = self.llm(
+                inputs_embeds=s.inputs_embeds,
+                attention_mask=s.attention_mask,
+                position_ids=s.position_ids,
+                output_attentions=True,
+                use_cache=False,
+            )
+        finally:
+            if switched:
+                target.set_attn_implementation(previous)
+        atts = out.attentions
+        if not atts or atts[0] is None:
+            raise ModelError(
+                f"{type(target).__name__} returned no attention weights; cannot compute evidence"
+            )
+        chosen = atts[len(atts) // 2 :] if layers == "last_half" else atts
+        q = torch.tensor(queries, device=chosen[0].device)
+        acc = torch.zeros(n_vis, dtype=torch.float64, device=chosen[0].device)
+        for a in chosen:  # (B, heads, L, L)
+            acc += a[0][:, q, start : start + n_vis].double().mean(dim=0).sum(dim=0)
+        scores = acc.cpu().numpy()
+        total = scores.sum()
+        if not np.isfinite(total) or total <= 0:
+            return np.full(n_vis, 1.0 / n_vis)
+        return scores / total

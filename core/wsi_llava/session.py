@@ -1,0 +1,213 @@
+"""``SlideSession``: tile features are extracted once per slide, then any number of questions.
+
+A question is about the whole slide or about a region; a region runs the same chain on the tiles
+inside it only (row-major order). Answers stream chunk by chunk and end as an ``Answer`` with
+evidence (per-tile relevance) and timings.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from wsi_llava.answer import Answer, Evidence, Timings
+from wsi_llava.errors import WsiLlavaError
+from wsi_llava.progress import CancelToken, ProgressCallback, no_progress
+from wsi_llava.settings import cache_dir as default_cache_dir
+from wsi_llava.settings import resolve_device
+from wsi_llava.slide.region import Region
+
+if TYPE_CHECKING:
+    from wsi_llava.encoders.cache import CachedFeatures
+    from wsi_llava.model.wsi_llava import WSILlava
+
+logger = logging.getLogger(__name__)
+
+DEMO_NOTICE = "wsi-llava demo model: not a diagnostic model"
+UNTRAINED_NOTICE = "untrained demo weights: the answer is not meaningful until trained weights ship"
+
+
+class SlideSession:
+    """One slide, one model: features once, then ``ask`` / ``ask_stream`` many times."""
+
+    def __init__(
+        self,
+        slide: str | Path,
+        model: str | Path | WSILlava = "demo",
+        *,
+        mpp: float | None = None,
+        reader: str | None = None,
+        cache_dir: str | Path | None = None,
+        device: str = "auto",
+        dtype: str | None = None,
+        batch_size: int = 64,
+    ) -> None:
+        from wsi_llava.encoders.cache import FeatureCache
+        from wsi_llava.slide import open_slide
+        from wsi_llava.slide.tiling import make_tile_grid
+
+        self.device = resolve_device(device)
+        self.reader = open_slide(slide, mpp=mpp, reader=reader)
+        if isinstance(model, str | Path):
+            from wsi_llava.model import load_model
+
+            model = load_model(model, device=self.device, dtype=dtype)
+        self.model = model
+        spec = model.spec
+        self.grid = make_tile_grid(
+            self.reader, target_mpp=spec.tiling.target_mpp, tile_size=spec.tiling.tile_size
+        )
+        if len(self.grid.coords) == 0:
+            raise WsiLlavaError(f"{self.reader.path}: no tissue found on the slide")
+        self.cache = FeatureCache(default_cache_dir(cache_dir) / "features")
+        self.batch_size = batch_size
+        self._features: CachedFeatures | None = None
+        self._tile_encoder = None
+        self._visual_memo: dict[tuple[int, ...], Any] = {}
+        self.last_answer: Answer | None = None
+
+    # --- features ------------------------------------------------------------------------------
+    @property
+    def tile_encoder(self):
+        """The model's tile encoder, built on first use."""
+        if self._tile_encoder is None:
+            self._tile_encoder = self.model.build_tile_encoder().to(self.device).eval()
+        return self._tile_encoder
+
+    def extract(
+        self, progress: ProgressCallback | None = None, cancel: CancelToken | None = None
+    ) -> CachedFeatures:
+        """Tile features of the whole slide, from the cache or computed once (cancellable)."""
+        if self._features is None:
+            from wsi_llava.encoders.extract import extract_features
+
+            self._features = extract_features(
+                self.reader,
+                self.grid,
+                self.tile_encoder,
+                self.cache,
+                device=self.device,
+                batch_size=self.batch_size,
+                progress=progress or no_progress,
+                cancel=cancel,
+            )
+        return self._features
+
+    def tiles_for(self, region: Region | None, source: str = "region") -> np.ndarray:
+        """Grid indices of the tiles a question covers: all of them, or those inside ``region``."""
+        if region is None:
+            return np.arange(len(self.grid.coords))
+        from wsi_llava.slide.tiling import select_tiles
+
+        return select_tiles(self.grid, region, source=source)
+
+    def visual_tokens(self, indices: np.ndarray):
+        """Slide-encoder output (n_tokens x dim) for the tiles at ``indices`` (memoised)."""
+        import torch
+
+        key = tuple(int(i) for i in indices)
+        if key not in self._visual_memo:
+            feats = self.extract()
+            x = torch.from_numpy(np.asarray(feats.features[indices], dtype=np.float32))
+            coords = torch.from_numpy(np.asarray(feats.coords[indices], dtype=np.int64))
+            self._visual_memo.clear()  # keep one entry: regions differ, the whole slide is the common case
+            self._visual_memo[key] = self.model.encode_slide(x, coords, self.grid.tile_size_level0)
+        return self._visual_memo[key]
+
+    # --- questions -----------------------------------------------------------------------------
+    def ask_stream(
+        self,
+        question: str,
+        region: Region | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        evidence: bool = True,
+        progress: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+    ) -> Iterator[str]:
+        """Yield the answer text chunk by chunk; ``self.last_answer`` holds the ``Answer`` afterwards."""
+        if not question or not question.strip():
+            raise WsiLlavaError("question is empty: type a question about the slide or region")
+        t0 = time.perf_counter()
+        source = region.name or region.id or "region" if region is not None else "slide"
+        if region is not None:
+            w, h = self.reader.dimensions
+            region.check_within(w, h, source=f"region {source!r}")
+        indices = self.tiles_for(region, source=f"region {source!r}")
+        t_feat0 = time.perf_counter()
+        self.extract(progress=progress, cancel=cancel)
+        visual = self.visual_tokens(indices)
+        t_features = time.perf_counter() - t_feat0
+
+        gen_kw: dict[str, Any] = {"cancel": cancel}
+        if max_new_tokens is not None:
+            gen_kw["max_new_tokens"] = max_new_tokens
+        if temperature is not None:
+            gen_kw["temperature"] = temperature
+        yield from self.model.stream(question, visual, **gen_kw)
+        gen = self.model.last_generation
+
+        ev = Evidence(tile_size=int(self.grid.tile_size_level0))
+        if evidence and len(gen.new_token_ids) > 0:
+            ev = self._evidence(question, visual, gen.new_token_ids, indices)
+        spec = self.model.spec
+        notice = None
+        if spec.demo:
+            notice = DEMO_NOTICE + ("; " + UNTRAINED_NOTICE if spec.untrained else "")
+        self.last_answer = Answer(
+            question=question,
+            answer=gen.text.strip(),
+            scope="region" if region is not None else "slide",
+            region=region,
+            model=spec.name,
+            demo=spec.demo,
+            notice=notice,
+            slide=str(self.reader.path),
+            evidence=ev,
+            timings=Timings(
+                features=round(t_features, 4),
+                prefill=round(gen.prefill_seconds, 4),
+                decode=round(gen.decode_seconds, 4),
+                seconds=round(time.perf_counter() - t0, 4),
+                new_tokens=len(gen.new_token_ids),
+            ),
+        )
+
+    def ask(self, question: str, region: Region | None = None, **kw: Any) -> Answer:
+        """Answer a question (whole slide when ``region`` is None) and return the ``Answer``."""
+        for _ in self.ask_stream(question, region, **kw):
+            pass
+        assert self.last_answer is not None
+        return self.last_answer
+
+    def _evidence(self, question: str, visual, answer_ids, indices: np.ndarray) -> Evidence:
+        from wsi_llava.encoders.pooling import bin_to_tile_scores
+
+        bin_scores = np.asarray(self.model.visual_relevance(question, visual, answer_ids), dtype=np.float64)
+        n_bins = self.model.spec.slide_encoder_n_tokens
+        tile_scores = bin_to_tile_scores(bin_scores[:n_bins], len(indices))
+        total = tile_scores.sum()
+        if total > 0:
+            tile_scores = tile_scores / total
+        coords = self.grid.coords[indices]
+        return Evidence(
+            tile_indices=[int(i) for i in indices],
+            coords=[(int(x), int(y)) for x, y in coords],
+            scores=[round(float(s), 6) for s in tile_scores],
+            tile_size=int(self.grid.tile_size_level0),
+        )
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self) -> SlideSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,409 @@
+"""Reports and WSI-Bench-format questions generated from a slide's labels and regions.
+
+Every sentence states something drawn in the slide; templates vary wording, never facts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from wsi_llava.synth.labels import (
+    FAT,
+    LYMPHOCYTES,
+    NECROSIS,
+    STROMA,
+    TISSUE_CLASSES,
+    TUMOUR,
+    SlideLabels,
+)
+
+LETTERS = "ABCD"
+
+# --- morphology phrases -------------------------------------------------------------------------
+
+_ARCH = {
+    (
+        "glands",
+        "G1",
+    ): "regular, well-formed round glands lined by a single layer of cuboidal cells around open lumens",
+    ("glands", "G2"): "irregular, angulated glands of varying size and shape with distorted lumens",
+    ("glands", "G3"): "predominantly solid sheets of tumour cells with only a few residual glands",
+    (
+        "sheets",
+        "G1",
+    ): "nests of squamous cells with abundant eosinophilic cytoplasm, distinct cell borders and numerous keratin pearls",
+    (
+        "sheets",
+        "G2",
+    ): "sheets and nests of squamous cells with distinct cell borders and occasional keratin pearls",
+    ("sheets", "G3"): "solid sheets of squamous cells with few keratin pearls",
+}
+_NUCLEI = {
+    "G1": "small, uniform nuclei with mild pleomorphism",
+    "G2": "enlarged nuclei with moderate pleomorphism",
+    "G3": "large, hyperchromatic nuclei with marked pleomorphism",
+}
+_CLASS_MORPH = {
+    TUMOUR: "",
+    STROMA: "pink eosinophilic collagen fibres with sparse, elongated spindle-shaped nuclei",
+    NECROSIS: "pale pink amorphous debris with scattered karyorrhectic nuclear fragments",
+    LYMPHOCYTES: "densely packed small, round, dark lymphocyte nuclei",
+    FAT: "large empty polygonal adipocytes with thin pink membranes",
+}
+_DIAG_TEXT = {
+    "adenocarcinoma": "adenocarcinoma",
+    "squamous cell carcinoma": "squamous cell carcinoma",
+    "no tumour": "benign tissue with no tumour identified",
+}
+
+
+def tumour_morphology(lab: SlideLabels) -> str:
+    return f"{_ARCH[(lab.pattern, lab.grade)]}, with {_NUCLEI[lab.grade]}"
+
+
+def class_morphology(lab: SlideLabels, c: int) -> str:
+    return tumour_morphology(lab) if c == TUMOUR else _CLASS_MORPH[c]
+
+
+def diagnosis_text(lab: SlideLabels) -> str:
+    """E.g. ``adenocarcinoma, moderately differentiated (G2)``."""
+    if not lab.tumour:
+        return _DIAG_TEXT["no tumour"]
+    return f"{lab.diagnosis}, {lab.grade_text}"
+
+
+def _findings(lab: SlideLabels) -> list[str]:
+    out = []
+    if lab.tumour:
+        word = "glandular" if lab.pattern == "glands" else "squamous"
+        out.append(f"an infiltrating {word} tumour composed of {tumour_morphology(lab)}")
+    out.append(f"fibrous stroma of {_CLASS_MORPH[STROMA]}")
+    if lab.necrosis:
+        out.append(f"areas of tumour necrosis showing {_CLASS_MORPH[NECROSIS]}")
+    if lab.lymphocytes:
+        out.append(f"a lymphocytic infiltrate of {_CLASS_MORPH[LYMPHOCYTES]}")
+    if lab.fat:
+        out.append(f"adipose tissue with {_CLASS_MORPH[FAT]}")
+    return out
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _absences(lab: SlideLabels) -> str:
+    missing = []
+    if not lab.tumour:
+        missing.append("no tumour epithelium")
+    if not lab.necrosis:
+        missing.append("no necrosis")
+    if not lab.lymphocytes:
+        missing.append("no significant lymphocytic infiltrate")
+    return ("There is " + _join(missing) + ". ") if missing else ""
+
+
+_REPORT_OPENINGS = (
+    "Microscopic observation of the pathology slide reveals {f}.",
+    "Microscopic observation reveals {f}.",
+    "The whole slide image shows {f}.",
+    "Examination of the section demonstrates {f}.",
+)
+_REPORT_CLOSINGS = (
+    "Based on these observations, the diagnosis is {d}.",
+    "These findings are consistent with {d}.",
+    "Based on these observations, the final diagnosis is {d}.",
+)
+
+
+def make_report(lab: SlideLabels, rng: np.random.Generator) -> str:
+    """A pathology-style report: findings, absences, then the diagnosis with grade."""
+    f = _join(_findings(lab))
+    opening = _REPORT_OPENINGS[int(rng.integers(len(_REPORT_OPENINGS)))].format(f=f)
+    closing = _REPORT_CLOSINGS[int(rng.integers(len(_REPORT_CLOSINGS)))].format(d=diagnosis_text(lab))
+    return f"{opening} {_absences(lab)}{closing}"
+
+
+# --- questions ----------------------------------------------------------------------------------
+
+
+@dataclass
+class RegionInfo:
+    """A rectangle (level-0 px) wholly inside one annotation of class ``cls``."""
+
+    annotation_id: str
+    cls: int
+    rect: tuple[int, int, int, int]
+
+
+class LetterCycle:
+    """Balanced answer letters: cycles A-D in seeded blocks of four (one per task file)."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.queue: list[int] = []
+
+    def next(self) -> int:
+        if not self.queue:
+            self.queue = [int(i) for i in self.rng.permutation(4)]
+        return self.queue.pop()
+
+
+def mcq(
+    question: str, correct: str, distractors: list[str], letters: LetterCycle, rng: np.random.Generator
+) -> tuple[str, str]:
+    """Inline ``A) .. B) .. C) .. D) ..`` options; returns (question text, answer letter)."""
+    pos = letters.next()
+    others = [distractors[int(i)] for i in rng.permutation(len(distractors))[:3]]
+    options = others[:pos] + [correct] + others[pos:]
+    text = question + " " + " ".join(f"{LETTERS[i]}) {o}" for i, o in enumerate(options))
+    return text, LETTERS[pos]
+
+
+def pick(rng: np.random.Generator, items: tuple[str, ...] | list[str]) -> str:
+    return items[int(rng.integers(len(items)))]
+
+
+_NAMES = {
+    TUMOUR: "Tumour epithelium",
+    STROMA: "Fibrous stroma",
+    NECROSIS: "Necrosis",
+    LYMPHOCYTES: "Lymphocytic infiltrate",
+    FAT: "Adipose tissue (fat)",
+}
+_FEATURES = {
+    "gland formation": lambda lab: lab.pattern == "glands",
+    "keratin pearls": lambda lab: lab.pattern == "sheets",
+    "tumour necrosis": lambda lab: lab.necrosis,
+    "lymphocytic infiltrate": lambda lab: lab.lymphocytes,
+    "adipose tissue": lambda lab: lab.fat,
+    "tumour epithelium": lambda lab: lab.tumour,
+}
+_DIAG_OPTIONS = {
+    "adenocarcinoma": "Adenocarcinoma",
+    "squamous cell carcinoma": "Squamous cell carcinoma",
+    "no tumour": "No tumour (benign tissue)",
+}
+_GRADE_OPTIONS = {
+    "G1": "Well differentiated (G1)",
+    "G2": "Moderately differentiated (G2)",
+    "G3": "Poorly differentiated (G3)",
+    "not applicable": "Not applicable (no tumour)",
+}
+
+Row = dict[str, Any]
+Emit = Callable[[str, str, str, str, dict[str, Any] | None], None]
+
+
+def slide_questions(
+    lab: SlideLabels,
+    report: str,
+    regions: list[RegionInfo],
+    rng: np.random.Generator,
+    letters: dict[str, LetterCycle],
+    emit: Emit,
+) -> None:
+    """Call ``emit(task, metadata, question, answer, extra)`` for every question about one slide."""
+    tissue = [TISSUE_CLASSES[c].phrase for c in lab.classes]
+    # Report
+    emit(
+        "Report",
+        "Report",
+        pick(
+            rng,
+            (
+                "What are the main observations in the whole slide histopathology image, and what is the likely diagnosis?",
+                "Please describe the main features of the whole slide histopathology image and provide a diagnosis.",
+                "Write a pathology report for this whole slide image.",
+            ),
+        ),
+        report,
+        None,
+    )
+    # Global description (Caption)
+    desc = "The slide shows a tissue section containing " + _join(tissue) + ". "
+    desc += " ".join(f"The {TISSUE_CLASSES[c].phrase} shows {class_morphology(lab, c)}." for c in lab.classes)
+    emit(
+        "Global_Morphology_Description",
+        "Caption",
+        pick(
+            rng,
+            (
+                "Can you provide an overall description of the whole slide image?",
+                "Describe the tissue seen in this whole slide image.",
+            ),
+        ),
+        desc,
+        None,
+    )
+    emit(
+        "Regional_Structure_Description",
+        "tissue",
+        pick(
+            rng,
+            (
+                "Which tissue types are present on this slide?",
+                "What kinds of tissue can be seen in this slide?",
+            ),
+        ),
+        "The tissue types present are " + _join(tissue) + ". " + _absences(lab).strip(),
+        None,
+    )
+    if lab.tumour:
+        emit(
+            "Regional_Structure_Description",
+            "cellular",
+            pick(
+                rng,
+                (
+                    "What are the notable features of the cellular morphology of the tumour?",
+                    "Describe the tumour cells and their nuclei.",
+                ),
+            ),
+            f"The tumour is composed of {tumour_morphology(lab)}.",
+            None,
+        )
+    # Key diagnostic features
+    if lab.tumour:
+        key = f"The key features are {tumour_morphology(lab)}"
+        key += ", together with tumour necrosis." if lab.necrosis else "; no necrosis is seen."
+    else:
+        key = (
+            "No tumour epithelium, atypical glands or keratinising nests are present; the tissue consists of "
+        )
+        key += _join(tissue) + " only, which supports a benign diagnosis."
+    emit(
+        "Key_Diagnostic_Description",
+        "Feature",
+        "Which features are most significant for the diagnosis?",
+        key,
+        None,
+    )
+    # Histological typing (open)
+    if lab.tumour:
+        why = (
+            "gland formation"
+            if lab.pattern == "glands"
+            else "sheets and nests of squamous cells with keratin pearls"
+        )
+        typing = f"The histological classification is {lab.diagnosis}, supported by {why}."
+    else:
+        typing = "No tumour is present: the slide shows benign " + _join(tissue) + "."
+    emit(
+        "Histological_Typing",
+        "Classification",
+        pick(
+            rng,
+            (
+                "What is the histological classification based on your examination of the slide?",
+                "What is the diagnosis for this slide?",
+            ),
+        ),
+        typing,
+        None,
+    )
+    # Grading (open, tumours only)
+    if lab.tumour:
+        grading = (
+            f"The tumour is graded as {lab.grade_text}, based on {_ARCH[(lab.pattern, lab.grade)]} "
+            f"and {_NUCLEI[lab.grade]}" + (", with necrosis." if lab.necrosis else ".")
+        )
+        emit(
+            "Grading",
+            "Grade",
+            "What is the grade of this tumour based on the observed features?",
+            grading,
+            None,
+        )
+    # Diagnosis MCQ: typing and grading
+    distract = [v for k, v in _DIAG_OPTIONS.items() if k != lab.diagnosis] + ["Small cell carcinoma"]
+    q, a = mcq(
+        "Based on the observed features, what is the correct diagnosis of this slide?",
+        _DIAG_OPTIONS[lab.diagnosis],
+        distract,
+        letters["Diagnosis_choice"],
+        rng,
+    )
+    emit("Diagnosis_choice", "Diagnosis_choice", q, a, None)
+    q, a = mcq(
+        "What is the grade of differentiation of the tumour on this slide?",
+        _GRADE_OPTIONS[lab.grade],
+        [v for k, v in _GRADE_OPTIONS.items() if k != lab.grade],
+        letters["Diagnosis_choice"],
+        rng,
+    )
+    emit("Diagnosis_choice", "Diagnosis_choice", q, a, None)
+    # Morphology MCQ: which feature is present / absent
+    present = [f for f, fn in _FEATURES.items() if fn(lab)]
+    absent = [f for f, fn in _FEATURES.items() if not fn(lab)]
+    if len(absent) >= 3 and present:
+        q, a = mcq(
+            "Which of the following is present on this slide?",
+            pick(rng, present),
+            absent,
+            letters["Morphology_choice"],
+            rng,
+        )
+        emit("Morphology_choice", "Morphology_choice", q, a, None)
+    if len(present) >= 3 and absent:
+        q, a = mcq(
+            "Which of the following is absent from this slide?",
+            pick(rng, absent),
+            present,
+            letters["Morphology_choice"],
+            rng,
+        )
+        emit("Morphology_choice", "Morphology_choice", q, a, None)
+    # Yes/No
+    yn = [
+        ("Is tumour necrosis present on this slide?", lab.necrosis),
+        ("Is there tumour on this slide?", lab.tumour),
+        ("Is there a lymphocytic infiltrate on this slide?", lab.lymphocytes),
+        ("Is adipose tissue present on this slide?", lab.fat),
+    ]
+    if lab.tumour:
+        yn.append(("Does the tumour form glands?", lab.pattern == "glands"))
+    for q, v in yn:
+        emit("Morphology_TF_question", "TF", q, "Yes" if v else "No", None)
+    # Region questions
+    for info in regions:
+        extra = {
+            "region": {"x": info.rect[0], "y": info.rect[1], "w": info.rect[2], "h": info.rect[3]},
+            "annotation_id": info.annotation_id,
+        }
+        name = _NAMES[info.cls]
+        morph = class_morphology(lab, info.cls)
+        emit(
+            "Region_Description",
+            "Region",
+            pick(rng, ("What tissue is in this region?", "Describe the tissue in this region.")),
+            f"{name}: this region shows {morph}.",
+            extra,
+        )
+        q, a = mcq(
+            "What tissue is in this region?",
+            name,
+            [v for k, v in _NAMES.items() if k != info.cls],
+            letters["Region_choice"],
+            rng,
+        )
+        emit("Region_choice", "Region", q, a, extra)
+
+
+TASKS = (
+    "Report",
+    "Global_Morphology_Description",
+    "Regional_Structure_Description",
+    "Key_Diagnostic_Description",
+    "Histological_Typing",
+    "Grading",
+    "Diagnosis_choice",
+    "Morphology_choice",
+    "Morphology_TF_question",
+    "Region_Description",
+    "Region_choice",
+)
+CLOSE_ENDED = ("Diagnosis_choice", "Morphology_choice", "Morphology_TF_question", "Region_choice")

@@ -1,0 +1,385 @@
+"""The ``eval`` command end to end: reports, baselines, a judge over HTTP, bad input, resuming."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from wsi_llava.eval.command import eval_command
+from wsi_llava.eval.runner import read_predictions, run_predictions
+
+DATA = Path(__file__).parent / "eval_data"
+MINI = DATA / "mini_bench"
+BENCH = Path(__file__).parents[2] / "shared/data/wsi-bench"
+needs_bench = pytest.mark.skipif(not BENCH.is_dir(), reason=f"WSI-Bench files not found at {BENCH}")
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc = subprocess.Popen(
+        [sys.executable, str(DATA / "judge_server.py")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("PORT "), line
+        yield f"http://127.0.0.1:{int(line.split()[1])}/v1"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(autouse=True)
+def _no_wordnet(monkeypatch):
+    from wsi_llava.eval import nlu
+
+    monkeypatch.setenv(
+        "WSI_LLAVA_WORDNET", "none"
+    )  # keeps these tests fast; WordNet is tested in test_eval_metrics
+    nlu.wordnet.cache_clear()
+    yield
+    nlu.wordnet.cache_clear()
+
+
+def run(*args: str):
+    return CliRunner().invoke(eval_command, [str(a) for a in args])
+
+
+def scores(out: Path) -> dict:
+    return json.loads((out / "scores.json").read_text())
+
+
+def test_mini_bench_with_http_judge(server, tmp_path):
+    out = tmp_path / "report"
+    r = run(
+        "--bench",
+        MINI,
+        "--predictions",
+        DATA / "mini_predictions.jsonl",
+        "--out",
+        out,
+        "--judge",
+        "openai:rules#cli",
+        "--judge-url",
+        server,
+        "--train",
+        DATA / "mini_train.json",
+    )
+    assert r.exit_code == 0, r.output
+    s = scores(out)
+    assert s["status"] == "complete" and s["judge"]["name"] == "openai:rules#cli"
+    assert s["judge"]["unsupported"] == "zero" and s["judge"]["prompts"] == "built-in"
+    p, rr = s["wsi_precision"], s["wsi_relevance"]
+    assert p["per_task"]["Global_Morphology_Description"]["mean"] == pytest.approx(0.65)
+    assert rr["per_task"]["Global_Morphology_Description"]["mean"] == pytest.approx(0.6)
+    assert p["per_metadata"]["Caption"]["mean"] == pytest.approx(0.65)
+    assert (p["report"]["mean"], rr["report"]["mean"]) == (0.5, 1.0)
+    t2 = s["table2"]
+    assert t2["Morphological Analysis"]["wsi_p"] == pytest.approx(0.65)
+    assert t2["Diagnosis"]["wsi_r"] == 1.0 and t2["Treatment Planning"]["wsi_p"] == 1.0
+    assert t2["Morphological Analysis"]["acc"] == pytest.approx(2 / 3)
+    assert t2["Treatment Planning"]["acc_majority"] == pytest.approx(2 / 3)
+    assert t2["average"] == pytest.approx((0.65 + 0.6 + 2 / 3 + 0.5 + 1 + 1 + 1 + 1 + 2 / 3) / 9)
+    t3 = s["table3"]
+    assert (t3["n"], t3["wsi_precision"], t3["wsi_relevance"]) == (1, 0.5, 1.0)
+    assert 0 < t3["bleu1"] < 1
+    d = s["slide_disjoint"]
+    assert (d["test_slides"], d["disjoint_slides"], d["n_items"]) == (3, 2, 9)
+    assert d["accuracy"]["pooled"]["accuracy"] == pytest.approx(3 / 5)
+    assert d["accuracy"]["pooled"]["majority"] == 1.0
+    assert d["wsi_precision"]["overall"]["mean"] == pytest.approx((0.8 + 0.5 + 0.5 + 0.5) / 4)
+    md = (out / "report.md").read_text()
+    assert "| WSI-LLaVA (paper) | 0.488 | 0.610 | 0.951 |" in md
+    assert "judge: openai:rules#cli" in md and "slide-disjoint" in md
+    assert (out / "radar.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(read_predictions(out / "predictions.jsonl")) == 12
+    lines = (out / "judgements.jsonl").read_text().splitlines()
+    assert len(lines) == 10  # 5 open questions x 2 metrics
+    # "ignore" changes only WSI-R
+    out2 = tmp_path / "ignore"
+    r = run(
+        "--bench",
+        MINI,
+        "--predictions",
+        DATA / "mini_predictions.jsonl",
+        "--out",
+        out2,
+        "--judge",
+        "openai:rules#cli",
+        "--judge-url",
+        server,
+        "--unsupported",
+        "ignore",
+        "--nlu",
+        "none",
+    )
+    assert r.exit_code == 0, r.output
+    s2 = scores(out2)
+    assert s2["wsi_relevance"]["per_task"]["Global_Morphology_Description"]["mean"] == 1.0
+    assert s2["wsi_precision"]["per_task"] == s["wsi_precision"]["per_task"]
+
+
+def test_judge_dies_then_resume(server, tmp_path):
+    out = tmp_path / "r"
+    name = "ok-then-500:6#resume"
+    args = [
+        "--bench",
+        MINI,
+        "--predictions",
+        DATA / "mini_predictions.jsonl",
+        "--out",
+        out,
+        "--nlu",
+        "none",
+        "--judge",
+        f"openai:{name}",
+        "--judge-url",
+        server,
+        "--judge-retries",
+        "1",
+        "--judge-backoff",
+        "0.01",
+        "--judge-concurrency",
+        "1",
+    ]
+    r = run(*args)
+    assert r.exit_code != 0
+    assert "HTTP 500" in r.output and "finished and kept" in r.output
+    s = scores(out)
+    assert s["status"].startswith("incomplete")
+    assert s["accuracy"]["pooled"]["n"] == 7  # the metrics that need no judge are there
+    assert (out / "predictions.jsonl").is_file()
+    urllib.request.urlopen(
+        server.replace("/v1", "/heal/" + urllib.parse.quote(name, safe="")), timeout=5
+    ).read()
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    s = scores(out)
+    assert s["status"] == "complete" and s["judge"]["cache_hits"] == 6
+    assert s["wsi_precision"]["overall"]["n"] == 5
+
+
+def test_unreachable_judge(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "u"
+    r = run(
+        "--bench",
+        MINI,
+        "--predictions",
+        DATA / "mini_predictions.jsonl",
+        "--out",
+        out,
+        "--nlu",
+        "none",
+        "--judge",
+        "openai:x",
+        "--judge-url",
+        f"http://127.0.0.1:{port}/v1",
+        "--judge-retries",
+        "1",
+        "--judge-backoff",
+        "0.01",
+    )
+    assert r.exit_code == 1
+    assert "cannot connect" in r.output and "Traceback" not in r.output
+    assert scores(out)["status"].startswith("incomplete")
+
+
+def test_bad_input_messages(tmp_path):
+    bad = tmp_path / "bench"
+    bad.mkdir()
+    (bad / "Grading_test.json").write_text('{"not": "a list"}')
+    r = run("--bench", bad, "--baseline", "majority", "--out", tmp_path / "o1")
+    assert r.exit_code == 1 and "Grading_test.json: expected a JSON list" in r.output
+    other = tmp_path / "p.jsonl"
+    other.write_text(json.dumps({"question_id": "Caption_TCGA-nothing-1_1", "answer": "x"}) + "\n")
+    r = run("--bench", MINI, "--predictions", other, "--out", tmp_path / "o2")
+    assert r.exit_code == 1 and "none of its 1 rows matches a question" in r.output
+    r = run("--bench", MINI, "--out", tmp_path / "o3")
+    assert r.exit_code == 1 and "nothing to score" in r.output
+    r = run("--bench", MINI, "--baseline", "text-only", "--out", tmp_path / "o4")
+    assert r.exit_code == 1 and "give --model too" in r.output
+    r = run("--bench", MINI, "--baseline", "majority", "--tasks", "Nope", "--out", tmp_path / "o5")
+    assert r.exit_code == 1 and "Nope not in the bench" in r.output
+    r = run(
+        "--bench",
+        MINI,
+        "--baseline",
+        "majority",
+        "--judge",
+        "openai:x",
+        "--judge-url",
+        "http://127.0.0.1:9/v1",
+        "--prompts",
+        tmp_path / "missing",
+        "--out",
+        tmp_path / "o6",
+    )
+    assert r.exit_code == 1 and "--prompts" in r.output and "no such folder" in r.output
+
+
+@needs_bench
+def test_real_bench_ground_truth_and_majority(tmp_path):
+    gt = tmp_path / "gt.jsonl"
+    rows = [json.loads(x) for x in (BENCH / "WSI-Bench-test.jsonl").read_text().splitlines()[:5]]
+    # the official model_vqa.py format: question_id + answer
+    gt.write_text(
+        "".join(json.dumps({"question_id": r["question_id"], "answer": r["T-answer"]}) + "\n" for r in rows)
+    )
+    out = tmp_path / "gt"
+    r = run("--bench", BENCH / "test", "--predictions", gt, "--out", out, "--nlu", "open")
+    assert r.exit_code == 0, r.output
+    s = scores(out)
+    assert (
+        s["bench"]["n_items"] == 4174 and s["predictions"]["n"] == 5 and s["predictions"]["missing"] == 4169
+    )
+    assert all(v["bleu4"] == pytest.approx(1.0) for v in s["nlu"].values())
+    out = tmp_path / "maj"
+    r = run(
+        "--bench",
+        BENCH / "test",
+        "--baseline",
+        "majority",
+        "--out",
+        out,
+        "--nlu",
+        "none",
+        "--tasks",
+        "Prognosis_TF_question,Morphology_choice,Diagnosis_choice",
+        "--train",
+        BENCH / "train-partial",
+    )
+    assert r.exit_code == 0, r.output
+    acc = scores(out)["accuracy"]["per_task"]
+    assert acc["Prognosis_TF_question"]["accuracy"] == 0.8125
+    assert round(acc["Morphology_choice"]["accuracy"], 3) == 0.506
+    assert round(acc["Diagnosis_choice"]["accuracy"], 3) == 0.513
+    assert "majority class 0.510" not in r.output  # pooled over these three files only
+    d = scores(out)["slide_disjoint"]
+    assert 0 < d["n_items"] < 1143 and d["train_slides"] > 1000
+
+
+def test_runner_resumes_after_interruption(tmp_path):
+    from wsi_llava.eval.bench import load_bench
+
+    bench = load_bench(MINI)
+    calls: list[str] = []
+
+    def flaky(item):
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        calls.append(item.id)
+        return f"answer to {item.task}/{item.id}"
+
+    out = tmp_path / "predictions.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        run_predictions(bench.items, out, flaky, "test-model")
+    assert len(read_predictions(out)) == 5
+    with out.open("a") as fh:
+        fh.write('{"task": "Grading", "id": "SLI')  # a line cut by the interruption
+    calls.clear()
+    answers = run_predictions(
+        bench.items, out, lambda it: calls.append(it.id) or f"answer to {it.task}/{it.id}", "m"
+    )
+    assert len(calls) == 7 and len(answers) == 12
+    assert all(a == f"answer to {t}/{i}" for (t, i), a in answers.items())
+    row = json.loads(out.read_text().splitlines()[0])
+    assert {"task", "id", "question_id", "answer", "T-answer", "metadata", "model"} <= set(row)
+
+
+@pytest.mark.slow
+def test_features_and_text_only_with_demo_model(tmp_path):
+    """The demo model answers from .pt visual tokens and from zeros (text-only baseline)."""
+    import torch
+    from wsi_llava.model import load_model
+
+    model = load_model("demo")
+    feats = tmp_path / "feats" / "TCGA-XX"
+    feats.mkdir(parents=True)
+    for slide in ("SLIDE-A", "SLIDE-B", "SLIDE-C"):
+        torch.save(
+            torch.randn(model.spec.n_visual_tokens, model.spec.projector.in_dim), feats / f"{slide}.pt"
+        )
+    out = tmp_path / "o"
+    args = [
+        "--bench",
+        MINI,
+        "--model",
+        "demo",
+        "--features",
+        tmp_path / "feats",
+        "--out",
+        out,
+        "--tasks",
+        "Prognosis_TF_question,Grading",
+        "--max-new-tokens",
+        "4",
+        "--nlu",
+        "none",
+        "--text-only-column",
+    ]
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    s = scores(out)
+    assert s["decoding"]["temperature"] == 0.0 and s["decoding"]["max_new_tokens"] == 4
+    assert len(read_predictions(out / "predictions.jsonl")) == 4
+    assert s["accuracy"]["per_task"]["Prognosis_TF_question"]["text_only"] is not None
+    shutil.rmtree(feats)
+    r = run(*args)  # everything answered already: resumes without touching the (now missing) features
+    assert r.exit_code == 0, r.output
+
+
+def test_synthetic_world_bench_and_majority(world, tmp_path):
+    """The synthetic world written by wsi_llava.synth loads (region rows keep their box) and scores."""
+    from wsi_llava.eval.bench import load_bench
+
+    bench = load_bench(world)
+    assert bench.root == world
+    regions = [it for it in bench.items if it.task == "Region_choice"]
+    assert regions and all(it.region is not None and it.annotation_id for it in regions)
+    assert all(it.close and it.capability == "Region" and len(it.options) == 4 for it in regions)
+    assert all((world / it.image).is_file() for it in bench.items)
+    out = tmp_path / "maj"
+    r = run("--bench", world, "--baseline", "majority", "--out", out, "--nlu", "none")
+    assert r.exit_code == 0, r.output
+    s = scores(out)
+    for cell in s["accuracy"]["per_task"].values():
+        assert cell["accuracy"] == pytest.approx(cell["majority"])
+    assert "Region" in s["accuracy"]["per_capability"]
+
+
+@pytest.mark.slow
+def test_model_on_synthetic_slides(world, tmp_path):
+    """Our pipeline end to end: SlideSession per slide, region rows ask about their rectangle."""
+    out = tmp_path / "o"
+    r = run(
+        "--bench",
+        world,
+        "--model",
+        "demo",
+        "--out",
+        out,
+        "--tasks",
+        "Region_choice,Report",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "--nlu",
+        "report",
+        "--cache-dir",
+        tmp_path / "cache",
+    )
+    assert r.exit_code == 0, r.output
+    preds = read_predictions(out / "predictions.jsonl")
+    assert len(preds) == 4
+    assert scores(out)["decoding"] == {"temperature": 0.0, "max_new_tokens": 3, "seed": None}
