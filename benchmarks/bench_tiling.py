@@ -166,6 +166,7 @@ def bench_naive(path: Path, n_tiles: int) -> dict:
     """One OpenSlide ``read_region`` per tile at level 0, RGBA->RGB, resized to 256 px with Pillow."""
     import openslide
     from PIL import Image
+
     from wsi_llava.slide import open_slide
     from wsi_llava.slide.tiling import make_tile_grid
 

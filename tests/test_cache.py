@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import zarr
+
 from wsi_llava.encoders.cache import CacheKey, FeatureCache, grid_hash
 from wsi_llava.errors import CacheError
 

@@ -121,7 +121,7 @@ def test_ask_real_svs_region(cmu_svs: Path, shared_cache: Path):
         cache=shared_cache,
     )
     ans = json.loads(out.stdout)
-    assert ans["scope"] == "region" and ans["evidence"]["tile_size"] == 256  # 0.499 µm/px ≈ 0.5 target
+    assert ans["scope"] == "region" and ans["evidence"]["tile_size"] == 257  # round(256 * 0.5 / 0.499)
 
 
 # --- bad input: one clear message naming the file or field, non-zero exit, no traceback -------------

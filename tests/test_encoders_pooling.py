@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from wsi_llava.encoders.pooling import bin_to_tile_scores, pool_bins, pool_tokens
 
 

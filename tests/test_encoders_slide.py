@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from pydantic import ValidationError
+
 from wsi_llava.encoders.pooling import pool_tokens
 from wsi_llava.encoders.slide_encoder import LONGNET_PREFIX, SlideEncoder, SlideEncoderConfig
 from wsi_llava.errors import ModelError

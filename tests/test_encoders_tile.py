@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+
 from wsi_llava import plugins
 from wsi_llava.encoders.tile import TileEncoder, build_tile_encoder, weights_sha256
 from wsi_llava.errors import ModelError
@@ -136,7 +137,7 @@ def test_missing_and_mismatched_weights(tmp_path):
         build_tile_encoder("demo-vit", weights=bad)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(ModelError, match="cannot read weights"):
+    with pytest.raises(ModelError, match="cannot read tile encoder weights"):
         build_tile_encoder("demo-vit", weights=junk)
 
 

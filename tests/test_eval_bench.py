@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+
 from wsi_llava.errors import WsiLlavaError
 from wsi_llava.eval.bench import (
     load_bench,

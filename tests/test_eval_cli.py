@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+
 from wsi_llava.eval.command import eval_command
 from wsi_llava.eval.runner import read_predictions, run_predictions
 
@@ -300,6 +301,7 @@ def test_runner_resumes_after_interruption(tmp_path):
 def test_features_and_text_only_with_demo_model(tmp_path):
     """The demo model answers from .pt visual tokens and from zeros (text-only baseline)."""
     import torch
+
     from wsi_llava.model import load_model
 
     model = load_model("demo")

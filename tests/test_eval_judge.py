@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from wsi_llava.errors import WsiLlavaError
 from wsi_llava.eval.bench import BenchItem
 from wsi_llava.eval.judges.base import CachedJudge, JudgeCache, JudgeError, make_judge, parse_judge_spec

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from wsi_llava.eval import nlu
 from wsi_llava.eval.accuracy import close_accuracy, majority_answers, parse_choice
 from wsi_llava.eval.bench import load_bench

@@ -7,6 +7,7 @@ import pytest
 import tifffile
 import torch
 from skimage import data
+
 from wsi_llava.encoders.cache import FeatureCache
 from wsi_llava.encoders.extract import cache_key_for, extract_features
 from wsi_llava.encoders.slide_encoder import SlideEncoder, SlideEncoderConfig

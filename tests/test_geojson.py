@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from wsi_llava.errors import AnnotationError
 from wsi_llava.slide.geojson import PRIVATE_KEY, find_region, read_geojson, region_to_feature, write_geojson
 from wsi_llava.slide.region import Region

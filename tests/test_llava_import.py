@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_model_kit import make_tiny_llama, make_tiny_tokenizer
+
 from wsi_llava.errors import ModelError
 from wsi_llava.model import load_model
 from wsi_llava.model.templates import IMAGE_TOKEN_INDEX, build_prompt

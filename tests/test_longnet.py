@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from wsi_llava.encoders.config import SlideEncoderConfig
 from wsi_llava.encoders.longnet import (
     LongNetViT,

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from test_model_kit import make_tiny_wsi_llava, tiny_llm_dir  # noqa: F401 (fixture)
+
 from wsi_llava.errors import ModelError, WsiLlavaError
 from wsi_llava.model import load_model
 from wsi_llava.model.checkpoint import load_checkpoint, save_checkpoint

@@ -85,6 +85,7 @@ def make_tiny_wsi_llava(
 ):
     """A ``WSILlava`` over a tiny Llama saved at ``llm_dir`` (created when missing)."""
     import torch
+
     from wsi_llava.model.llm import load_llm
     from wsi_llava.model.projector import build_projector
     from wsi_llava.model.spec import LLMSpec, ModelSpec, ProjectorSpec

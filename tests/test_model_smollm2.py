@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+
 from wsi_llava.model import llm as llm_mod
 from wsi_llava.model import load_model
 from wsi_llava.model.templates import IGNORE_INDEX, build_prompt

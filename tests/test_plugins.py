@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from wsi_llava import plugins
 
 PLUGIN_SOURCE = textwrap.dedent(

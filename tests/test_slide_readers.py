@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tifffile
 from skimage import data
+
 from wsi_llava import plugins
 from wsi_llava.errors import RegionError, SlideError
 from wsi_llava.hookspecs import hookimpl

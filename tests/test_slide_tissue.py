@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from wsi_llava.slide import open_slide
 from wsi_llava.slide.tissue import tissue_mask
 

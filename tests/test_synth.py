@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+
 from wsi_llava.errors import Cancelled, WsiLlavaError
 from wsi_llava.progress import CancelToken
 from wsi_llava.slide.geojson import read_geojson

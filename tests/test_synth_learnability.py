@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 from skimage.measure import label as cc_label
+
 from wsi_llava.slide.geojson import read_geojson
 from wsi_llava.synth import generate_world, load_manifest
 from wsi_llava.synth.labels import BACKGROUND, CLASS_BY_KEY

@@ -12,6 +12,7 @@ import pytest
 import tifffile
 from PIL import Image
 from skimage import data
+
 from wsi_llava.errors import Cancelled, RegionError, SlideError
 from wsi_llava.progress import CancelToken
 from wsi_llava.slide import Region, open_slide, tiling

@@ -130,6 +130,7 @@ def ask(
     geojson: Path | None,
     annotation_id: str | None,
     model: str,
+    model_base: Path | None,
     as_json: bool,
     cache: Path | None,
     mpp: float | None,
@@ -143,7 +144,9 @@ def ask(
     reg = _region_from_options(region, geojson, annotation_id)
     if not question.strip():
         raise WsiLlavaError("question is empty: type a question about the slide or region")
-    with SlideSession(slide, model, mpp=mpp, cache_dir=cache, device=device) as session:
+    with SlideSession(
+        slide, model, mpp=mpp, cache_dir=cache, device=device, model_base=model_base
+    ) as session:
         session.extract(progress=TerminalProgress())
         kw = {"max_new_tokens": max_new_tokens, "temperature": temperature}
         if as_json:

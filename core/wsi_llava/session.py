@@ -46,6 +46,7 @@ class SlideSession:
         device: str = "auto",
         dtype: str | None = None,
         batch_size: int = 64,
+        model_base: str | Path | None = None,
     ) -> None:
         from wsi_llava.encoders.cache import FeatureCache
         from wsi_llava.slide import open_slide
@@ -56,7 +57,7 @@ class SlideSession:
         if isinstance(model, str | Path):
             from wsi_llava.model import load_model
 
-            model = load_model(model, device=self.device, dtype=dtype)
+            model = load_model(model, device=self.device, dtype=dtype, model_base=model_base)
         self.model = model
         spec = model.spec
         self.grid = make_tile_grid(

@@ -355,35 +355,10 @@ _IGNORED = ("pos_embed",)  # fixed sin-cos table (a non-persistent buffer upstre
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(
-            f"{path}: slide encoder weights not found (expected Prov-GigaPath's slide_encoder.pth)"
-        )
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    from wsi_llava.encoders.weights import read_state_dict
 
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelError(f"{path}: cannot read slide encoder weights ({exc})") from exc
-    while isinstance(sd, dict):
-        inner = next((sd[w] for w in _WRAPPERS if isinstance(sd.get(w), dict)), None)
-        if inner is None:
-            break
-        sd = inner
-    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
-        raise ModelError(f"{path}: expected a state dict of tensors (optionally under a 'model' key)")
-    changed = True
-    while changed:
-        changed = False
-        for p in _PREFIXES:
-            if all(k.startswith(p) for k in sd):
-                sd = {k[len(p) :]: v for k, v in sd.items()}
-                changed = True
-    return sd
+    hint = " (expected Prov-GigaPath's slide_encoder.pth)"
+    return read_state_dict(path, "slide encoder", _WRAPPERS, _PREFIXES, hint=hint)
 
 
 def _infer_config(sd: dict[str, torch.Tensor]) -> SlideEncoderConfig:

@@ -70,33 +70,9 @@ def weights_sha256(path: Path) -> str:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read safetensors / .bin / .pth weights, unwrap ``state_dict``/``model`` keys and strip common prefixes."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{path}: tile encoder weights not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    from wsi_llava.encoders.weights import read_state_dict as read
 
-            sd: Any = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from exc
-    while isinstance(sd, dict):
-        inner = next((sd[w] for w in _WRAPPERS if isinstance(sd.get(w), dict)), None)
-        if inner is None:
-            break
-        sd = inner
-    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
-        raise ModelError(f"{path}: expected a state dict of tensors (safetensors, .bin or .pth)")
-    changed = True
-    while changed:
-        changed = False
-        for p in _PREFIXES:
-            if all(k.startswith(p) for k in sd):
-                sd = {k[len(p) :]: v for k, v in sd.items()}
-                changed = True
-    return sd
+    return read(path, "tile encoder", _WRAPPERS, _PREFIXES)
 
 
 def load_weights_into(module: nn.Module, path: Path, what: str = "tile encoder") -> None:

@@ -1,0 +1,335 @@
+"""The napari plugin under Xvfb: reader, sample, dock widget asking a drawn region, cancel, GeoJSON, errors.
+
+One demo model (SmolLM2) is loaded for the whole module (the widget shares models across sessions);
+answers are short (a few tokens).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gui
+pytest.importorskip("napari")
+
+PLUGIN = "wsi-llava"
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOT = ROOT / "artifacts" / "napari_screenshot.png"
+WAIT_MS = 300_000
+
+
+@pytest.fixture
+def notes():
+    """Notifications shown during the test (napari's notification manager records them)."""
+    from napari.utils.notifications import notification_manager
+
+    start = len(notification_manager.records)
+
+    def messages() -> list[str]:
+        return [str(n.message) for n in notification_manager.records[start:]]
+
+    return messages
+
+
+def _widget(viewer):
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "WSI-LLaVA")
+    return widget
+
+
+def _wait_idle(qtbot, widget) -> None:
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=WAIT_MS)
+
+
+def test_reader_opens_slides_lazily_in_microns(make_napari_viewer, world, cmu_svs):
+    import dask.array as da
+
+    from wsi_llava.slide import open_slide
+
+    viewer = make_napari_viewer()
+    slide = world / "slides" / "slide_000.tif"
+    (layer,) = viewer.open(slide, plugin=PLUGIN)
+    reader = open_slide(slide)
+    assert layer.multiscale and layer.rgb
+    assert len(layer.data) == len(reader.level_dimensions)
+    for level, (w, h) in zip(layer.data, reader.level_dimensions, strict=True):
+        assert isinstance(level, da.Array) and level.shape == (h, w, 3) and level.dtype == np.uint8
+    np.testing.assert_allclose(layer.scale, (reader.mpp, reader.mpp))
+    assert [str(u) for u in layer.units] == ["micrometer", "micrometer"]
+    np.testing.assert_array_equal(
+        np.asarray(layer.data[1][100:164, 200:296]), reader.read_region((400, 200), 1, (96, 64))
+    )
+
+    # an OpenSlide-only read path (Aperio SVS): chunks call read_region, nothing read up front
+    (svs,) = viewer.open(cmu_svs, plugin=PLUGIN)
+    real = open_slide(cmu_svs)
+    assert svs.metadata["wsi_llava"]["reader"] == real.reader_name
+    w, h = real.level_dimensions[0]
+    assert svs.data[0].shape[:2] == (h, w) if svs.multiscale else svs.data.shape[:2] == (h, w)
+    level0 = svs.data[0] if svs.multiscale else svs.data
+    np.testing.assert_array_equal(
+        np.asarray(level0[1000:1050, 1030:1100]), real.read_region((1030, 1000), 0, (70, 50))
+    )
+    np.testing.assert_allclose(svs.scale, (real.mpp, real.mpp))
+
+    # QuPath GeoJSON opens as Shapes over the slide, names and classes kept
+    (shapes,) = viewer.open(world / "annotations" / "slide_000.geojson", plugin=PLUGIN)
+    assert shapes.__class__.__name__ == "Shapes" and len(shapes.data) > 0
+    assert all(shapes.features["name"] != "") and "source" in shapes.features
+
+
+def test_bad_files_and_bad_input_notify(make_napari_viewer, tmp_path, notes, world):
+    import tifffile
+
+    viewer = make_napari_viewer()
+    bad = tmp_path / "broken.tif"
+    bad.write_bytes(b"this is not a TIFF file" * 10)
+    assert viewer.open(bad, plugin=PLUGIN) == []
+    assert any("broken.tif" in m for m in notes()), notes()
+    bad_json = tmp_path / "broken.geojson"
+    bad_json.write_text('{"type": "FeatureCollection", "features": [', encoding="utf-8")
+    assert viewer.open(bad_json, plugin=PLUGIN) == []
+    assert any("broken.geojson" in m and "not valid JSON" in m for m in notes()), notes()
+
+    # a slide without µm/px: opens in pixels with a warning; asking names the missing µm/px
+    plain = tmp_path / "no_mpp.tif"
+    tifffile.imwrite(plain, np.full((512, 512, 3), 200, np.uint8), tile=(256, 256), photometric="rgb")
+    (image,) = viewer.open(plain, plugin=PLUGIN)
+    assert tuple(image.scale) == (1.0, 1.0) and any("no_mpp.tif" in m and "µm/px" in m for m in notes())
+    widget = _widget(viewer)
+    widget._question.setPlainText("What is this?")
+    widget._ask_btn.click()
+    assert widget._worker is None and any("enter it in the" in m for m in notes())
+
+    # empty question, no selection, a shape outside the slide, no model: notifications, nothing lost
+    widget._mpp.setValue(0.5)
+    widget._question.setPlainText("   ")
+    widget._ask_btn.click()
+    assert any("question is empty" in m for m in notes())
+    layer = widget._on_new_regions_layer()
+    layer.add_rectangles(np.array([[5000.0, 5000.0], [5400.0, 5600.0]]))
+    layer.features.loc[0, "answer"] = "kept"
+    widget._question.setPlainText("What is this?")
+    widget._scope.setCurrentText("selected shapes")
+    widget._ask_btn.click()
+    assert any("no shape is selected" in m for m in notes())
+    layer.selected_data = {0}
+    widget._ask_btn.click()
+    assert any("lie outside the slide" in m for m in notes())
+    widget._model.clear()
+    widget._ask_btn.click()
+    assert any("no model is registered" in m for m in notes())
+    assert widget._worker is None and len(layer.data) == 1 and layer.features.loc[0, "answer"] == "kept"
+
+
+def test_sample_ask_region_streams_answer_history_evidence(make_napari_viewer, qtbot, notes, tmp_path):
+    from qtpy.QtWidgets import QApplication
+
+    from napari_wsi_llava._evidence import LAYER_NAME
+    from wsi_llava.slide.geojson import read_geojson
+
+    viewer = make_napari_viewer(show=True)
+    viewer.open_sample(PLUGIN, "demo_slide")
+    image = next(
+        lyr for lyr in viewer.layers if "wsi_llava" in lyr.metadata and lyr.__class__.__name__ == "Image"
+    )
+    truth = viewer.layers["demo regions"]
+    widget = _widget(viewer)
+    assert "demo" in [widget._model.itemText(i) for i in range(widget._model.count())]
+    assert widget._image_combo.currentText() == image.name
+
+    # draw a rectangle (level-0 px are the regions layer's data coordinates) around a ground-truth region
+    regions = widget._on_new_regions_layer()
+    ys, xs = np.concatenate(truth.data)[:, 0], np.concatenate(truth.data)[:, 1]
+    biggest = max(truth.data, key=lambda v: np.ptp(v[:, 0]) * np.ptp(v[:, 1]))
+    (y0, x0), (y1, x1) = biggest.min(axis=0), biggest.max(axis=0)
+    assert ys.max() < image.metadata["wsi_llava"]["dimensions"][1] and xs.max() > 0
+    regions.add_rectangles(np.array([[y0, x0], [y1, x1]]))
+    regions.selected_data = {0}
+    widget._scope.setCurrentText("selected shapes")
+    widget._preset.setCurrentText("describe")
+    widget._max_tokens.setValue(6)
+    tokens: list[str] = []
+    widget._ask_btn.click()
+    assert widget._worker is not None and not widget._ask_btn.isEnabled()
+    widget._worker.yielded.connect(lambda e: tokens.append(e[2]) if e[0] == "token" else None)
+    _wait_idle(qtbot, widget)
+
+    assert not [m for m in notes() if "rror" in m or "failed" in m], notes()
+    assert len(widget.history) == 1
+    answer = widget.history[0].answer
+    assert answer.scope == "region" and answer.question == widget._question.toPlainText()
+    assert answer.answer and "".join(tokens).strip() == answer.answer
+    row = regions.features.iloc[0]
+    assert (
+        row["answer"] == answer.answer and row["question"] == answer.question and row["model"] == answer.model
+    )
+    assert answer.answer[:10] in row["label"] and regions.text.string.format == "{label}"
+    assert answer.answer in widget.history[0].text and answer.answer in widget._answer.toPlainText()
+    widget._history.setCurrentRow(0)
+    widget._on_copy()
+    assert QApplication.clipboard().text() == widget.history[0].text
+    # the region asked is the rectangle drawn, in level-0 pixels
+    np.testing.assert_allclose(answer.region.bounds, (x0, y0, x1, y1))
+
+    # evidence: a heat map over the slide, aligned with it (same extent, cell of the top tile = 1)
+    assert LAYER_NAME in viewer.layers
+    ev = viewer.layers[LAYER_NAME]
+    tile_world = answer.evidence.tile_size * image.scale[-1]
+    # napari extents run between pixel centres: widen by half a pixel to compare covered areas
+    img_lo = np.asarray(image.extent.world[0][-2:]) - np.asarray(image.scale[-2:]) / 2
+    img_hi = np.asarray(image.extent.world[1][-2:]) + np.asarray(image.scale[-2:]) / 2
+    ev_lo = np.asarray(ev.extent.world[0]) - np.asarray(ev.scale) / 2
+    ev_hi = np.asarray(ev.extent.world[1]) + np.asarray(ev.scale) / 2
+    np.testing.assert_allclose(ev_lo, img_lo, atol=1e-6)
+    assert ((ev_hi - img_hi) >= -1e-6).all() and ((ev_hi - img_hi) < tile_world).all()
+    top = int(np.argmax(answer.evidence.scores))
+    cx, cy = np.asarray(answer.evidence.coords[top]) + answer.evidence.tile_size / 2
+    cell = np.round(ev.world_to_data((cy * image.scale[-2], cx * image.scale[-1]))).astype(int)
+    assert ev.data[cell[0], cell[1]] == pytest.approx(1.0)
+    widget._opacity.setValue(30)
+    assert ev.opacity == pytest.approx(0.3)
+
+    viewer.reset_view()
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    viewer.window.screenshot(path=str(SCREENSHOT), canvas_only=False, flash=False)
+    assert SCREENSHOT.stat().st_size > 10_000
+
+    # describe: the generated text becomes the shape's description; an existing one is kept
+    widget._evidence.setChecked(False)
+    widget._describe_btn.click()
+    _wait_idle(qtbot, widget)
+    assert len(widget.history) == 2
+    description = widget.history[1].answer.answer
+    assert regions.features.iloc[0]["description"] == description
+    assert regions.features.iloc[0]["answer"] == answer.answer
+    widget._describe_btn.click()
+    assert widget._worker is None and any("already has a description" in m for m in notes())
+
+    # export through the writer contribution: QuPath GeoJSON with the answer and description
+    out = tmp_path / "answered.geojson"
+    viewer.layers.selection = {regions}
+    viewer.layers.save(str(out), selected=True, plugin=PLUGIN)
+    feature = json.loads(out.read_text(encoding="utf-8"))["features"][0]
+    meta = feature["properties"]["metadata"]
+    assert feature["properties"]["objectType"] == "annotation"
+    assert meta["ANNOTATION_DESCRIPTION"] == description and meta["wsi_llava.answer"] == answer.answer
+    (back,) = read_geojson(out)
+    assert back.bounds == answer.region.bounds
+
+
+def test_cancel_mid_extraction_leaves_no_cache(
+    make_napari_viewer, qtbot, notes, world, monkeypatch, tmp_path
+):
+    import time
+    import uuid
+
+    import wsi_llava.slide.tiling as tiling
+    from napari_wsi_llava._jobs import get_session
+    from wsi_llava.encoders.cache import FeatureCache
+    from wsi_llava.settings import cache_dir
+
+    real = tiling.iter_tile_batches
+
+    def slow_batches(*args, **kwargs):  # small, slow batches so Cancel lands mid-extraction
+        kwargs["batch_size"] = 1
+        for batch in real(*args, **kwargs):
+            time.sleep(0.3)
+            yield batch
+
+    monkeypatch.setattr(tiling, "iter_tile_batches", slow_batches)
+    features = cache_dir() / "features"
+    before = {e.path for e in FeatureCache(features).list()} if features.exists() else set()
+    # a copy with unique trailing bytes: a new slide fingerprint, so no other test has cached its features
+    slide = tmp_path / "cancel_me.tif"
+    slide.write_bytes((world / "slides" / "slide_001.tif").read_bytes() + uuid.uuid4().bytes)
+    viewer = make_napari_viewer()
+    viewer.open(slide, plugin=PLUGIN)
+    widget = _widget(viewer)
+    widget._question.setPlainText("Which tissue types are present?")
+    widget._ask_btn.click()
+    qtbot.waitUntil(lambda: widget._pbar is not None, timeout=WAIT_MS)
+    widget._cancel_btn.click()
+    _wait_idle(qtbot, widget)
+    assert widget.history == [] and widget._ask_btn.isEnabled()
+    assert widget._status.text() == "cancelled"
+    qtbot.waitUntil(lambda: not list(features.glob(".tmp-*")), timeout=30_000)  # the temp group is removed
+    after = {e.path for e in FeatureCache(features).list()}
+    assert after == before  # nothing that looks complete was written for the cancelled slide
+
+    monkeypatch.undo()
+    session, _ = get_session(slide, "demo")
+    feats = session.extract()
+    assert feats.n_tiles == len(session.grid.coords) and np.isfinite(feats.features).all()
+
+
+def test_geojson_round_trip_keeps_geometry_and_properties(make_napari_viewer, tmp_path, world):
+    from wsi_llava.slide.geojson import read_geojson
+
+    data = json.loads((world / "annotations" / "slide_000.geojson").read_text(encoding="utf-8"))
+    extra = [
+        {
+            "type": "Feature",
+            "id": "with-hole",
+            "geometry": {
+                "type": "Polygon",
+                "coordinates": [
+                    [[100.5, 100.25], [400, 100], [400, 380], [100, 400], [100.5, 100.25]],
+                    [[200, 200], [300, 200], [300, 300], [200, 200]],
+                ],
+            },
+            "properties": {
+                "objectType": "annotation",
+                "name": "ring",
+                "color": [10, 20, 30],
+                "isLocked": True,
+                "measurements": {"Area": 1234.5, "Score": "NaN"},
+                "metadata": {"ANNOTATION_DESCRIPTION": "existing description", "lab": "A"},
+            },
+        },
+        {
+            "type": "Feature",
+            "id": "multi",
+            "geometry": {
+                "type": "MultiPolygon",
+                "coordinates": [
+                    [[[0, 0], [10, 0], [10, 10], [0, 0]]],
+                    [[[500, 500], [700, 500], [700, 650], [500, 650], [500, 500]]],
+                ],
+            },
+            "properties": {"objectType": "annotation", "classification": {"names": ["Tumor", "Positive"]}},
+        },
+    ]
+    data["features"].extend(extra)
+    src = tmp_path / "qupath.geojson"
+    src.write_text(json.dumps(data), encoding="utf-8")
+    original = read_geojson(src)
+
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(src, plugin=PLUGIN)
+    names = list(layer.features["name"])
+    assert (
+        "ring" in names and layer.features.loc[names.index("ring"), "description"] == "existing description"
+    )
+    out = tmp_path / "exported.geojson"
+    viewer.layers.save(str(out), selected=True, plugin=PLUGIN)
+    exported = read_geojson(out)
+    assert len(exported) == len(original)
+    for a, b in zip(original, exported, strict=True):
+        np.testing.assert_allclose(a.points, b.points, atol=1e-9)
+        assert a.holes == b.holes and a.id == b.id and a.name == b.name
+        assert a.properties == b.properties
+    raw_in, raw_out = data["features"], json.loads(out.read_text(encoding="utf-8"))["features"]
+    assert [f["geometry"] for f in raw_out] == [
+        {"type": f["geometry"]["type"], "coordinates": f["geometry"]["coordinates"]} for f in raw_in
+    ]
+
+    # import the export again: the same shapes and features
+    (again,) = viewer.open(out, plugin=PLUGIN)
+    assert len(again.data) == len(layer.data)
+    for a, b in zip(layer.data, again.data, strict=True):
+        np.testing.assert_allclose(a, b)
+    cols = ["name", "description", "question", "answer", "model", "label"]
+    assert again.features[cols].equals(layer.features[cols])
