@@ -142,10 +142,11 @@ def test_sample_ask_region_streams_answer_history_evidence(make_napari_viewer, q
 
     # draw a rectangle (level-0 px are the regions layer's data coordinates) around a ground-truth region
     regions = widget._on_new_regions_layer()
-    ys, xs = np.concatenate(truth.data)[:, 0], np.concatenate(truth.data)[:, 1]
-    biggest = max(truth.data, key=lambda v: np.ptp(v[:, 0]) * np.ptp(v[:, 1]))
-    (y0, x0), (y1, x1) = biggest.min(axis=0), biggest.max(axis=0)
-    assert ys.max() < image.metadata["wsi_llava"]["dimensions"][1] and xs.max() > 0
+    names = list(truth.features["name"])
+    tumour = truth.data[next(i for i, n in enumerate(names) if n.startswith("Tumor"))]
+    (y0, x0), (y1, x1) = tumour.min(axis=0), tumour.max(axis=0)
+    w, h = image.metadata["wsi_llava"]["dimensions"]
+    assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
     regions.add_rectangles(np.array([[y0, x0], [y1, x1]]))
     regions.selected_data = {0}
     widget._scope.setCurrentText("selected shapes")
@@ -189,16 +190,16 @@ def test_sample_ask_region_streams_answer_history_evidence(make_napari_viewer, q
     cx, cy = np.asarray(answer.evidence.coords[top]) + answer.evidence.tile_size / 2
     cell = np.round(ev.world_to_data((cy * image.scale[-2], cx * image.scale[-1]))).astype(int)
     assert ev.data[cell[0], cell[1]] == pytest.approx(1.0)
-    widget._opacity.setValue(30)
-    assert ev.opacity == pytest.approx(0.3)
-
     viewer.reset_view()
     SCREENSHOT.parent.mkdir(exist_ok=True)
     viewer.window.screenshot(path=str(SCREENSHOT), canvas_only=False, flash=False)
     assert SCREENSHOT.stat().st_size > 10_000
+    widget._opacity.setValue(30)
+    assert ev.opacity == pytest.approx(0.3)
 
     # describe: the generated text becomes the shape's description; an existing one is kept
     widget._evidence.setChecked(False)
+    widget._max_tokens.setValue(4)
     widget._describe_btn.click()
     _wait_idle(qtbot, widget)
     assert len(widget.history) == 2

@@ -55,10 +55,25 @@ def get_plugin_manager() -> pluggy.PluginManager:
         for module in DEFAULT_PLUGINS:
             pm.register(importlib.import_module(module), name=module)
         if os.environ.get("WSI_LLAVA_LOAD_PLUGINS", "1") != "0":
-            pm.load_setuptools_entrypoints("wsi_llava")
+            _load_entry_points(pm)
         pm.check_pending()
         _pm = pm
     return _pm
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    """Register the ``wsi_llava`` entry-point plugins; one that fails to import is logged and skipped."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="wsi_llava"):
+        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as e:  # a broken third-party plugin must not take the built-ins down
+            logger.warning("plugin %r (%s) failed to load and is skipped: %s", ep.name, ep.value, e)
+            continue
+        pm.register(plugin, name=ep.name)
 
 
 def register_plugin(plugin: object, name: str) -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from wsi_llava.answer import Answer, Evidence, Timings
-from wsi_llava.errors import WsiLlavaError
+from wsi_llava.errors import Cancelled, WsiLlavaError
 from wsi_llava.progress import CancelToken, ProgressCallback, no_progress
 from wsi_llava.settings import cache_dir as default_cache_dir
 from wsi_llava.settings import resolve_device
@@ -128,6 +128,7 @@ class SlideSession:
         *,
         max_new_tokens: int | None = None,
         temperature: float | None = None,
+        seed: int | None = None,
         evidence: bool = True,
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
@@ -146,13 +147,15 @@ class SlideSession:
         visual = self.visual_tokens(indices)
         t_features = time.perf_counter() - t_feat0
 
-        gen_kw: dict[str, Any] = {"cancel": cancel}
+        gen_kw: dict[str, Any] = {"cancel": cancel, "seed": seed}
         if max_new_tokens is not None:
             gen_kw["max_new_tokens"] = max_new_tokens
         if temperature is not None:
             gen_kw["temperature"] = temperature
         yield from self.model.stream(question, visual, **gen_kw)
         gen = self.model.last_generation
+        if gen.stop_reason == "cancelled":
+            raise Cancelled("answer cancelled by the user")
 
         ev = Evidence(tile_size=int(self.grid.tile_size_level0))
         if evidence and len(gen.new_token_ids) > 0:

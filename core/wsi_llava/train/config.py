@@ -120,7 +120,7 @@ class Stage2Config(_Strict):
     stage: Literal["stage2"] = "stage2"
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
-    caption_tasks: list[str] = Field(default_factory=lambda: ["Report"])
+    caption_tasks: list[str] = Field(default_factory=lambda: ["Report", "1_Report"])
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-3))
     train: LoopConfig = Field(default_factory=LoopConfig)
 

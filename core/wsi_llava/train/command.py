@@ -1,0 +1,121 @@
+"""``wsi-llava train``: ``prepare`` (feature packs), ``stage1``, ``stage2``, ``stage3``.
+
+Under ``torchrun --nproc-per-node N -m wsi_llava.train stage3 --config ...`` (or ``accelerate launch``)
+every process runs the same command; rank 0 writes logs and checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from wsi_llava.errors import WsiLlavaError
+
+logger = logging.getLogger(__name__)
+
+
+def _out_for(config: Path, out: Path | None) -> Path:
+    return out if out is not None else Path("runs") / config.stem
+
+
+def _run(stage: str, config: Path, out: Path | None, resume: bool, stop_after: int | None, device: str) -> None:
+    from wsi_llava.train.config import load_config
+
+    cfg = load_config(config, stage)  # type: ignore[arg-type]
+    out_dir = _out_for(config, out)
+    from wsi_llava.train.loop import init_dist
+
+    d = init_dist(device)
+    if stage == "stage1":
+        from wsi_llava.train.stage1 import run_stage1
+
+        final = run_stage1(cfg, out_dir, d, resume=resume, stop_after=stop_after, config_path=str(config))
+    else:
+        from wsi_llava.train.lm import run_lm_stage
+
+        final = run_lm_stage(cfg, out_dir, d, resume=resume, stop_after=stop_after, config_path=str(config))
+    if d.main:
+        click.echo(f"{stage}: done; checkpoint {final}" if final.exists() else f"{stage}: stopped; resume with --resume")
+
+
+def _stage_command(stage: str, help_text: str) -> click.Command:
+    @click.command(stage, help=help_text)
+    @click.option("--config", "config", required=True, type=click.Path(path_type=Path), help="YAML config.")
+    @click.option("--out", type=click.Path(path_type=Path), help="Run folder (default runs/<config name>).")
+    @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in the run folder.")
+    @click.option("--stop-after", type=int, help="Stop after this many steps (as if killed; resume later).")
+    @click.option("--device", default="auto", show_default=True, help="cuda, cpu or auto.")
+    def cmd(config: Path, out: Path | None, resume: bool, stop_after: int | None, device: str) -> None:
+        try:
+            _run(stage, config, out, resume, stop_after, device)
+        except WsiLlavaError as e:
+            raise click.ClickException(str(e)) from None
+
+    return cmd
+
+
+@click.group("train")
+def train_command() -> None:
+    """Train WSI-LLaVA in three stages (configs/demo, configs/paper)."""
+
+
+@train_command.command("prepare")
+@click.option(
+    "--bench",
+    "benches",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Synthetic world folder or bench folder/file with slides (repeatable).",
+)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Feature pack file to write (.pt).")
+@click.option("--tile-encoder", default="demo-vit", show_default=True, help="Registered tile encoder.")
+@click.option("--weights", type=click.Path(path_type=Path), help="Tile encoder weights (default: built-in).")
+@click.option("--tile-size", default=256, show_default=True)
+@click.option("--mpp", "target_mpp", default=0.5, show_default=True, help="Target resolution of the tiles.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="Feature cache root.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--batch-size", default=64, show_default=True)
+def prepare_command(
+    benches: tuple[Path, ...],
+    out: Path,
+    tile_encoder: str,
+    weights: Path | None,
+    tile_size: int,
+    target_mpp: float,
+    cache_dir: Path | None,
+    device: str,
+    batch_size: int,
+) -> None:
+    """Extract tile features of every slide the benches ask about and write one feature pack."""
+    from wsi_llava.progress import TerminalProgress
+    from wsi_llava.train.data import prepare_pack
+
+    bar = TerminalProgress()
+    try:
+        path = prepare_pack(
+            benches,
+            out,
+            tile_encoder=tile_encoder,
+            weights=weights,
+            target_mpp=target_mpp,
+            tile_size=tile_size,
+            cache_dir=cache_dir,
+            device=device,
+            batch_size=batch_size,
+            progress=bar,
+        )
+    except WsiLlavaError as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        bar.close()
+    click.echo(f"wrote {path}")
+
+
+train_command.add_command(
+    _stage_command("stage1", "Stage 1: WSI-text contrastive alignment (slide encoder vs text encoder).")
+)
+train_command.add_command(_stage_command("stage2", "Stage 2: projector only, LLM and encoders frozen."))
+train_command.add_command(_stage_command("stage3", "Stage 3: instruction tuning, projector + LoRA."))

@@ -1,0 +1,225 @@
+"""Stages 2 and 3: language-model training on (visual tokens, question, answer) samples.
+
+Stage 2 trains the projector alone (LLM and encoders frozen) on report captions; stage 3 trains the
+projector and a peft LoRA on the LLM over all tasks, open and close-ended mixed. The loss covers the
+answer tokens only (``WSILlava.prompt`` masks the rest) and is summed then divided by the answer
+tokens of the whole global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from wsi_llava.model.templates import IGNORE_INDEX
+from wsi_llava.train.config import Stage2Config, Stage3Config, TrainError
+from wsi_llava.train.data import Sample, TrainData, load_train_data
+from wsi_llava.train.loop import Dist, Task, count_params, named_trainable, seed_everything, train_loop
+
+logger = logging.getLogger(__name__)
+
+
+def load_base(cfg: Stage2Config | Stage3Config, d: Dist) -> Any:
+    """The starting ``WSILlava`` on this rank's device (LoRA of a base checkpoint is merged in)."""
+    from wsi_llava.errors import WsiLlavaError
+
+    dtype = cfg.model.dtype or ("bfloat16" if d.device.type == "cuda" and cfg.train.bf16 else "float32")
+    device = str(d.device)
+    try:
+        if cfg.model.base == "demo":
+            from wsi_llava.model.demo import build_untrained_demo
+
+            model = build_untrained_demo(device=device, dtype=dtype)
+        else:
+            from wsi_llava.model.checkpoint import load_checkpoint
+
+            model = load_checkpoint(cfg.model.base, device=device, dtype=dtype, merge_lora=True)
+    except WsiLlavaError as e:
+        raise TrainError(f"model.base {cfg.model.base!r}: {e}") from None
+    if cfg.model.template:
+        model.spec.template = cfg.model.template
+    if cfg.model.name:
+        model.spec.name = cfg.model.name
+    return model
+
+
+class Tokenized:
+    """Prompt ids and labels of every sample, truncated to ``max_length`` positions (visual included)."""
+
+    def __init__(self, model: Any, samples: list[Sample], max_length: int) -> None:
+        n_vis = model.n_visual_tokens
+        room = max_length - n_vis + 1
+        if room < 8:
+            raise TrainError(f"data.max_length {max_length} leaves no room for text after {n_vis} visual tokens")
+        self.ids: list[list[int]] = []
+        self.labels: list[list[int]] = []
+        self.n_answer: list[int] = []
+        for s in samples:
+            parts = model.prompt(s.question, s.answer)
+            ids, labels = parts.input_ids[:room], (parts.labels or [])[:room]
+            self.ids.append(ids)
+            self.labels.append(labels)
+            self.n_answer.append(sum(1 for x in labels[1:] if x != IGNORE_INDEX))
+        self.lengths = [len(i) + n_vis - 1 for i in self.ids]
+
+    def collate(self, idx: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        width = max(len(self.ids[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(idx), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            n = len(self.ids[i])
+            ids[r, :n] = torch.tensor(self.ids[i])
+            labels[r, :n] = torch.tensor(self.labels[i])
+            mask[r, :n] = 1
+        return ids, labels, mask
+
+
+class VisualTokens:
+    """Visual tokens of a sample from the frozen slide encoder (memoised per slide/region) or a .pt file."""
+
+    def __init__(self, model: Any, data: TrainData, device: torch.device) -> None:
+        self.model = model
+        self.data = data
+        self.device = device
+        self.memo: dict[tuple[str, tuple[int, ...] | None], torch.Tensor] = {}
+        self.in_dim = model.spec.projector.in_dim
+
+    @torch.no_grad()
+    def get(self, s: Sample) -> torch.Tensor:
+        key = (s.slide, s.tiles)
+        t = self.memo.get(key)
+        if t is None:
+            sf = self.data.features_for(s)
+            if sf.is_tokens:
+                t = sf.features.load()
+                if t.shape[1] != self.in_dim:
+                    raise TrainError(f"{sf.features.path}: token width {t.shape[1]} != projector in_dim {self.in_dim}")
+            else:
+                f, c = sf.features, sf.coords
+                if s.tiles is not None:
+                    sel = torch.as_tensor(s.tiles, dtype=torch.long)
+                    f, c = f[sel], c[sel]
+                t = self.model.encode_slide(f, c, sf.tile_size_level0)
+            t = t.to(self.device, torch.float32)
+            self.memo[key] = t
+        return t
+
+
+def _check_encoder(model: Any, data: TrainData) -> None:
+    if not data.encoder_ids or model.slide_encoder is None:
+        return
+    from wsi_llava.model.checkpoint import build_tile_encoder
+
+    if model.spec.tile_encoder.weights is None:
+        want = build_tile_encoder(model.spec, model.checkpoint_dir).encoder_id
+        if want not in data.encoder_ids:
+            raise TrainError(
+                f"the feature packs were made with {sorted(data.encoder_ids)}, but the model's tile encoder is "
+                f"{want}; re-run `wsi-llava train prepare` with the model's tile encoder"
+            )
+
+
+def run_lm_stage(
+    cfg: Stage2Config | Stage3Config,
+    out: Path,
+    d: Dist,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+    config_path: str | None = None,
+) -> Path:
+    """Train stage 2 or 3 and save the model (our checkpoint format) to ``out/final``."""
+    from wsi_llava.model.checkpoint import save_checkpoint
+
+    seed_everything(cfg.train.seed)
+    data = load_train_data(cfg.data)
+    samples = data.samples
+    if isinstance(cfg, Stage2Config):
+        keep = set(cfg.caption_tasks)
+        samples = [s for s in samples if s.task in keep]
+        if not samples:
+            raise TrainError(f"stage 2: no samples of the caption tasks {sorted(keep)}")
+    model = load_base(cfg, d)
+    _check_encoder(model, data)
+    model.requires_grad_(False)
+    model.projector.float().requires_grad_(True)
+    groups: list[dict[str, Any]]
+    modules: dict[str, torch.nn.Module] = {"projector": model.projector}
+    if isinstance(cfg, Stage3Config):
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        model.llm = get_peft_model(model.llm, lcfg)
+        modules["llm"] = model.llm
+        trainable = named_trainable(modules)
+        lora = [p for k, p in trainable.items() if k.startswith("llm.")]
+        groups = [
+            {"params": lora, "lr": cfg.optim.lr},
+            {"params": list(model.projector.parameters()), "lr": cfg.optim.projector_lr or cfg.optim.lr},
+        ]
+    else:
+        trainable = named_trainable(modules)
+        groups = [{"params": list(trainable.values()), "lr": cfg.optim.lr}]
+    if cfg.train.grad_checkpointing:
+        model.llm.gradient_checkpointing_enable()
+    logger.info("%s: %d samples, %d trainable parameters", cfg.stage, len(samples), count_params(list(trainable.values())))
+    tok = Tokenized(model, samples, cfg.data.max_length)
+    vis = VisualTokens(model, data, d.device)
+    pad_id = model.tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = model.tokenizer.eos_token_id or 0
+    use_bf16 = cfg.train.bf16 and d.device.type == "cuda"
+
+    def autocast() -> Any:
+        return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    def loss_sum(idx: list[int]) -> torch.Tensor:
+        ids, labels, mask = tok.collate(idx, pad_id)
+        visual = torch.stack([vis.get(samples[i]) for i in idx])
+        s = model.embed(ids.to(d.device), visual, attention_mask=mask.to(d.device), labels=labels.to(d.device))
+        o = model.llm(
+            inputs_embeds=s.inputs_embeds,
+            attention_mask=s.attention_mask,
+            position_ids=s.position_ids,
+            use_cache=False,
+        )
+        lab = s.labels[:, 1:]
+        logits = o.logits[:, :-1]
+        sel = lab != IGNORE_INDEX
+        return F.cross_entropy(logits[sel].float(), lab[sel], reduction="sum")
+
+    def train_mode() -> None:
+        model.projector.train()
+        if isinstance(cfg, Stage3Config):
+            model.llm.train()
+
+    task = Task(
+        stage=cfg.stage,
+        lengths=tok.lengths,
+        trainable=trainable,
+        param_groups=groups,
+        count=lambda m: float(sum(tok.n_answer[i] for i in m)),
+        loss_sum=loss_sum,
+        autocast=autocast,
+        train_mode=train_mode,
+    )
+    result = train_loop(task, cfg.train, cfg.optim, out, d, resume=resume, stop_after=stop_after, config_path=config_path)
+    final = out / "final"
+    if d.main and not result["stopped_early"]:
+        model.eval()
+        model.spec.untrained = False
+        save_checkpoint(model, final)
+    return final

@@ -1,0 +1,508 @@
+"""The WSI-LLaVA dock widget: ask about the slide or drawn regions, stream the answer, show evidence.
+
+Thin by design: every action turns the viewer's state into one core call (``SlideSession`` through
+:mod:`napari_wsi_llava._jobs`) run in a napari thread worker; results come back through the core's
+result sinks (the napari sink writes them onto the shapes), the history list and the evidence layer.
+Bad input becomes a napari notification; nothing already drawn or answered is touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QApplication,
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QListWidget,
+    QListWidgetItem,
+    QPlainTextEdit,
+    QPushButton,
+    QSlider,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_wsi_llava._evidence import LAYER_NAME, evidence_heatmap, evidence_layer_kwargs
+from napari_wsi_llava._jobs import Job, ask_events, block_triton_after_gl
+from napari_wsi_llava._shapes import (
+    META_KEY,
+    image_transform_meta,
+    layer_kwargs,
+    layer_to_regions,
+    normalise_features,
+)
+from napari_wsi_llava._sink import ensure_registered
+from wsi_llava.answer import Answer
+from wsi_llava.errors import Cancelled, RegionError, WsiLlavaError
+from wsi_llava.progress import CancelToken
+
+if TYPE_CHECKING:
+    import napari
+
+logger = logging.getLogger(__name__)
+
+SCOPES = ("whole slide", "selected shapes", "every shape")
+PRESETS = {
+    "describe": "Describe the tissue in this region.",
+    "diagnosis": "What is the most likely diagnosis?",
+    "grade": "What is the histological grade of the tumour?",
+    "tissue types": "Which tissue types are present?",
+    "tumour?": "Is there tumour in this region?",
+    "necrosis?": "Is there necrosis?",
+}
+DESCRIBE_QUESTION = PRESETS["describe"]
+REGIONS_LAYER = "WSI-LLaVA regions"
+
+
+@dataclass
+class HistoryEntry:
+    """One answered question as the history list shows it."""
+
+    answer: Answer
+    scope: str
+    when: str
+
+    @property
+    def text(self) -> str:
+        a = self.answer
+        lines = [
+            f"[{self.when}] {self.scope} · {a.model}",
+            f"Q: {a.question}",
+            f"A: {a.answer or '(no text)'}",
+        ]
+        if a.notice:
+            lines.append(f"({a.notice})")
+        return "\n".join(lines)
+
+
+def _show_error(message: str) -> None:
+    from napari.utils.notifications import show_error
+
+    show_error(message)
+
+
+def _show_info(message: str) -> None:
+    from napari.utils.notifications import show_info
+
+    show_info(message)
+
+
+class WsiLlavaWidget(QWidget):
+    """Dock widget: scope, model, question (presets), Ask / Describe / Cancel, answer, history, evidence."""
+
+    def __init__(self, viewer: napari.viewer.Viewer, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.viewer = viewer
+        self.history: list[HistoryEntry] = []
+        self._worker: Any = None
+        self._cancel: CancelToken | None = None
+        self._pbar: Any = None
+        self._jobs: list[Job] = []
+        self._job_layer: Any = None
+        self._job_image: Any = None
+        block_triton_after_gl()
+        ensure_registered()
+        self._build()
+        self._refresh_layers()
+        self._refresh_models()
+        viewer.layers.events.inserted.connect(self._refresh_layers)
+        viewer.layers.events.removed.connect(self._refresh_layers)
+        viewer.layers.events.reordered.connect(self._refresh_layers)
+
+    # --- layout --------------------------------------------------------------------------------
+    def _build(self) -> None:
+        form = QFormLayout()
+        self._image_combo = QComboBox()
+        self._shapes_combo = QComboBox()
+        self._mpp = QDoubleSpinBox()
+        self._mpp.setDecimals(4)
+        self._mpp.setRange(0.0, 100.0)
+        self._mpp.setSingleStep(0.05)
+        self._mpp.setSpecialValueText("from file")
+        self._mpp.setToolTip("µm per level-0 pixel; 'from file' uses the slide's metadata")
+        self._scope = QComboBox()
+        self._scope.addItems(SCOPES)
+        self._model = QComboBox()
+        self._preset = QComboBox()
+        self._preset.addItem("preset…")
+        self._preset.addItems(list(PRESETS))
+        self._preset.currentTextChanged.connect(self._on_preset)
+        self._question = QPlainTextEdit()
+        self._question.setPlaceholderText("Ask about the slide or the selected regions")
+        self._question.setMaximumHeight(60)
+        self._max_tokens = QSpinBox()
+        self._max_tokens.setRange(1, 2048)
+        self._max_tokens.setValue(128)
+        self._temperature = QDoubleSpinBox()
+        self._temperature.setRange(0.0, 2.0)
+        self._temperature.setSingleStep(0.1)
+        self._temperature.setSpecialValueText("model default")
+        self._evidence = QCheckBox("evidence overlay")
+        self._evidence.setChecked(True)
+        self._overwrite = QCheckBox("overwrite existing descriptions")
+        form.addRow("slide", self._image_combo)
+        form.addRow("regions", self._shapes_combo)
+        form.addRow("µm/px", self._mpp)
+        form.addRow("scope", self._scope)
+        form.addRow("model", self._model)
+        form.addRow("question", self._preset)
+        form.addRow(self._question)
+        form.addRow("max tokens", self._max_tokens)
+        form.addRow("temperature", self._temperature)
+        form.addRow(self._evidence)
+
+        self._ask_btn = QPushButton("Ask")
+        self._describe_btn = QPushButton("Describe selected regions")
+        self._cancel_btn = QPushButton("Cancel")
+        self._cancel_btn.setEnabled(False)
+        self._ask_btn.clicked.connect(self._on_ask)
+        self._describe_btn.clicked.connect(self._on_describe)
+        self._cancel_btn.clicked.connect(self._on_cancel)
+        buttons = QHBoxLayout()
+        for b in (self._ask_btn, self._cancel_btn):
+            buttons.addWidget(b)
+        new_layer = QPushButton("New regions layer")
+        new_layer.clicked.connect(self._on_new_regions_layer)
+
+        self._status = QLabel("")
+        self._status.setWordWrap(True)
+        self._answer = QPlainTextEdit()
+        self._answer.setReadOnly(True)
+        self._answer.setPlaceholderText("The answer streams here")
+        self._history = QListWidget()
+        self._history.setWordWrap(True)
+        self._history.currentRowChanged.connect(self._on_history_selected)
+        self._copy_btn = QPushButton("Copy")
+        self._copy_btn.clicked.connect(self._on_copy)
+        self._opacity = QSlider(Qt.Orientation.Horizontal)
+        self._opacity.setRange(0, 100)
+        self._opacity.setValue(60)
+        self._opacity.valueChanged.connect(self._on_opacity)
+        opacity_row = QHBoxLayout()
+        opacity_row.addWidget(QLabel("evidence opacity"))
+        opacity_row.addWidget(self._opacity)
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self._describe_btn)
+        layout.addWidget(self._overwrite)
+        layout.addWidget(new_layer)
+        layout.addWidget(self._status)
+        layout.addWidget(QLabel("answer"))
+        layout.addWidget(self._answer)
+        history_row = QHBoxLayout()
+        history_row.addWidget(QLabel("history"))
+        history_row.addStretch(1)
+        history_row.addWidget(self._copy_btn)
+        layout.addLayout(history_row)
+        layout.addWidget(self._history)
+        layout.addLayout(opacity_row)
+
+    # --- layer / model lists ---------------------------------------------------------------------
+    def _refresh_layers(self, event: Any = None) -> None:
+        from napari.layers import Image, Shapes
+
+        def fill(combo: QComboBox, names: list[str]) -> None:
+            current = combo.currentText()
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems(names)
+            if current in names:
+                combo.setCurrentText(current)
+            combo.blockSignals(False)
+
+        layers = list(self.viewer.layers)
+        images = [lyr.name for lyr in layers if isinstance(lyr, Image) and META_KEY in lyr.metadata]
+        shapes = [lyr.name for lyr in layers if isinstance(lyr, Shapes)]
+        fill(self._image_combo, images)
+        fill(self._shapes_combo, shapes)
+        new = getattr(event, "value", None) if event is not None else None
+        if isinstance(new, Shapes) and new.name in shapes:
+            self._shapes_combo.setCurrentText(new.name)  # a freshly drawn-on layer is the likely target
+
+    def _refresh_models(self) -> None:
+        from wsi_llava.plugins import models
+
+        names = list(models())
+        self._model.clear()
+        self._model.addItems(names)
+        if "demo" in names:
+            self._model.setCurrentText("demo")
+
+    def _image_layer(self) -> Any:
+        name = self._image_combo.currentText()
+        return self.viewer.layers[name] if name and name in self.viewer.layers else None  # noqa: SIM401
+
+    def _shapes_layer(self) -> Any:
+        name = self._shapes_combo.currentText()
+        return self.viewer.layers[name] if name and name in self.viewer.layers else None  # noqa: SIM401
+
+    # --- small actions ---------------------------------------------------------------------------
+    def _on_preset(self, key: str) -> None:
+        if key in PRESETS:
+            self._question.setPlainText(PRESETS[key])
+
+    def _on_opacity(self, value: int) -> None:
+        if LAYER_NAME in self.viewer.layers:
+            self.viewer.layers[LAYER_NAME].opacity = value / 100.0
+
+    def _on_copy(self) -> None:
+        row = self._history.currentRow()
+        if 0 <= row < len(self.history):
+            QApplication.clipboard().setText(self.history[row].text)
+
+    def _on_history_selected(self, row: int) -> None:
+        if 0 <= row < len(self.history):
+            image = self._image_layer()
+            answer = self.history[row].answer
+            if image is not None and answer.slide == image.metadata[META_KEY]["path"]:
+                self._show_evidence(answer, tuple(image.metadata[META_KEY]["dimensions"]), image)
+
+    def _on_new_regions_layer(self) -> Any:
+        """Add an empty Shapes layer in the slide's coordinates, ready to draw rectangles."""
+        image = self._image_layer()
+        scale = tuple(image.scale[-2:]) if image is not None else (1.0, 1.0)
+        translate = tuple(image.translate[-2:]) if image is not None else (0.0, 0.0)
+        extent = max(image.metadata[META_KEY]["dimensions"]) if image is not None else 2048
+        from napari_wsi_llava._shapes import empty_features
+
+        units = tuple(str(u) for u in image.units[-2:]) if image is not None else None
+        kw = layer_kwargs(
+            REGIONS_LAYER, empty_features(0), scale, translate, extent=extent, units=units, color="cyan"
+        )
+        layer = self.viewer.add_shapes(None, ndim=2, **kw)
+        layer.mode = "add_rectangle"
+        self._shapes_combo.setCurrentText(layer.name)
+        return layer
+
+    # --- asking ----------------------------------------------------------------------------------
+    def _on_ask(self) -> None:
+        question = self._question.toPlainText().strip()
+        self._start(question, self._scope.currentText(), target="answer")
+
+    def _on_describe(self) -> None:
+        self._start(DESCRIBE_QUESTION, "selected shapes", target="description")
+
+    def _on_cancel(self) -> None:
+        if self._cancel is not None:
+            self._cancel.cancel()
+        if self._worker is not None:
+            self._worker.quit()
+        self._status.setText("cancelling…")
+
+    def _start(self, question: str, scope: str, target: str) -> None:
+        try:
+            slide, mpp, image, model, jobs, layer = self._prepare(question, scope, target)
+        except WsiLlavaError as e:
+            _show_error(str(e))
+            return
+        if not jobs:
+            _show_info("every selected shape already has a description; tick 'overwrite' to replace them")
+            return
+        from napari.qt.threading import create_worker
+
+        self._jobs, self._job_layer, self._job_image = jobs, layer, image
+        self._cancel = CancelToken()
+        temperature = self._temperature.value() or None
+        worker = create_worker(
+            ask_events,
+            slide,
+            model,
+            mpp,
+            jobs,
+            self._cancel,
+            max_new_tokens=self._max_tokens.value(),
+            temperature=temperature,
+            evidence=self._evidence.isChecked(),
+            _start_thread=False,
+        )
+        worker.yielded.connect(self._on_event)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self._set_busy(True)
+        self._answer.clear()
+        worker.start()
+
+    def _prepare(self, question: str, scope: str, target: str) -> tuple:
+        """Check the input on the GUI thread and turn the viewer's state into jobs (no core work)."""
+        if self._worker is not None:
+            raise WsiLlavaError("a question is already running: wait for it or press Cancel")
+        image = self._image_layer()
+        if image is None:
+            raise WsiLlavaError(
+                "no slide is open: open a .svs/.ndpi/.mrxs/.tif/.tiff/.ome.tiff file or File > Open Sample > "
+                "WSI-LLaVA demo slide"
+            )
+        info = image.metadata[META_KEY]
+        mpp = self._mpp.value() or None
+        if mpp is None and not info.get("mpp"):
+            raise WsiLlavaError(
+                f"{info['path']}: the slide records no microns per pixel (µm/px); enter it in the "
+                "WSI-LLaVA widget's µm/px box (e.g. 0.5)"
+            )
+        model = self._model.currentText()
+        if not model:
+            raise WsiLlavaError("no model is registered with wsi-llava: install or register a model plugin")
+        if not question:
+            raise WsiLlavaError("question is empty: type a question or pick a preset")
+        if scope == "whole slide":
+            return info["path"], mpp, image, model, [Job(question)], None
+        layer = self._shapes_layer()
+        if layer is None:
+            raise RegionError(
+                "no Shapes layer: draw regions first ('New regions layer') or ask the whole slide"
+            )
+        if scope == "selected shapes":
+            indices = sorted(layer.selected_data)
+            if not indices:
+                raise RegionError(
+                    f"no shape is selected on {layer.name!r}: select shapes or change the scope"
+                )
+        else:
+            indices = list(range(len(layer.data)))
+            if not indices:
+                raise RegionError(f"{layer.name!r} has no shapes: draw a rectangle or polygon first")
+        meta = layer.metadata.get(META_KEY, {})
+        regions = layer_to_regions(
+            layer.data,
+            layer.shape_type,
+            layer.features,
+            layer_scale=layer.scale[-2:],
+            layer_translate=layer.translate[-2:],
+            image_scale=image.scale[-2:],
+            image_translate=image.translate[-2:],
+            indices=indices,
+            layer_name=layer.name,
+        )
+        w, h = info["dimensions"]
+        descriptions = normalise_features(layer.features, len(layer.data))["description"]
+        jobs = []
+        for index, region in zip(indices, regions, strict=True):
+            title = f"{layer.name} shape {index}" + (f" ({region.name})" if region.name else "")
+            region.check_within(w, h, source=title)
+            if target == "description" and not self._overwrite.isChecked() and descriptions.iloc[index]:
+                continue
+            jobs.append(Job(question, region, index, target, title))
+        # remember which slide the layer annotates so the GeoJSON writer converts to level-0 exactly
+        layer.metadata = {
+            **layer.metadata,
+            META_KEY: {**meta, **image_transform_meta(image.scale, image.translate)},
+        }
+        return info["path"], mpp, image, model, jobs, layer
+
+    def _set_busy(self, busy: bool) -> None:
+        self._ask_btn.setEnabled(not busy)
+        self._describe_btn.setEnabled(not busy)
+        self._cancel_btn.setEnabled(busy)
+
+    # --- events from the worker (GUI thread) -----------------------------------------------------
+    def _on_event(self, event: tuple) -> None:
+        kind = event[0]
+        if kind == "tick":
+            return
+        if kind == "status":
+            self._status.setText(event[1])
+        elif kind == "progress":
+            self._on_progress(*event[1:])
+        elif kind == "start":
+            job = self._jobs[event[1]]
+            self._close_pbar()
+            self._status.setText(f"answering: {job.title} ({event[1] + 1}/{len(self._jobs)})")
+            if event[1] > 0:
+                self._answer.appendPlainText("")
+            self._answer.appendPlainText(f"[{job.title}] ")
+        elif kind == "token":
+            cursor = self._answer.textCursor()
+            cursor.movePosition(cursor.MoveOperation.End)
+            cursor.insertText(event[2])
+            self._answer.setTextCursor(cursor)
+        elif kind == "answer":
+            self._on_answer(self._jobs[event[1]], event[2], tuple(event[3]))
+        elif kind == "error":
+            err = event[1]
+            if isinstance(err, Cancelled):
+                self._status.setText("cancelled")
+                _show_info("WSI-LLaVA: cancelled; nothing partial was kept")
+            else:
+                self._status.setText(f"error: {err}")
+                _show_error(str(err))
+
+    def _on_progress(self, done: int, total: int, message: str) -> None:
+        from napari.utils import progress
+
+        if self._pbar is None and total and done < total:
+            self._pbar = progress(total=total, desc=message)
+        if self._pbar is not None:
+            self._pbar.set_description(message)
+            self._pbar.n = done
+            self._pbar.refresh()
+            if total and done >= total:
+                self._close_pbar()
+        self._status.setText(f"{message}: {done}/{total}")
+
+    def _close_pbar(self) -> None:
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+
+    def _on_answer(self, job: Job, answer: Answer, dimensions: tuple[int, int]) -> None:
+        from wsi_llava.plugins import sinks
+
+        context = {
+            "frontend": "napari",
+            "viewer": self.viewer,
+            "shapes_layer": self._job_layer if job.shape_index is not None else None,
+            "shape_index": job.shape_index,
+            "target": job.target,
+            "image_layer": self._job_image,
+        }
+        for entry in sinks().values():
+            try:
+                entry.fn(answer, context)
+            except Exception as e:  # one broken sink must not lose the answer
+                logger.exception("result sink %s failed", entry.name)
+                _show_error(f"result sink {entry.name!r} ({entry.plugin}) failed: {e}")
+        entry = HistoryEntry(answer, job.title, time.strftime("%H:%M:%S"))
+        self.history.append(entry)
+        item = QListWidgetItem(entry.text)
+        self._history.addItem(item)
+        self._history.blockSignals(True)
+        self._history.setCurrentRow(len(self.history) - 1)
+        self._history.blockSignals(False)
+        if self._evidence.isChecked() and answer.evidence.coords:
+            self._show_evidence(answer, dimensions, self._job_image)
+
+    def _show_evidence(self, answer: Answer, dimensions: tuple[int, int], image: Any) -> None:
+        heat, origin, tile = evidence_heatmap(answer.evidence, dimensions)
+        kw = evidence_layer_kwargs(origin, tile, image.scale, image.translate, self._opacity.value() / 100.0)
+        if LAYER_NAME in self.viewer.layers:
+            layer = self.viewer.layers[LAYER_NAME]
+            layer.data = heat
+            layer.scale, layer.translate = kw["scale"], kw["translate"]
+        else:
+            index = list(self.viewer.layers).index(image) + 1 if image in self.viewer.layers else None
+            layer = self.viewer.add_image(heat, units=tuple(image.units), **kw)
+            if index is not None:
+                self.viewer.layers.move(list(self.viewer.layers).index(layer), index)
+        layer.metadata = {META_KEY: {"question": answer.question, "slide": answer.slide}}
+
+    def _on_finished(self) -> None:
+        self._close_pbar()
+        self._worker = None
+        self._cancel = None
+        self._set_busy(False)
+        if self._status.text().startswith(("answering", "tile features", "loading", "extracting")):
+            self._status.setText("done")
+        elif self._status.text() == "cancelling…":
+            self._status.setText("cancelled")

@@ -1,0 +1,238 @@
+"""The QuPath bridge against a Java test double of QuPath's py4j entry point, through real qubalab calls.
+
+The double (qupath_ext/testdouble/FakeQuPath.java) is compiled with javac against the jar the py4j
+package ships and started on a free port; ``wsi-llava qupath status | describe | ask`` run against it
+and the double's stored objects are inspected afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from test_qupath_kit import (  # noqa: F401 (fixtures)
+    FakeQuPath,
+    fake_qupath,
+    fake_qupath_build,
+    free_port,
+    tiny_model,
+)
+
+from wsi_llava.annotate import DESCRIPTION_KEY
+from wsi_llava_qupath.bridge import connect
+from wsi_llava_qupath.commands import WHOLE_SLIDE_NAME, qupath
+from wsi_llava_qupath.sink import qupath_sink
+
+pytestmark = pytest.mark.bridge
+
+BOX = [[[100, 100], [700, 100], [700, 700], [100, 700], [100, 100]]]
+
+
+def _feature(name, coords=None, gtype="Polygon", **props):
+    return {
+        "type": "Feature",
+        "geometry": {"type": gtype, "coordinates": coords if coords is not None else BOX},
+        "properties": {"objectType": "annotation", "name": name, **props},
+    }
+
+
+@pytest.fixture(scope="module")
+def world_png(world, tmp_path_factory) -> tuple[Path, Path]:
+    """The synthetic slide and its level 0 as a PNG (the pixels the double serves)."""
+    from PIL import Image
+
+    from wsi_llava.slide import open_slide
+
+    slide = world / "slides" / "slide_000.tif"
+    png = tmp_path_factory.mktemp("qupath_png") / "slide_000.png"
+    with open_slide(slide) as r:
+        Image.fromarray(r.read_region((0, 0), 0, r.dimensions)).save(png)
+    return slide, png
+
+
+def _run(fq: FakeQuPath, *args: str):
+    result = CliRunner().invoke(qupath, [*args, "--port", str(fq.port)], catch_exceptions=False)
+    return result
+
+
+def _by_name(fq: FakeQuPath) -> dict[str, dict]:
+    return {f["properties"].get("name"): f for f in fq.objects()}
+
+
+def test_status(fake_qupath, world_png):  # noqa: F811
+    fq = fake_qupath
+    r = _run(fq, "status")
+    assert r.exit_code == 0, r.output
+    assert "connected to QuPath" in r.output and "0.0-testdouble" in r.output
+    assert "image: none open" in r.output
+
+    slide, png = world_png
+    fq.open_image(slide.as_uri(), png, 2048, 2048, 0.5)
+    fq.add_object(_feature("a"), selected=True)
+    fq.add_object(_feature("b"), selected=False)
+    fq.add_object({**_feature("det"), "properties": {"objectType": "detection"}}, selected=True)
+    r = _run(fq, "status")
+    assert r.exit_code == 0, r.output
+    assert "2048 x 2048 px, 0.5 µm/px" in r.output and str(slide) in r.output
+    assert "annotations: 2, selected: 1" in r.output
+
+
+def test_describe_selected_writes_back(fake_qupath, world_png, tiny_model):  # noqa: F811
+    fq = fake_qupath
+    slide, png = world_png
+    fq.open_image(slide.as_uri(), png, 2048, 2048, 0.5)
+    kept_props = {
+        "classification": {"names": ["Tumor", "Positive"], "color": [200, 0, 0]},
+        "color": [10, 20, 30],
+        "metadata": {DESCRIPTION_KEY: "Reviewed by Dr A."},
+        "measurements": {"Area µm^2": 12.5},
+    }
+    fq.add_object(_feature("has description", **kept_props), selected=True)
+    fq.add_object(_feature("plain", coords=[[[900, 900], [1500, 900], [1500, 1500], [900, 1500], [900, 900]]]),
+                  selected=True)
+    fq.add_object(_feature("not selected"), selected=False)
+    fq.add_object(_feature("a point", coords=[50, 50], gtype="Point"), selected=True)
+    fq.add_object(_feature("outside", coords=[[[5000, 5000], [5100, 5000], [5100, 5100], [5000, 5000]]]),
+                  selected=True)
+    before = _by_name(fq)
+
+    r = _run(fq, "describe", "--selected", "--name", "--model", tiny_model, "--max-new-tokens", "4")
+    assert r.exit_code == 0, r.output
+    assert "answered 2 annotation(s)" in r.output and "1 failed" in r.output
+    assert "outside: FAILED" in r.output and "lie outside the slide" in r.output
+
+    objs = fq.objects()
+    by_id = {f["id"]: f for f in objs}
+    old = {f["id"]: f for f in before.values()}
+    changed = [f for f in objs if f != old[f["id"]]]
+    assert len(changed) == 2  # the point, the unselected and the outside one are untouched
+    for f in changed:
+        p = f["properties"]
+        desc = p["metadata"][DESCRIPTION_KEY]
+        assert p["measurements"]["WSI-LLaVA tiles"] > 0
+        assert p["name"] and p["name"] not in ("has description", "plain")  # short name from the answer
+        was = old[f["id"]]["properties"]
+        if "classification" in was:
+            assert desc.startswith("Reviewed by Dr A.\n\n--- WSI-LLaVA, ")
+            assert "Describe the tissue in this region." in desc.splitlines()[2]
+            assert p["classification"] == was["classification"] and p["color"] == was["color"]
+            assert p["measurements"]["Area µm^2"] == 12.5
+        else:
+            assert "---" not in desc and desc.strip()
+        assert by_id[f["id"]]["geometry"] == old[f["id"]]["geometry"]
+    assert fq.ep.testHierarchyUpdates() >= 1
+
+    # --overwrite replaces the description instead of appending
+    r = _run(fq, "ask", "Is there necrosis?", "--model", tiny_model, "--max-new-tokens", "3", "--overwrite")
+    assert r.exit_code == 0, r.output
+    for f in fq.objects():
+        if f["id"] in {c["id"] for c in changed}:
+            assert "Reviewed by Dr A." not in f["properties"]["metadata"][DESCRIPTION_KEY]
+
+
+def test_ask_whole_slide_through_qupath_pixels(fake_qupath, world_png, tiny_model, tmp_path):  # noqa: F811
+    """The file is not reachable here: pixels come from QuPath's server (PNG over the gateway)."""
+    fq = fake_qupath
+    _, png = world_png
+    fq.open_image("file:/nowhere/on/this/machine/slide_000.tif", png, 2048, 2048, 0.5)
+    fq.add_object(_feature("existing", metadata={DESCRIPTION_KEY: "keep me"}), selected=False)
+    before = fq.objects()
+    r = _run(fq, "ask", "Summarise this slide.", "--whole-slide", "--model", tiny_model,
+             "--max-new-tokens", "4", "--cache", str(tmp_path))
+    assert r.exit_code == 0, r.output
+    objs = fq.objects()
+    assert objs[0] == before[0]  # the existing annotation is untouched
+    new = [f for f in objs if f["properties"].get("name") == WHOLE_SLIDE_NAME]
+    assert len(new) == 1
+    assert new[0]["properties"]["metadata"][DESCRIPTION_KEY].strip()
+    assert new[0]["properties"]["objectType"] == "annotation"
+    assert new[0]["geometry"]["coordinates"][0][2] == [2048, 2048]
+    assert list(tmp_path.glob("qupath/*.qupath-image"))  # the session read QuPath's pixels
+
+
+def test_qupath_reader_pixels_match_the_file(fake_qupath, world_png, tmp_path):  # noqa: F811
+    from wsi_llava.slide import open_slide
+    from wsi_llava_qupath.reader import write_pointer
+
+    fq = fake_qupath
+    slide, png = world_png
+    fq.open_image("file:/nowhere/slide_000.tif", png, 2048, 2048, 0.5)
+    bridge = connect(fq.port)
+    pointer = write_pointer(bridge, tmp_path)
+    with open_slide(pointer) as qr, open_slide(slide) as fr:
+        assert qr.reader_name == "qupath" and qr.dimensions == (2048, 2048) and qr.mpp == 0.5
+        a = qr.read_region((300, 400), 0, (256, 200))
+        b = fr.read_region((300, 400), 0, (256, 200))
+        assert np.array_equal(a, b)
+        edge = qr.read_region((2000, 2000), 0, (100, 100))  # partly outside: white there
+        assert np.array_equal(edge[:48, :48], b[:0].reshape(0, 0, 3) if False else fr.read_region((2000, 2000), 0, (48, 48)))
+        assert (edge[60:, 60:] == 255).all()
+        low = qr.read_region((0, 0), 1, (512, 512))
+        ref = np.asarray(fr.thumbnail(512), dtype=float)
+        assert np.abs(low.astype(float) - ref).mean() < 12
+    bridge.close()
+
+
+def test_bad_input(fake_qupath, world_png, fake_qupath_build, tiny_model):  # noqa: F811
+    fq = fake_qupath
+    # nothing listens on the port
+    r = CliRunner().invoke(qupath, ["status", "--port", str(free_port())])
+    assert r.exit_code == 1 and "cannot connect to QuPath on port" in r.output and "Traceback" not in r.output
+    # no image open
+    r = _run(fq, "describe", "--model", tiny_model)
+    assert r.exit_code == 1 and "no image is open in QuPath" in r.output
+    slide, png = world_png
+    fq.open_image(slide.as_uri(), png, 2048, 2048, 0.5)
+    # nothing selected (an unselected annotation, a selected detection)
+    fq.add_object(_feature("unselected"), selected=False)
+    fq.add_object({**_feature("det"), "properties": {"objectType": "detection"}}, selected=True)
+    r = _run(fq, "describe", "--model", tiny_model)
+    assert r.exit_code == 1 and "nothing selected in QuPath" in r.output
+    # only points selected: skipped with a message, nothing to do
+    fq.add_object(_feature("pt", coords=[5, 5], gtype="Point"), selected=True)
+    r = _run(fq, "ask", "What is here?", "--model", tiny_model)
+    assert r.exit_code == 1 and "nothing selected" in r.output
+    # every selected annotation outside the image: non-zero, nothing changed
+    fq.add_object(_feature("far", coords=[[[9000, 9000], [9100, 9000], [9100, 9100], [9000, 9000]]]),
+                  selected=True)
+    before = fq.objects()
+    r = _run(fq, "describe", "--model", tiny_model, "--max-new-tokens", "2")
+    assert r.exit_code == 1 and "no annotation was answered" in r.output
+    assert fq.objects() == before and fq.ep.testHierarchyUpdates() == 0
+    # empty question
+    r = _run(fq, "ask", "  ")
+    assert r.exit_code == 1 and "question is empty" in r.output
+
+
+def test_wrong_token(fake_qupath_build):  # noqa: F811
+    fq = FakeQuPath(fake_qupath_build[0], token="s3cret")
+    try:
+        r = CliRunner().invoke(qupath, ["status", "--port", str(fq.port), "--token", "wrong"])
+        assert r.exit_code == 1 and "with this token" in r.output
+        r = CliRunner().invoke(qupath, ["status", "--port", str(fq.port), "--token", "s3cret"])
+        assert r.exit_code == 0 and "connected to QuPath" in r.output
+    finally:
+        fq.close()
+
+
+def test_sink(fake_qupath, world_png):  # noqa: F811
+    from wsi_llava.answer import Answer
+
+    fq = fake_qupath
+    slide, png = world_png
+    fq.open_image(slide.as_uri(), png, 2048, 2048, 0.5)
+    fq.add_object(_feature("s"), selected=True)
+    bridge = connect(fq.port)
+    ann = bridge.annotations(selected=True)[0]
+    answer = Answer(question="How many mitoses?", answer="12", scope="region", model="m")
+    qupath_sink(answer, {})  # not asked from QuPath: ignored
+    assert DESCRIPTION_KEY not in json.dumps(fq.objects())
+    qupath_sink(answer, {"qupath_bridge": bridge, "qupath_annotation": ann})
+    props = fq.objects()[0]["properties"]
+    assert props["metadata"][DESCRIPTION_KEY] == "12"
+    assert props["measurements"]["WSI-LLaVA answer"] == 12.0
+    assert props["name"] == "s" and fq.ep.testHierarchyUpdates() == 1
+    bridge.close()

@@ -1,0 +1,150 @@
+"""Shared helpers for the QuPath bridge tests: a tiny registered model and the Java test double.
+
+No tests here; ``test_qupath*.py`` import it. The tiny model is real model code (a 2-layer Llama, the
+demo tile encoder and a small LongNet) so that answers are generated, quickly, on CPU.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import select
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from wsi_llava import hookimpl, plugins
+
+TINY_MODEL = "tiny-qupath"
+TESTDOUBLE_SRC = Path(__file__).resolve().parents[1] / "qupath_ext" / "testdouble" / "FakeQuPath.java"
+
+
+def load_tiny(device: str = "cpu", dtype: str | None = None):
+    """A tiny WSILlava over the demo tile encoder (192-d): real code, random weights, milliseconds a token."""
+    import torch
+    from test_model_kit import make_tiny_llama, make_tiny_tokenizer
+
+    from wsi_llava.encoders.config import SlideEncoderConfig
+    from wsi_llava.encoders.slide_encoder import SlideEncoder
+    from wsi_llava.model.projector import build_projector
+    from wsi_llava.model.spec import LLMSpec, ModelSpec, ProjectorSpec, TileEncoderSpec
+    from wsi_llava.model.wsi_llava import WSILlava
+
+    tok = make_tiny_tokenizer()
+    llm = make_tiny_llama(tok, seed=0)
+    torch.manual_seed(0)
+    se_cfg = SlideEncoderConfig.demo(in_dim=192, n_tokens=16)
+    spec = ModelSpec(
+        name=TINY_MODEL,
+        tile_encoder=TileEncoderSpec(name="demo-vit"),
+        slide_encoder=se_cfg.model_dump(mode="json"),
+        projector=ProjectorSpec(in_dim=se_cfg.out_dim, out_dim=64),
+        llm=LLMSpec(source="tiny"),
+        template="chat",
+        n_visual_tokens=16,
+    )
+    projector = build_projector("mlp2x_gelu", se_cfg.out_dim, 64).eval()
+    return WSILlava(llm, tok, projector, spec, slide_encoder=SlideEncoder(se_cfg).eval())
+
+
+class TinyModelPlugin:
+    @staticmethod
+    @hookimpl
+    def register_models(register):
+        register(TINY_MODEL, load_tiny, description="tiny random model for the QuPath bridge tests")
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    """Registers the tiny model for the test session; returns its name."""
+    plugins.register_plugin(TinyModelPlugin(), name="qupath-test-tiny-model")
+    yield TINY_MODEL
+    plugins.unregister_plugin("qupath-test-tiny-model")
+
+
+# --- the Java test double of QuPath's py4j entry point ---------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def fake_qupath_build(tmp_path_factory) -> tuple[str, Path]:
+    """Compile the test double with javac against the jar the py4j package ships: (classpath, dir)."""
+    from py4j.java_gateway import find_jar_path
+
+    if shutil.which("javac") is None or shutil.which("java") is None:
+        pytest.fail("javac/java not found: the QuPath bridge tests need a JDK (17+)")
+    jar = find_jar_path()
+    build = tmp_path_factory.mktemp("fake_qupath")
+    subprocess.run(["javac", "-cp", jar, "-d", str(build), str(TESTDOUBLE_SRC)], check=True, timeout=120)
+    return f"{jar}{os.pathsep}{build}", build
+
+
+class FakeQuPath:
+    """A running test double: ``port``, ``token`` and a Python gateway to set it up and inspect it."""
+
+    def __init__(self, classpath: str, token: str | None = None) -> None:
+        from py4j.java_gateway import GatewayParameters, JavaGateway
+
+        self.port = free_port()
+        self.token = token
+        cmd = ["java", "-cp", classpath, "FakeQuPath", str(self.port)] + ([token] if token else [])
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 30
+        line = ""
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
+            if ready:
+                line = self.proc.stdout.readline()
+                if line.startswith("GATEWAY_STARTED") or not line:
+                    break
+        if not line.startswith("GATEWAY_STARTED"):
+            self.proc.kill()
+            raise RuntimeError(f"the QuPath test double did not start: {line!r}")
+        params = GatewayParameters(port=self.port, auth_token=token) if token else GatewayParameters(port=self.port)
+        self.gateway = JavaGateway(gateway_parameters=params, auto_convert=True)
+        self.ep = self.gateway.entry_point
+
+    def open_image(self, uri: str, png: Path | None, width: int, height: int, mpp: float) -> None:
+        self.ep.testOpenImage(uri, str(png) if png else None, width, height, float(mpp))
+
+    def add_object(self, feature: dict, selected: bool = False) -> str:
+        """Add an object from a QuPath-style feature; returns its id."""
+        return self.ep.testAddObject(json.dumps(feature), bool(selected))
+
+    def objects(self) -> list[dict]:
+        """Every stored object as the feature dict the double serialises (what QuPath would export)."""
+        objs = self.ep.getCurrentImageData().getHierarchy().getAnnotationObjects()
+        return [json.loads(s) for s in self.ep.toGeoJsonFeatureList(objs)]
+
+    def close(self) -> None:
+        try:
+            self.gateway.shutdown()
+        except Exception:  # noqa: BLE001 - the JVM may be gone already
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture
+def fake_qupath(fake_qupath_build):
+    fq = FakeQuPath(fake_qupath_build[0])
+    yield fq
+    fq.close()
+
+
+def png_b64_size(text: str) -> tuple[int, int]:
+    from io import BytesIO
+
+    from PIL import Image
+
+    return Image.open(BytesIO(base64.b64decode(text))).size
