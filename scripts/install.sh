@@ -8,13 +8,15 @@ dev=0
 [ "${1:-}" = "--dev" ] && dev=1
 PY=${PYTHON:-python3}
 
-if [ "$dev" = 1 ] && { ! command -v Xvfb >/dev/null 2>&1 || [ ! -d /usr/share/wordnet ]; }; then
+if [ "$dev" = 1 ] && { ! command -v Xvfb >/dev/null 2>&1 || [ ! -d /usr/share/wordnet ] || ! command -v groovy >/dev/null 2>&1; }; then
   # napari GUI tests need an X server with GL: Xvfb plus the xcb libraries Qt 6 loads;
-  # METEOR's synonym matching reads WordNet from Debian's wordnet-base.
+  # METEOR's synonym matching reads WordNet from Debian's wordnet-base; the QuPath Groovy scripts are run
+  # by the tests with Debian's groovy (javac/java 17 come with the base image: openjdk-17-jdk-headless).
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -q
   $SUDO apt-get install -y -q --no-install-recommends xvfb xauth \
-    libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-xinput0 libgl1 libegl1 libxkbcommon-x11-0 libxcb-cursor0 wordnet-base
+    libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-xinput0 libgl1 libegl1 libxkbcommon-x11-0 libxcb-cursor0 wordnet-base \
+    groovy openjdk-17-jdk-headless
 fi
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv

@@ -62,9 +62,13 @@ class TinyModelPlugin:
 @pytest.fixture(scope="session")
 def tiny_model() -> str:
     """Registers the tiny model for the test session; returns its name."""
-    plugins.register_plugin(TinyModelPlugin(), name="qupath-test-tiny-model")
+    name = "qupath-test-tiny-model"
+    if plugins.get_plugin_manager().get_plugin(name) is not None:  # imported by several test modules
+        yield TINY_MODEL
+        return
+    plugins.register_plugin(TinyModelPlugin(), name=name)
     yield TINY_MODEL
-    plugins.unregister_plugin("qupath-test-tiny-model")
+    plugins.unregister_plugin(name)
 
 
 # --- the Java test double of QuPath's py4j entry point ---------------------------------------------
@@ -108,7 +112,11 @@ class FakeQuPath:
         if not line.startswith("GATEWAY_STARTED"):
             self.proc.kill()
             raise RuntimeError(f"the QuPath test double did not start: {line!r}")
-        params = GatewayParameters(port=self.port, auth_token=token) if token else GatewayParameters(port=self.port)
+        params = (
+            GatewayParameters(port=self.port, auth_token=token)
+            if token
+            else GatewayParameters(port=self.port)
+        )
         self.gateway = JavaGateway(gateway_parameters=params, auto_convert=True)
         self.ep = self.gateway.entry_point
 
@@ -125,10 +133,9 @@ class FakeQuPath:
         return [json.loads(s) for s in self.ep.toGeoJsonFeatureList(objs)]
 
     def close(self) -> None:
-        try:
-            self.gateway.shutdown()
-        except Exception:  # noqa: BLE001 - the JVM may be gone already
-            pass
+        self.gateway.close()
+        self.gateway._gateway_client.is_connected = False  # no reconnects to a stopped JVM from GC
+        self.proc.terminate()
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:

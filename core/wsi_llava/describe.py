@@ -177,8 +177,13 @@ def load_features(path: Path) -> tuple[list[Any], list[int], list[Region]]:
             keep_idx.append(i)
             keep_regions.append(region)
         else:
-            logger.warning("%s: feature %d (%s) is a %s, not an annotation: left unchanged", path, i,
-                           region_label(region, i), otype)
+            logger.warning(
+                "%s: feature %d (%s) is a %s, not an annotation: left unchanged",
+                path,
+                i,
+                region_label(region, i),
+                otype,
+            )
     skipped = len(raw) - len(polygon_idx)
     if skipped:
         logger.warning("%s: %d point/line feature(s) skipped (only polygons are described)", path, skipped)
@@ -230,7 +235,9 @@ def describe_geojson(
 
 
 @click.command("describe")
-@click.option("--slide", required=True, type=click.Path(path_type=Path), help="The slide the annotations are on.")
+@click.option(
+    "--slide", required=True, type=click.Path(path_type=Path), help="The slide the annotations are on."
+)
 @click.option(
     "--geojson", required=True, type=click.Path(path_type=Path), help="QuPath GeoJSON export (annotations)."
 )
@@ -238,7 +245,9 @@ def describe_geojson(
 @click.option("--question", default=DEFAULT_QUESTION, show_default=True, help="Asked about each annotation.")
 @click.option("--overwrite", is_flag=True, help="Replace existing descriptions instead of appending.")
 @click.option("--name/--no-name", "set_name", default=False, help="Also set a short name from the answer.")
-@click.option("--model", default="demo", show_default=True, help="Registered model name or checkpoint folder.")
+@click.option(
+    "--model", default="demo", show_default=True, help="Registered model name or checkpoint folder."
+)
 @click.option("--max-new-tokens", type=int, help="Longest answer in tokens.")
 @click.option("--mpp", type=float, help="µm/px of level 0 for files that record none.")
 @click.option("--cache", type=click.Path(path_type=Path), help="Cache folder (default ~/.cache/wsi-llava).")

@@ -20,7 +20,9 @@ def _out_for(config: Path, out: Path | None) -> Path:
     return out if out is not None else Path("runs") / config.stem
 
 
-def _run(stage: str, config: Path, out: Path | None, resume: bool, stop_after: int | None, device: str) -> None:
+def _run(
+    stage: str, config: Path, out: Path | None, resume: bool, stop_after: int | None, device: str
+) -> None:
     from wsi_llava.train.config import load_config
 
     cfg = load_config(config, stage)  # type: ignore[arg-type]
@@ -37,7 +39,11 @@ def _run(stage: str, config: Path, out: Path | None, resume: bool, stop_after: i
 
         final = run_lm_stage(cfg, out_dir, d, resume=resume, stop_after=stop_after, config_path=str(config))
     if d.main:
-        click.echo(f"{stage}: done; checkpoint {final}" if final.exists() else f"{stage}: stopped; resume with --resume")
+        click.echo(
+            f"{stage}: done; checkpoint {final}"
+            if final.exists()
+            else f"{stage}: stopped; resume with --resume"
+        )
 
 
 def _stage_command(stage: str, help_text: str) -> click.Command:
@@ -70,7 +76,9 @@ def train_command() -> None:
     type=click.Path(path_type=Path),
     help="Synthetic world folder or bench folder/file with slides (repeatable).",
 )
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Feature pack file to write (.pt).")
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path), help="Feature pack file to write (.pt)."
+)
 @click.option("--tile-encoder", default="demo-vit", show_default=True, help="Registered tile encoder.")
 @click.option("--weights", type=click.Path(path_type=Path), help="Tile encoder weights (default: built-in).")
 @click.option("--tile-size", default=256, show_default=True)

@@ -97,7 +97,9 @@ def prepare_pack(
                 missing.append(str(path))
             jobs.append((f"{Path(b).name}/{Path(image).stem}", path, items))
     if missing:
-        shown = "\n  ".join(missing[:20]) + (f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else "")
+        shown = "\n  ".join(missing[:20]) + (
+            f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
+        )
         raise TrainError(f"{len(missing)} slide(s) named by the bench are missing:\n  {shown}")
     encoder = build_tile_encoder(tile_encoder, weights=weights)
     cache = FeatureCache(default_cache_dir(cache_dir) / "features")
@@ -139,7 +141,9 @@ def prepare_pack(
             reader.close()
     progress(len(jobs), len(jobs), "preparing features")
     if skipped:
-        logger.warning("%d region question(s) skipped (no tissue tile in the region), e.g. %s", len(skipped), skipped[0])
+        logger.warning(
+            "%d region question(s) skipped (no tissue tile in the region), e.g. %s", len(skipped), skipped[0]
+        )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -241,7 +245,9 @@ def load_train_data(cfg: DataConfig) -> TrainData:
 
     missing = [str(p) for p in cfg.packs if not p.is_file()]
     if missing:
-        raise TrainError("feature pack(s) not found (make them with `wsi-llava train prepare`): " + ", ".join(missing))
+        raise TrainError(
+            "feature pack(s) not found (make them with `wsi-llava train prepare`): " + ", ".join(missing)
+        )
     samples: list[Sample] = []
     slides: dict[str, SlideFeatures] = {}
     encoder_ids: set[str] = set()
@@ -256,7 +262,9 @@ def load_train_data(cfg: DataConfig) -> TrainData:
             )
         for row in pack["samples"]:
             tiles = tuple(row["tiles"]) if row["tiles"] is not None else None
-            samples.append(Sample(row["slide"], row["task"], row["kind"], row["question"], row["answer"], tiles))
+            samples.append(
+                Sample(row["slide"], row["task"], row["kind"], row["question"], row["answer"], tiles)
+            )
     if cfg.bench:
         s2, sl2 = _token_files(cfg)
         samples += s2

@@ -55,16 +55,33 @@ class Tokenized:
         n_vis = model.n_visual_tokens
         room = max_length - n_vis + 1
         if room < 8:
-            raise TrainError(f"data.max_length {max_length} leaves no room for text after {n_vis} visual tokens")
+            raise TrainError(
+                f"data.max_length {max_length} leaves no room for text after {n_vis} visual tokens"
+            )
         self.ids: list[list[int]] = []
         self.labels: list[list[int]] = []
         self.n_answer: list[int] = []
+        self.samples: list[Sample] = []
+        dropped = 0
         for s in samples:
             parts = model.prompt(s.question, s.answer)
             ids, labels = parts.input_ids[:room], (parts.labels or [])[:room]
+            n_answer = sum(1 for x in labels[1:] if x != IGNORE_INDEX)
+            if n_answer == 0:  # the prompt alone fills max_length: nothing to learn from
+                dropped += 1
+                continue
+            self.samples.append(s)
             self.ids.append(ids)
             self.labels.append(labels)
-            self.n_answer.append(sum(1 for x in labels[1:] if x != IGNORE_INDEX))
+            self.n_answer.append(n_answer)
+        if dropped:
+            logger.warning(
+                "%d sample(s) dropped: no answer token fits in data.max_length %d", dropped, max_length
+            )
+        if not self.samples:
+            raise TrainError(
+                f"no sample has room for its answer within data.max_length {max_length}; raise it"
+            )
         self.lengths = [len(i) + n_vis - 1 for i in self.ids]
 
     def collate(self, idx: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -99,7 +116,9 @@ class VisualTokens:
             if sf.is_tokens:
                 t = sf.features.load()
                 if t.shape[1] != self.in_dim:
-                    raise TrainError(f"{sf.features.path}: token width {t.shape[1]} != projector in_dim {self.in_dim}")
+                    raise TrainError(
+                        f"{sf.features.path}: token width {t.shape[1]} != projector in_dim {self.in_dim}"
+                    )
             else:
                 f, c = sf.features, sf.coords
                 if s.tiles is not None:
@@ -111,18 +130,29 @@ class VisualTokens:
         return t
 
 
+def expected_encoder_id(model: Any) -> str:
+    """The feature-cache id of the model's tile encoder, computed without building it."""
+    from wsi_llava.encoders.tile import RANDOM_SEED, weights_sha256
+
+    te = model.spec.tile_encoder
+    if te.weights is None:
+        return f"{te.name}:random-seed{RANDOM_SEED}"
+    path = Path(te.weights)
+    if not path.is_absolute() and model.checkpoint_dir is not None:
+        path = Path(model.checkpoint_dir) / path
+    return f"{te.name}:sha256-{weights_sha256(path)[:16]}"
+
+
 def _check_encoder(model: Any, data: TrainData) -> None:
+    """Packs must come from the model's own tile encoder (features of another encoder mean nothing)."""
     if not data.encoder_ids or model.slide_encoder is None:
         return
-    from wsi_llava.model.checkpoint import build_tile_encoder
-
-    if model.spec.tile_encoder.weights is None:
-        want = build_tile_encoder(model.spec, model.checkpoint_dir).encoder_id
-        if want not in data.encoder_ids:
-            raise TrainError(
-                f"the feature packs were made with {sorted(data.encoder_ids)}, but the model's tile encoder is "
-                f"{want}; re-run `wsi-llava train prepare` with the model's tile encoder"
-            )
+    want = expected_encoder_id(model)
+    if want not in data.encoder_ids:
+        raise TrainError(
+            f"the feature packs were made with {sorted(data.encoder_ids)}, but the model's tile encoder is "
+            f"{want}; re-run `wsi-llava train prepare` with the model's tile encoder"
+        )
 
 
 def run_lm_stage(
@@ -175,8 +205,14 @@ def run_lm_stage(
         groups = [{"params": list(trainable.values()), "lr": cfg.optim.lr}]
     if cfg.train.grad_checkpointing:
         model.llm.gradient_checkpointing_enable()
-    logger.info("%s: %d samples, %d trainable parameters", cfg.stage, len(samples), count_params(list(trainable.values())))
+    logger.info(
+        "%s: %d samples, %d trainable parameters",
+        cfg.stage,
+        len(samples),
+        count_params(list(trainable.values())),
+    )
     tok = Tokenized(model, samples, cfg.data.max_length)
+    samples = tok.samples
     vis = VisualTokens(model, data, d.device)
     pad_id = model.tokenizer.pad_token_id
     if pad_id is None:
@@ -189,7 +225,9 @@ def run_lm_stage(
     def loss_sum(idx: list[int]) -> torch.Tensor:
         ids, labels, mask = tok.collate(idx, pad_id)
         visual = torch.stack([vis.get(samples[i]) for i in idx])
-        s = model.embed(ids.to(d.device), visual, attention_mask=mask.to(d.device), labels=labels.to(d.device))
+        s = model.embed(
+            ids.to(d.device), visual, attention_mask=mask.to(d.device), labels=labels.to(d.device)
+        )
         o = model.llm(
             inputs_embeds=s.inputs_embeds,
             attention_mask=s.attention_mask,
@@ -216,7 +254,9 @@ def run_lm_stage(
         autocast=autocast,
         train_mode=train_mode,
     )
-    result = train_loop(task, cfg.train, cfg.optim, out, d, resume=resume, stop_after=stop_after, config_path=config_path)
+    result = train_loop(
+        task, cfg.train, cfg.optim, out, d, resume=resume, stop_after=stop_after, config_path=config_path
+    )
     final = out / "final"
     if d.main and not result["stopped_early"]:
         model.eval()

@@ -218,7 +218,9 @@ def train_loop(
         state = torch.load(ck / STATE_FILE, map_location="cpu", weights_only=False)
         missing = set(task.trainable) - set(state["params"])
         if missing:
-            raise TrainError(f"{ck}: checkpoint lacks trainable weights {sorted(missing)[:5]} (another config?)")
+            raise TrainError(
+                f"{ck}: checkpoint lacks trainable weights {sorted(missing)[:5]} (another config?)"
+            )
         with torch.no_grad():
             for k, p in task.trainable.items():
                 p.copy_(state["params"][k].to(p.device, p.dtype))
@@ -233,7 +235,9 @@ def train_loop(
             )
         logger.info("resuming %s from %s (step %d of %d)", task.stage, ck, start, n_steps)
     elif existing and not resume:
-        raise TrainError(f"{out}: holds checkpoints of an earlier run; pass --resume, or choose another --out")
+        raise TrainError(
+            f"{out}: holds checkpoints of an earlier run; pass --resume, or choose another --out"
+        )
     log = JsonlLog(out / LOG_FILE, d.main, fresh=start == 0)
     if start == 0:
         log.write(
@@ -258,7 +262,9 @@ def train_loop(
     ):
         task.train_mode()
         micros = shard(batch, d.rank, d.world, loop.batch_size)
-        norm = all_sum(torch.tensor([sum(task.count(m) for m in micros)], device=d.device, dtype=torch.float64), d)
+        norm = all_sum(
+            torch.tensor([sum(task.count(m) for m in micros)], device=d.device, dtype=torch.float64), d
+        )
         norm_f = float(norm.item())
         if norm_f <= 0:
             raise TrainError(f"{task.stage}: step {step + 1} has no answer tokens to learn from")
@@ -275,7 +281,11 @@ def train_loop(
         loss = float(all_sum(total, d).item()) / norm_f
         if not math.isfinite(loss):
             good = list_checkpoints(out)
-            keep = f"the last good checkpoint is {good[-1]} (continue with --resume)" if good else "no checkpoint was saved yet"
+            keep = (
+                f"the last good checkpoint is {good[-1]} (continue with --resume)"
+                if good
+                else "no checkpoint was saved yet"
+            )
             raise TrainError(
                 f"{task.stage}: loss is {loss} at step {step + 1}; stopped without updating the weights; "
                 f"{keep}. Try a lower optim.lr or train.bf16: false"
@@ -296,7 +306,13 @@ def train_loop(
         last_loss = loss
         done = step + 1
         if done % loop.log_every == 0 or done == n_steps:
-            row = {"step": done, "epoch": epoch, "loss": loss, "lr": lr, "time": round(time.perf_counter() - t0, 3)}
+            row = {
+                "step": done,
+                "epoch": epoch,
+                "loss": loss,
+                "lr": lr,
+                "time": round(time.perf_counter() - t0, 3),
+            }
             if gnorm is not None:
                 row["grad_norm"] = gnorm
             log.write(row)

@@ -95,7 +95,9 @@ def build_base(cfg: Stage1Config) -> tuple[Any, Any, Any]:
         raise TrainError("model.slide_encoder overrides apply only to base: demo")
     se = build_slide_encoder(spec)
     if se is None:
-        raise TrainError(f"{folder}: this model takes precomputed visual tokens; stage 1 needs a slide encoder")
+        raise TrainError(
+            f"{folder}: this model takes precomputed visual tokens; stage 1 needs a slide encoder"
+        )
     if (folder / SLIDE_ENCODER_FILE).is_file():
         _load_into(se, folder / SLIDE_ENCODER_FILE, "slide encoder")
     proj = build_projector(spec.projector.type, spec.projector.in_dim, spec.projector.out_dim)
@@ -109,12 +111,19 @@ def report_pairs(data: TrainData) -> list[tuple[str, str]]:
     if not pairs:
         raise TrainError("stage 1 needs slide-report pairs: no 'Report' / '1_Report' task rows in the data")
     if any(data.slides[sl].is_tokens for sl, _ in pairs):
-        raise TrainError("stage 1 trains the slide encoder: it needs feature packs (tile features), not .pt tokens")
+        raise TrainError(
+            "stage 1 trains the slide encoder: it needs feature packs (tile features), not .pt tokens"
+        )
     return pairs
 
 
 def run_stage1(
-    cfg: Stage1Config, out: Path, d: Dist, *, resume: bool = False, stop_after: int | None = None,
+    cfg: Stage1Config,
+    out: Path,
+    d: Dist,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
     config_path: str | None = None,
 ) -> Path:
     """Train stage 1 and save the checkpoint (slide encoder + heads) to ``out/final``."""
@@ -139,14 +148,19 @@ def run_stage1(
             "text": nn.Linear(text.dim, cfg.embed_dim),
         }
     ).to(d.device)
-    logit_scale = nn.Parameter(torch.tensor(float(torch.log(torch.tensor(1.0 / cfg.init_temperature))), device=d.device))
+    logit_scale = nn.Parameter(
+        torch.tensor(float(torch.log(torch.tensor(1.0 / cfg.init_temperature))), device=d.device)
+    )
     holder = nn.Module()
     holder.logit_scale = logit_scale
     modules = {"slide_encoder": se, "heads": heads, "temp": holder}
     if cfg.train_text_encoder:
         modules["text_encoder"] = text.model
     trainable = named_trainable(modules)
-    feats = {k: (v.features.to(d.device), v.coords.to(d.device), v.tile_size_level0) for k, v in data.slides.items()}
+    feats = {
+        k: (v.features.to(d.device), v.coords.to(d.device), v.tile_size_level0)
+        for k, v in data.slides.items()
+    }
 
     def embed_slides(idx: list[int]) -> torch.Tensor:
         out_ = []
@@ -163,7 +177,9 @@ def run_stage1(
         zs, zt = embed_slides(idx), embed_texts(idx)
         scale = logit_scale.clamp(max=4.6052).exp()  # temperature >= 0.01
         logits = scale * zs @ zt.T
-        same = torch.tensor([[texts[i] == texts[j] for j in idx] for i in idx], device=d.device, dtype=torch.float32)
+        same = torch.tensor(
+            [[texts[i] == texts[j] for j in idx] for i in idx], device=d.device, dtype=torch.float32
+        )
         target = same / same.sum(1, keepdim=True)
         return 0.5 * (
             torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
@@ -189,8 +205,12 @@ def run_stage1(
         return final
     se.eval()
     with torch.no_grad():
-        zs = torch.cat([embed_slides(list(range(i, min(i + 32, len(pairs))))) for i in range(0, len(pairs), 32)])
-        zt = torch.cat([embed_texts(list(range(i, min(i + 32, len(pairs))))) for i in range(0, len(pairs), 32)])
+        zs = torch.cat(
+            [embed_slides(list(range(i, min(i + 32, len(pairs))))) for i in range(0, len(pairs), 32)]
+        )
+        zt = torch.cat(
+            [embed_texts(list(range(i, min(i + 32, len(pairs))))) for i in range(0, len(pairs), 32)]
+        )
         hit = (zs @ zt.T).argmax(1).cpu()
         top1 = sum(texts[int(h)] == texts[i] for i, h in enumerate(hit)) / len(pairs)
     logger.info("stage 1: slide->report top-1 retrieval on the training pairs: %.3f", top1)
@@ -199,8 +219,13 @@ def run_stage1(
         if cfg.model.name:
             spec.name = cfg.model.name
         model = SimpleNamespace(
-            spec=spec, projector=proj.cpu(), slide_encoder=se.cpu(), tile_encoder=None, llm=None,
-            tokenizer=None, checkpoint_dir=None,
+            spec=spec,
+            projector=proj.cpu(),
+            slide_encoder=se.cpu(),
+            tile_encoder=None,
+            llm=None,
+            tokenizer=None,
+            checkpoint_dir=None,
         )
         save_checkpoint(model, final)
         from safetensors.torch import save_file
@@ -209,6 +234,7 @@ def run_stage1(
         tensors["logit_scale"] = logit_scale.detach().cpu().reshape(1)
         save_file(tensors, str(final / HEADS_FILE))
         (final / "stage1_metrics.json").write_text(
-            f'{{"train_retrieval_top1": {top1:.4f}, "final_loss": {result["last_loss"]:.6f}}}\n', encoding="utf-8"
+            f'{{"train_retrieval_top1": {top1:.4f}, "final_loss": {result["last_loss"]:.6f}}}\n',
+            encoding="utf-8",
         )
     return final

@@ -1,0 +1,282 @@
+"""Talk to a running QuPath through its py4j gateway (qubalab): image, annotations, write-back, refresh.
+
+Uses only calls that QuPath's py4j entry point (``QuPathEntryPoint extends QPEx``) offers:
+``getCurrentImageData``, ``getHierarchy().getAnnotationObjects()``, the selection model,
+``toGeoJsonFeatureList``, ``getImageBase64``, ``fireHierarchyUpdate`` and the objects' own
+``setDescription`` / ``setName`` / ``getMeasurements().put``. Coordinates are level-0 pixels, as QuPath's.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from wsi_llava.annotate import AnnotationUpdate, apply_to_properties, merge_description
+from wsi_llava.errors import AnnotationError, WsiLlavaError
+from wsi_llava.slide.region import Region
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = 25333
+
+
+class QuPathError(WsiLlavaError):
+    """QuPath is not reachable, has no image open, or refused a call."""
+
+
+class ImageInfo(BaseModel):
+    """The image open in QuPath: where its file is (if this machine can reach it) and its geometry."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    server_path: str
+    uris: list[str]
+    local_path: Path | None
+    width: int
+    height: int
+    mpp: float | None
+    downsamples: list[float]
+
+
+class QuPathStatus(BaseModel):
+    """What ``wsi-llava qupath status`` reports."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    port: int
+    extension_version: str | None
+    image: ImageInfo | None
+    n_annotations: int = 0
+    n_selected: int = 0
+
+
+class QuPathAnnotation:
+    """A QuPath annotation: the live Java object and its Region (read from QuPath's own GeoJSON)."""
+
+    def __init__(self, java_object: Any, region: Region) -> None:
+        self.java_object = java_object
+        self.region = region
+
+    @property
+    def label(self) -> str:
+        return self.region.name or self.region.id or "annotation"
+
+
+def _local_path(uri: str) -> Path | None:
+    """The local file behind a ``file:`` URI if it exists on this machine."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("file", ""):
+        return None
+    path = Path(unquote(parsed.path))
+    return path if path.is_file() else None
+
+
+def connect(port: int = DEFAULT_PORT, token: str | None = None) -> QuPathBridge:
+    """Connect to QuPath's py4j gateway with qubalab; a clear ``QuPathError`` when nothing listens."""
+    from qubalab.qupath.qupath_gateway import create_gateway
+
+    if not 0 < port < 65536:
+        raise QuPathError(f"--port {port}: expected a TCP port number (QuPath's default is {DEFAULT_PORT})")
+    py4j_logger = logging.getLogger("py4j")
+    level = py4j_logger.level
+    py4j_logger.setLevel(logging.CRITICAL)  # py4j logs a traceback for a refused connection; we say it once
+    try:
+        gateway = create_gateway(port=port, auth_token=token, set_as_default=False)
+    except Exception as e:  # RuntimeError from qubalab, Py4JError on a wrong token
+        raise QuPathError(
+            f"cannot connect to QuPath on port {port}: is QuPath running with its Python gateway started "
+            "(Extensions > Py4J > Start Py4J Gateway), on this port"
+            + (" and with this token" if token else "")
+            + f"? ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    finally:
+        py4j_logger.setLevel(level)
+    return QuPathBridge(gateway, port)
+
+
+class QuPathBridge:
+    """One connection to QuPath; every call goes through ``gateway.entry_point``."""
+
+    def __init__(self, gateway: Any, port: int = DEFAULT_PORT) -> None:
+        self.gateway = gateway
+        self.port = port
+        self.ep = gateway.entry_point
+
+    def _call(self, what: str, fn, *args):
+        from py4j.protocol import Py4JError
+
+        try:
+            return fn(*args)
+        except Py4JError as e:
+            raise QuPathError(f"QuPath refused {what}: {str(e).splitlines()[0]}") from None
+
+    # --- image ---------------------------------------------------------------------------------
+    def image_data(self) -> Any:
+        data = self._call("getCurrentImageData", self.ep.getCurrentImageData)
+        if data is None:
+            raise QuPathError("no image is open in QuPath: open the slide, then run the command again")
+        return data
+
+    def server(self) -> Any:
+        return self._call("getServer", self.image_data().getServer)
+
+    def image_info(self) -> ImageInfo:
+        server = self.server()
+        uris = [str(u.toString()) for u in self._call("getURIs", server.getURIs)]
+        local = next((p for p in (_local_path(u) for u in uris) if p is not None), None)
+        mpp = float(server.getPixelCalibration().getAveragedPixelSizeMicrons())
+        n = int(server.nResolutions())
+        return ImageInfo(
+            server_path=str(server.getPath()),
+            uris=uris,
+            local_path=local,
+            width=int(server.getWidth()),
+            height=int(server.getHeight()),
+            mpp=mpp if math.isfinite(mpp) and mpp > 0 else None,
+            downsamples=[float(server.getDownsampleForResolution(i)) for i in range(n)],
+        )
+
+    def read_pixels(self, x: int, y: int, width: int, height: int, downsample: float) -> np.ndarray:
+        """RGB pixels of a level-0 window, downsampled by QuPath (PNG over the gateway)."""
+        from PIL import Image
+
+        text = self._call(
+            "getImageBase64",
+            self.ep.getImageBase64,
+            self.server(),
+            float(downsample),
+            int(x),
+            int(y),
+            int(width),
+            int(height),
+            "png",
+        )
+        return np.asarray(Image.open(BytesIO(base64.b64decode(text))).convert("RGB"))
+
+    # --- objects -------------------------------------------------------------------------------
+    def annotations(self, selected: bool) -> list[QuPathAnnotation]:
+        """The selected (or all) annotations with polygon ROIs; points/lines are skipped with a message."""
+        hierarchy = self.image_data().getHierarchy()
+        if selected:
+            objs = [o for o in hierarchy.getSelectionModel().getSelectedObjects() if o.isAnnotation()]
+        else:
+            objs = list(hierarchy.getAnnotationObjects())
+        if not objs:
+            return []
+        # qubalab's create_gateway passes gateway_parameters, so py4j's auto_convert is off: build a Java list
+        java_objs = self.gateway.jvm.java.util.ArrayList()
+        for o in objs:
+            java_objs.add(o)
+        features = self._call("toGeoJsonFeatureList", self.ep.toGeoJsonFeatureList, java_objs)
+        kept_objs, kept_features = [], []
+        for obj, text in zip(objs, features, strict=True):
+            feature = json.loads(str(text))
+            gtype = (feature.get("geometry") or {}).get("type")
+            label = (feature.get("properties") or {}).get("name") or feature.get("id")
+            if gtype not in ("Polygon", "MultiPolygon"):
+                logger.warning("annotation %r is a %s, not an area: skipped", label, gtype)
+                continue
+            kept_objs.append(obj)
+            kept_features.append(feature)
+        regions = _feature_regions(kept_features)
+        return [QuPathAnnotation(o, r) for o, r in zip(kept_objs, regions, strict=True)]
+
+    def write(self, annotation: QuPathAnnotation, update: AnnotationUpdate, overwrite: bool = False) -> None:
+        """Write one answer into the live QuPath object: description, optional name, measurements."""
+        obj = annotation.java_object
+        # validate everything (e.g. finite measurements) before the first change
+        apply_to_properties({}, update, overwrite)
+        existing = obj.getDescription()
+        self._call("setDescription", obj.setDescription, merge_description(existing, update, overwrite))
+        if update.name is not None:
+            self._call("setName", obj.setName, update.name)
+        measurements = obj.getMeasurements()
+        for key, value in update.measurements.items():
+            self._call("measurement put", measurements.put, key, float(value))
+
+    def add_annotation(self, feature: dict[str, Any]) -> None:
+        """Add a new object from a GeoJSON feature (qubalab ``add_objects``)."""
+        import geojson
+        from qubalab.qupath.qupath_gateway import add_objects
+
+        self._call(
+            "toPathObjects", add_objects, [geojson.Feature(**feature)], self.image_data(), self.gateway
+        )
+
+    def refresh(self) -> None:
+        """Let QuPath redraw and update its panes (qubalab ``refresh_qupath``)."""
+        from qubalab.qupath.qupath_gateway import refresh_qupath
+
+        self._call("fireHierarchyUpdate", refresh_qupath, self.gateway)
+
+    def extension_version(self) -> str | None:
+        try:
+            return str(self.ep.getExtensionVersion())
+        except Exception:  # noqa: BLE001 - older py4j extensions lack it
+            return None
+
+    def status(self) -> QuPathStatus:
+        info = None
+        n_ann = n_sel = 0
+        if self._call("getCurrentImageData", self.ep.getCurrentImageData) is not None:
+            info = self.image_info()
+            hierarchy = self.image_data().getHierarchy()
+            n_ann = len(list(hierarchy.getAnnotationObjects()))
+            n_sel = sum(1 for o in hierarchy.getSelectionModel().getSelectedObjects() if o.isAnnotation())
+        return QuPathStatus(
+            port=self.port,
+            extension_version=self.extension_version(),
+            image=info,
+            n_annotations=n_ann,
+            n_selected=n_sel,
+        )
+
+    def close(self) -> None:
+        """Close this connection (QuPath's gateway keeps running); later calls through it fail."""
+        from wsi_llava_qupath import reader
+
+        if reader._LIVE.get(self.port) is self:
+            del reader._LIVE[self.port]
+        try:
+            self.gateway.close()
+        except Exception:  # noqa: BLE001
+            logger.debug("closing the py4j gateway failed", exc_info=True)
+        # no reconnecting later just to release Java objects garbage-collected on this side
+        self.gateway._gateway_client.is_connected = False
+
+
+def _feature_regions(features: list[dict[str, Any]]) -> list[Region]:
+    """Regions from QuPath's features, through the core's GeoJSON reader (the same rules as for files)."""
+    import tempfile
+
+    from wsi_llava.slide.geojson import read_geojson
+
+    if not features:
+        return []
+    with tempfile.TemporaryDirectory(prefix="wsi-llava-qupath-") as d:
+        p = Path(d) / "annotations.geojson"
+        p.write_text(json.dumps({"type": "FeatureCollection", "features": features}), encoding="utf-8")
+        try:
+            return read_geojson(p)
+        except AnnotationError as e:
+            raise AnnotationError(str(e).replace(str(p), "QuPath annotations")) from None
+
+
+__all__ = [
+    "DEFAULT_PORT",
+    "ImageInfo",
+    "QuPathAnnotation",
+    "QuPathBridge",
+    "QuPathError",
+    "QuPathStatus",
+    "connect",
+]

@@ -1,0 +1,253 @@
+"""``wsi-llava qupath status | describe | ask``: questions about the image and annotations open in QuPath."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import click
+
+from wsi_llava.errors import Cancelled, WsiLlavaError
+from wsi_llava_qupath.bridge import DEFAULT_PORT, QuPathAnnotation, QuPathBridge, QuPathError, connect
+from wsi_llava_qupath.sink import write_answer
+
+logger = logging.getLogger(__name__)
+
+DESCRIBE_QUESTION = "Describe the tissue in this region."
+WHOLE_SLIDE_NAME = "WSI-LLaVA: whole slide"
+
+
+class _QuPathGroup(click.Group):
+    """User errors become one line on stderr and a non-zero exit (also when run on its own)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except Cancelled as e:
+            raise click.ClickException(f"cancelled: {e}") from None
+        except WsiLlavaError as e:
+            raise click.ClickException(str(e)) from None
+
+
+def _connection_options(fn):
+    fn = click.option(
+        "--token",
+        envvar="WSI_LLAVA_QUPATH_TOKEN",
+        help="Auth token set when the gateway was started in QuPath ($WSI_LLAVA_QUPATH_TOKEN).",
+    )(fn)
+    fn = click.option(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        show_default=True,
+        envvar="WSI_LLAVA_QUPATH_PORT",
+        help="Port of QuPath's Python (py4j) gateway.",
+    )(fn)
+    return fn
+
+
+def _model_options(fn):
+    for opt in reversed(
+        [
+            click.option(
+                "--model", default="demo", show_default=True, help="Registered model or checkpoint."
+            ),
+            click.option("--max-new-tokens", type=int, help="Longest answer in tokens."),
+            click.option("--mpp", type=float, help="µm/px when QuPath's image has no pixel size."),
+            click.option("--cache", type=click.Path(path_type=Path), help="Cache folder."),
+            click.option("--device", default="auto", show_default=True),
+            click.option("--overwrite", is_flag=True, help="Replace descriptions instead of appending."),
+            click.option("--name/--no-name", "set_name", default=False, help="Also set a short name."),
+        ]
+    ):
+        fn = opt(fn)
+    return fn
+
+
+@click.group("qupath", cls=_QuPathGroup)
+def qupath() -> None:
+    """Ask about the image open in QuPath; answers are written into its annotations."""
+
+
+@qupath.command()
+@_connection_options
+def status(port: int, token: str | None) -> None:
+    """Connected? Which image? How many annotations, how many selected?"""
+    bridge = connect(port, token)
+    try:
+        st = bridge.status()
+    finally:
+        bridge.close()
+    click.echo(f"connected to QuPath on port {st.port} (py4j extension {st.extension_version or 'unknown'})")
+    if st.image is None:
+        click.echo("image: none open")
+        return
+    im = st.image
+    where = str(im.local_path) if im.local_path else "not reachable from here: pixels come through QuPath"
+    mpp = f"{im.mpp:g} µm/px" if im.mpp else "no pixel size"
+    click.echo(f"image: {im.server_path} ({im.width} x {im.height} px, {mpp}; file: {where})")
+    click.echo(f"annotations: {st.n_annotations}, selected: {st.n_selected}")
+
+
+def open_session(bridge: QuPathBridge, model: str, mpp: float | None, cache: Path | None, device: str):
+    """A SlideSession on QuPath's image: its file when reachable, else its pixels over the gateway."""
+    from wsi_llava.session import SlideSession
+    from wsi_llava.settings import cache_dir
+    from wsi_llava_qupath.reader import write_pointer
+
+    info = bridge.image_info()
+    if info.local_path is not None:
+        return SlideSession(info.local_path, model, mpp=mpp, cache_dir=cache, device=device)
+    pointer = write_pointer(bridge, cache_dir(cache) / "qupath")
+    logger.info("%s is not reachable here: reading pixels through QuPath", info.server_path)
+    return SlideSession(pointer, model, mpp=mpp, reader="qupath", cache_dir=cache, device=device)
+
+
+def _annotations(bridge: QuPathBridge, scope: str) -> list[QuPathAnnotation]:
+    anns = bridge.annotations(selected=scope == "selected")
+    if not anns:
+        if scope == "selected":
+            raise QuPathError(
+                "nothing selected in QuPath: select one or more area annotations (or pass --all)"
+            )
+        raise QuPathError("the image in QuPath has no area annotations: draw one, or ask --whole-slide")
+    return anns
+
+
+def run_annotations(
+    bridge: QuPathBridge,
+    anns: list[QuPathAnnotation],
+    question: str,
+    *,
+    model: str,
+    max_new_tokens: int | None,
+    mpp: float | None,
+    cache: Path | None,
+    device: str,
+    overwrite: bool,
+    set_name: bool,
+) -> tuple[int, int]:
+    """Answer ``question`` for each annotation and write each success back at once; (ok, failed)."""
+    from wsi_llava.describe import RegionResult, describe_regions
+    from wsi_llava.progress import TerminalProgress
+
+    def on_result(result: RegionResult) -> None:
+        ann = anns[result.index]
+        if result.ok:
+            assert result.answer is not None
+            try:
+                write_answer(bridge, ann, result.answer, overwrite=overwrite, set_name=set_name)
+            except WsiLlavaError as e:
+                result.error = f"answer not written: {e}"
+        if result.ok:
+            click.echo(f"{result.label}: {result.answer.answer}")  # type: ignore[union-attr]
+        else:
+            click.echo(f"{result.label}: FAILED: {result.error}", err=True)
+
+    with open_session(bridge, model, mpp, cache, device) as session:
+        session.extract(progress=TerminalProgress())
+        report = describe_regions(
+            session,
+            [a.region for a in anns],
+            question,
+            max_new_tokens=max_new_tokens,
+            progress=TerminalProgress(),
+            on_result=on_result,
+        )
+    ok = sum(r.ok for r in report.results)
+    if ok:
+        bridge.refresh()
+    notice = next((r.answer.notice for r in report.results if r.answer and r.answer.notice), None)
+    if notice:
+        click.echo(f"[{notice}]", err=True)
+    return ok, len(report.results) - ok
+
+
+def _finish(ok: int, failed: int) -> None:
+    if ok == 0:
+        raise QuPathError(f"no annotation was answered ({failed} failed); nothing in QuPath was changed")
+    click.echo(
+        f"answered {ok} annotation(s) in QuPath" + (f"; {failed} failed, left unchanged" if failed else "")
+    )
+
+
+@qupath.command()
+@click.option(
+    "--selected", "scope", flag_value="selected", default=True, help="Selected annotations (default)."
+)
+@click.option("--all", "scope", flag_value="all", help="Every area annotation of the image.")
+@click.option("--question", default=DESCRIBE_QUESTION, show_default=True)
+@_model_options
+@_connection_options
+def describe(scope: str, question: str, port: int, token: str | None, **kw: Any) -> None:
+    """Write a generated description into each selected annotation."""
+    bridge = connect(port, token)
+    try:
+        anns = _annotations(bridge, scope)
+        _finish(*run_annotations(bridge, anns, question, **kw))
+    finally:
+        bridge.close()
+
+
+@qupath.command()
+@click.argument("question")
+@click.option(
+    "--selected", "scope", flag_value="selected", default=True, help="Selected annotations (default)."
+)
+@click.option("--all", "scope", flag_value="all", help="Every area annotation of the image.")
+@click.option(
+    "--whole-slide", "scope", flag_value="slide", help="The whole image; the answer becomes a new annotation."
+)
+@_model_options
+@_connection_options
+def ask(question: str, scope: str, port: int, token: str | None, **kw: Any) -> None:
+    """Ask QUESTION about each selected annotation, or about the whole image."""
+    if not question.strip():
+        raise QuPathError("question is empty: type a question about the slide or the annotations")
+    bridge = connect(port, token)
+    try:
+        if scope != "slide":
+            anns = _annotations(bridge, scope)
+            _finish(*run_annotations(bridge, anns, question, **kw))
+            return
+        _ask_whole_slide(bridge, question, **kw)
+    finally:
+        bridge.close()
+
+
+def _ask_whole_slide(
+    bridge: QuPathBridge,
+    question: str,
+    *,
+    model: str,
+    max_new_tokens: int | None,
+    mpp: float | None,
+    cache: Path | None,
+    device: str,
+    overwrite: bool,
+    set_name: bool,
+) -> None:
+    """Answer about the whole image and add it as a new whole-image annotation (nothing else changes)."""
+    from wsi_llava.annotate import apply_to_properties, update_from_answer
+    from wsi_llava.progress import TerminalProgress
+
+    with open_session(bridge, model, mpp, cache, device) as session:
+        session.extract(progress=TerminalProgress())
+        answer = session.ask(question, max_new_tokens=max_new_tokens)
+        w, h = session.reader.dimensions
+    click.echo(answer.answer)
+    if answer.notice:
+        click.echo(f"[{answer.notice}]", err=True)
+    update = update_from_answer(answer, set_name=set_name)
+    props = apply_to_properties(
+        {"objectType": "annotation", "name": WHOLE_SLIDE_NAME}, update, overwrite=True
+    )
+    feature = {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [w, 0], [w, h], [0, h], [0, 0]]]},
+        "properties": props,
+    }
+    bridge.add_annotation(feature)
+    bridge.refresh()
+    click.echo(f"added annotation {props['name']!r} with the answer to QuPath")

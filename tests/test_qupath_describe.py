@@ -1,0 +1,379 @@
+"""Answers written into QuPath GeoJSON (``wsi_llava.annotate``) and ``wsi-llava describe`` (batch, files).
+
+A QuPath export with unusual properties (derived classes with colours, metadata, NaN measurements
+in both forms, holes, MultiPolygons, a cell with a nucleus, points and lines) goes through the
+command and loses nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from test_qupath_kit import tiny_model  # noqa: F401 (fixture)
+
+from wsi_llava.annotate import (
+    DESCRIPTION_KEY,
+    AnnotationUpdate,
+    annotate_region,
+    apply_to_properties,
+    description_of,
+    merge_description,
+    numeric_answer,
+    short_name,
+    update_from_answer,
+)
+from wsi_llava.answer import Answer, Evidence
+from wsi_llava.describe import describe_command, describe_regions
+from wsi_llava.errors import WsiLlavaError
+from wsi_llava.slide.region import Region
+
+WHEN = datetime(2026, 11, 27, 9, 30, tzinfo=UTC)
+
+
+def _update(**kw) -> AnnotationUpdate:
+    return AnnotationUpdate(
+        **{"question": "Is there necrosis?", "answer": "Yes, focal necrosis.", "when": WHEN, **kw}
+    )
+
+
+# --- annotate --------------------------------------------------------------------------------------
+def test_description_is_set_appended_or_overwritten():
+    props = {"objectType": "annotation", "color": [1, 2, 3], "metadata": {"other": "x"}}
+    out = apply_to_properties(props, _update())
+    assert out["metadata"] == {"other": "x", DESCRIPTION_KEY: "Yes, focal necrosis."}
+    assert props == {
+        "objectType": "annotation",
+        "color": [1, 2, 3],
+        "metadata": {"other": "x"},
+    }  # input intact
+    assert {k: v for k, v in out.items() if k != "metadata"} == {
+        "objectType": "annotation",
+        "color": [1, 2, 3],
+    }
+
+    again = apply_to_properties(out, _update(question="Grade?", answer="Grade II."))
+    assert again["metadata"][DESCRIPTION_KEY] == (
+        "Yes, focal necrosis.\n\n--- WSI-LLaVA, 2026-11-27 09:30 UTC: Grade?\nGrade II."
+    )
+    over = apply_to_properties(out, _update(answer="No."), overwrite=True)
+    assert over["metadata"][DESCRIPTION_KEY] == "No."
+    assert merge_description("   ", _update()) == "Yes, focal necrosis."
+    assert description_of(over) == "No." and description_of({}) is None
+
+
+def test_name_and_measurements():
+    props = {"name": "Tumor 1", "measurements": {"Area": 5.0, "WSI-LLaVA tiles": 1.0}}
+    out = apply_to_properties(props, _update(measurements={"WSI-LLaVA tiles": 7}))
+    assert out["name"] == "Tumor 1"  # no short name asked: kept
+    assert out["measurements"] == {"Area": 5.0, "WSI-LLaVA tiles": 7.0}
+    out = apply_to_properties(props, _update(name="Necrosis"))
+    assert out["name"] == "Necrosis" and out["measurements"] == props["measurements"]
+    # QuPath's older array form stays an array
+    legacy = {"measurements": [{"name": "Area", "value": 5.0}, {"name": "WSI-LLaVA tiles", "value": 1.0}]}
+    out = apply_to_properties(legacy, _update(measurements={"WSI-LLaVA tiles": 3}))
+    assert out["measurements"] == [{"name": "Area", "value": 5.0}, {"name": "WSI-LLaVA tiles", "value": 3.0}]
+    with pytest.raises(ValueError, match="finite"):
+        apply_to_properties({}, _update(measurements={"bad": float("nan")}))
+
+
+def test_update_from_answer():
+    ans = Answer(
+        question="What percentage is tumour?",
+        answer="35 %",
+        scope="region",
+        model="m",
+        notice="demo model",
+        evidence=Evidence(tile_indices=[1, 2, 3]),
+    )
+    up = update_from_answer(ans, set_name=True)
+    assert up.answer == "35 %\n[demo model]"
+    assert up.measurements == {"WSI-LLaVA tiles": 3.0, "WSI-LLaVA answer": 35.0}
+    assert up.name == "35 %"
+    assert update_from_answer(ans).name is None
+    assert numeric_answer("The tumour is large.") is None and numeric_answer("-2.5.") == -2.5
+    long = "Invasive ductal carcinoma with extensive comedo necrosis and lymphovascular invasion. More."
+    name = short_name(long)
+    assert len(name) <= 48 and name.endswith("…") and long.startswith(name[:-1])
+    region = Region.rectangle(0, 0, 10, 10, name="old", properties={"name": "old"})
+    new = annotate_region(region, up)
+    assert new.name == "35 %" and new.properties["name"] == "35 %" and region.properties == {"name": "old"}
+
+
+# --- batch -----------------------------------------------------------------------------------------
+def test_describe_regions_reports_one_failure_and_continues(world, tiny_model):  # noqa: F811
+    from wsi_llava.session import SlideSession
+
+    inside = Region.rectangle(200, 200, 600, 600, name="in")
+    outside = Region.rectangle(5000, 5000, 100, 100, name="out")
+    seen, steps = [], []
+    with SlideSession(world / "slides" / "slide_000.tif", tiny_model) as s:
+        report = describe_regions(
+            s,
+            [outside, inside],
+            "Describe it.",
+            max_new_tokens=3,
+            progress=lambda d, t, m: steps.append((d, t)),
+            on_result=seen.append,
+        )
+        with pytest.raises(WsiLlavaError, match="question is empty"):
+            describe_regions(s, [inside], " ")
+    assert [r.ok for r in report.results] == [False, True] and report.n_ok == 1
+    assert "lie outside the slide" in report.results[0].error and report.results[0].region == outside
+    assert description_of(report.results[1].region.properties)
+    assert steps == [(0, 2), (1, 2), (2, 2)] and len(seen) == 2
+
+
+# --- the describe command on a QuPath export ------------------------------------------------------
+def _qupath_export() -> dict:
+    square = [[100, 100], [900, 100], [900, 900], [100, 900], [100, 100]]
+    hole = [[300, 300], [500, 300], [500, 500], [300, 500], [300, 300]]
+    return {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "id": "0d5b0b3c-0000-4000-8000-000000000001",
+                "geometry": {"type": "Polygon", "coordinates": [square, hole]},
+                "properties": {
+                    "objectType": "annotation",
+                    "name": "Tumour with hole",
+                    "color": [255, 0, 0],
+                    "isLocked": True,
+                    "classification": {"names": ["Tumor", "Positive"], "color": [200, 0, 0, 128]},
+                    "metadata": {DESCRIPTION_KEY: "Pathologist note.", "source": "manual"},
+                    "measurements": {"Area µm^2": 160000.0, "Odd": "NaN", "Big": "Infinity"},
+                },
+            },
+            {
+                "type": "Feature",
+                "id": "0d5b0b3c-0000-4000-8000-000000000002",
+                "geometry": {
+                    "type": "MultiPolygon",
+                    "coordinates": [
+                        [[[1000, 1000], [1600, 1000], [1600, 1600], [1000, 1600], [1000, 1000]]],
+                        [[[1700, 100], [1800, 100], [1800, 200], [1700, 200], [1700, 100]]],
+                    ],
+                },
+                "plane": {"c": -1, "z": 0, "t": 0},
+                "properties": {
+                    "objectType": "annotation",
+                    "classification": "Stroma",
+                    "measurements": [{"name": "Legacy", "value": 1.5}],
+                },
+            },
+            {
+                "type": "Feature",
+                "id": "0d5b0b3c-0000-4000-8000-000000000003",
+                "geometry": {"type": "Point", "coordinates": [50, 50]},
+                "properties": {"objectType": "annotation", "name": "a point"},
+            },
+            {
+                "type": "Feature",
+                "geometry": {"type": "LineString", "coordinates": [[0, 0], [10, 10]]},
+                "properties": {"objectType": "annotation", "name": "a line"},
+            },
+            {
+                "type": "Feature",
+                "id": "0d5b0b3c-0000-4000-8000-000000000005",
+                "geometry": {"type": "Polygon", "coordinates": [[[10, 10], [20, 10], [20, 20], [10, 10]]]},
+                "nucleusGeometry": {
+                    "type": "Polygon",
+                    "coordinates": [[[12, 12], [14, 12], [14, 14], [12, 12]]],
+                },
+                "properties": {
+                    "objectType": "cell",
+                    "name": "a cell",
+                    "measurements": {"Nucleus: Area": 2.0},
+                },
+            },
+            {
+                "type": "Feature",
+                "id": "0d5b0b3c-0000-4000-8000-000000000006",
+                "geometry": {"type": "Polygon", "coordinates": [square]},
+                "properties": {"objectType": "annotation", "name": "Second"},
+            },
+        ],
+    }
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(describe_command, list(args), catch_exceptions=False)
+
+
+def test_describe_command_round_trip_loses_nothing(world, tiny_model, tmp_path):  # noqa: F811
+    src = _qupath_export()
+    inp = tmp_path / "exported.geojson"
+    inp.write_text(json.dumps(src))
+    out = tmp_path / "described.geojson"
+    slide = world / "slides" / "slide_000.tif"
+    r = _invoke(
+        "--slide",
+        str(slide),
+        "--geojson",
+        str(inp),
+        "-o",
+        str(out),
+        "--model",
+        tiny_model,
+        "--max-new-tokens",
+        "3",
+        "--question",
+        "Describe this.",
+    )
+    assert r.exit_code == 0, r.output
+    assert "described 3 of 3 annotations" in r.output
+    got = json.loads(out.read_text())
+    assert got["type"] == "FeatureCollection" and len(got["features"]) == len(src["features"])
+    orig = src["features"]
+    for i in (2, 3, 4):  # point, line, cell: byte for byte the same
+        assert got["features"][i] == orig[i]
+    for i in (0, 1, 5):
+        g, o = got["features"][i], orig[i]
+        assert g["geometry"] == o["geometry"] and g.get("id") == o.get("id")
+        assert {k: v for k, v in g.items() if k != "properties"} == {
+            k: v for k, v in o.items() if k != "properties"
+        }
+        gp, op = copy.deepcopy(g["properties"]), copy.deepcopy(o["properties"])
+        desc = gp["metadata"].pop(DESCRIPTION_KEY)
+        old_desc = op.get("metadata", {}).pop(DESCRIPTION_KEY, None)
+        if old_desc:
+            assert desc.startswith(old_desc + "\n\n--- WSI-LLaVA, ") and "Describe this." in desc
+        else:
+            assert desc.strip() and "---" not in desc
+        assert gp.pop("metadata") == (op.pop("metadata", None) or {})
+        gm, om = gp.pop("measurements"), op.pop("measurements", None)
+        if isinstance(om, list):
+            assert gm[: len(om)] == om and gm[-1]["name"] == "WSI-LLaVA tiles"
+        else:
+            assert {k: v for k, v in gm.items() if not k.startswith("WSI-LLaVA")} == (om or {})
+        op.setdefault("objectType", "annotation")
+        assert gp == op  # every other property exactly as it was
+    # run again on the output: the previous answer is kept, the new one appended
+    out2 = tmp_path / "again.geojson"
+    r = _invoke(
+        "--slide",
+        str(slide),
+        "--geojson",
+        str(out),
+        "-o",
+        str(out2),
+        "--model",
+        tiny_model,
+        "--max-new-tokens",
+        "5",
+        "--question",
+        "Describe this.",
+        "--name",
+    )
+    assert r.exit_code == 0, r.output
+    d2 = json.loads(out2.read_text())["features"][5]["properties"]
+    assert d2["metadata"][DESCRIPTION_KEY].startswith(
+        got["features"][5]["properties"]["metadata"][DESCRIPTION_KEY]
+    )
+    assert d2["name"] != "Second"
+    # --overwrite replaces it
+    r = _invoke(
+        "--slide",
+        str(slide),
+        "--geojson",
+        str(out),
+        "-o",
+        str(out2),
+        "--model",
+        tiny_model,
+        "--max-new-tokens",
+        "5",
+        "--question",
+        "Describe this.",
+        "--overwrite",
+    )
+    d3 = json.loads(out2.read_text())["features"][0]["properties"]["metadata"][DESCRIPTION_KEY]
+    assert r.exit_code == 0 and "Pathologist note." not in d3
+
+
+def test_describe_command_bad_input(world, tiny_model, tmp_path):  # noqa: F811
+    slide = str(world / "slides" / "slide_000.tif")
+    out = tmp_path / "out.geojson"
+
+    def run(data, *extra):
+        p = tmp_path / "in.geojson"
+        p.write_text(data if isinstance(data, str) else json.dumps(data))
+        return _invoke(
+            "--slide",
+            slide,
+            "--geojson",
+            str(p),
+            "-o",
+            str(out),
+            "--model",
+            tiny_model,
+            "--max-new-tokens",
+            "5",
+            "--question",
+            "Describe this.",
+            *extra,
+        )
+
+    r = run("{not json")
+    assert r.exit_code == 1 and "not valid JSON" in r.output and not out.exists()
+    r = run({"rows": [1, 2]})
+    assert r.exit_code == 1 and "expected a GeoJSON FeatureCollection" in r.output
+    r = run(
+        {
+            "type": "FeatureCollection",
+            "crs": {"type": "name", "properties": {"name": "EPSG:4326"}},
+            "features": [
+                {
+                    "type": "Feature",
+                    "geometry": {"type": "Polygon", "coordinates": [[[1, 1], [2, 1], [2, 2], [1, 1]]]},
+                }
+            ],
+        }
+    )
+    assert r.exit_code == 1 and "not a QuPath export" in r.output and not out.exists()
+    r = run(
+        {
+            "type": "FeatureCollection",
+            "features": [
+                {"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]}, "properties": {}}
+            ],
+        }
+    )
+    assert r.exit_code == 1 and "no polygon annotations to describe" in r.output and not out.exists()
+    far = [[[9000, 9000], [9100, 9000], [9100, 9100], [9000, 9000]]]
+    near = [[[100, 100], [700, 100], [700, 700], [100, 700], [100, 100]]]
+
+    def feat(name, c):
+        return {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": c},
+            "properties": {"objectType": "annotation", "name": name},
+        }
+
+    r = run({"type": "FeatureCollection", "features": [feat("far", far)]})
+    assert r.exit_code == 1 and "no annotation was described" in r.output and not out.exists()
+    r = run({"type": "FeatureCollection", "features": [feat("far", far), feat("near", near)]})
+    assert r.exit_code == 0 and "described 1 of 2" in r.output and "far: FAILED" in r.output
+    got = json.loads(out.read_text())["features"]
+    assert got[0] == feat("far", far) and description_of(got[1]["properties"])
+    r = _invoke(
+        "--slide", str(tmp_path / "missing.svs"), "--geojson", str(tmp_path / "in.geojson"), "-o", str(out)
+    )
+    assert r.exit_code == 1 and "no such file" in r.output
+
+
+def test_describe_command_help_and_cli_attachment():
+    r = CliRunner().invoke(describe_command, ["--help"])
+    assert r.exit_code == 0 and "--overwrite" in r.output and "--question" in r.output
+    assert describe_command.name == "describe"
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers(tmp_path: Path):
+    yield
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
