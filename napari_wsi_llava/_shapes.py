@@ -15,14 +15,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from wsi_llava.annotate import DESCRIPTION_KEY  # QuPath: properties.metadata[DESCRIPTION_KEY]
 from wsi_llava.errors import RegionError
 from wsi_llava.slide.coords import level0_to_napari, napari_to_level0
 from wsi_llava.slide.region import Region
 
 logger = logging.getLogger(__name__)
 
-#: QuPath keeps an annotation's description under this key of ``properties.metadata``
-DESCRIPTION_KEY = "ANNOTATION_DESCRIPTION"
 #: our keys in QuPath's ``metadata`` (string -> string) for the last answer of a shape
 QUESTION_KEY = "wsi_llava.question"
 ANSWER_KEY = "wsi_llava.answer"

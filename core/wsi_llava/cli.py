@@ -117,6 +117,11 @@ def extract(
 @click.option(
     "--model", default="demo", show_default=True, help="Registered model name or checkpoint folder."
 )
+@click.option(
+    "--model-base",
+    type=click.Path(path_type=Path),
+    help="Base llava-v1.5-7b folder for a LoRA LLaVA checkpoint.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @click.option("--cache", type=click.Path(path_type=Path), help="Cache folder (default ~/.cache/wsi-llava).")
 @click.option("--mpp", type=float, help="µm/px of level 0 for files that record none.")

@@ -109,25 +109,30 @@ class VisualTokens:
 
     @torch.no_grad()
     def get(self, s: Sample) -> torch.Tensor:
+        """Tokens in float32, outside any autocast: exactly what inference computes."""
         key = (s.slide, s.tiles)
         t = self.memo.get(key)
         if t is None:
-            sf = self.data.features_for(s)
-            if sf.is_tokens:
-                t = sf.features.load()
-                if t.shape[1] != self.in_dim:
-                    raise TrainError(
-                        f"{sf.features.path}: token width {t.shape[1]} != projector in_dim {self.in_dim}"
-                    )
-            else:
-                f, c = sf.features, sf.coords
-                if s.tiles is not None:
-                    sel = torch.as_tensor(s.tiles, dtype=torch.long)
-                    f, c = f[sel], c[sel]
-                t = self.model.encode_slide(f, c, sf.tile_size_level0)
-            t = t.to(self.device, torch.float32)
+            with torch.autocast(self.device.type, enabled=False):
+                t = self._compute(s)
             self.memo[key] = t
         return t
+
+    def _compute(self, s: Sample) -> torch.Tensor:
+        sf = self.data.features_for(s)
+        if sf.is_tokens:
+            t = sf.features.load()
+            if t.shape[1] != self.in_dim:
+                raise TrainError(
+                    f"{sf.features.path}: token width {t.shape[1]} != projector in_dim {self.in_dim}"
+                )
+        else:
+            f, c = sf.features, sf.coords
+            if s.tiles is not None:
+                sel = torch.as_tensor(s.tiles, dtype=torch.long)
+                f, c = f[sel], c[sel]
+            t = self.model.encode_slide(f, c, sf.tile_size_level0)
+        return t.to(self.device, torch.float32)
 
 
 def expected_encoder_id(model: Any) -> str:

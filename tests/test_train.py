@@ -1,0 +1,156 @@
+"""The three training stages on a tiny synthetic world (real models, a few CPU steps each)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from wsi_llava.train.command import train_command
+from wsi_llava.train.config import TrainError
+from wsi_llava.train.loop import list_checkpoints, read_log
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory) -> Path:
+    from wsi_llava.synth import generate_world
+    from wsi_llava.train.data import load_pack, prepare_pack
+
+    root = tmp_path_factory.mktemp("train")
+    generate_world(root / "world", 2, seed=5, size=(2048, 2048), split="train")
+    out = prepare_pack([root / "world"], root / "pack.pt", cache_dir=root / "cache")
+    p = load_pack(out)
+    assert len(p["slides"]) == 2 and p["encoder_id"].startswith("demo-vit:")
+    assert any(s["tiles"] for s in p["samples"])  # region rows resolved to tile indices
+    return out
+
+
+def _cfg(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _train(args: list[str]) -> None:
+    res = CliRunner().invoke(train_command, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+
+
+def _losses(run: Path) -> list[float]:
+    return [r["loss"] for r in read_log(run / "log.jsonl") if "loss" in r and "event" not in r]
+
+
+@pytest.fixture(scope="module")
+def stage1(pack: Path, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("s1")
+    cfg = _cfg(
+        d / "s1.yaml",
+        f"data: {{packs: [{pack}]}}\nmodel: {{base: demo, slide_encoder: {{n_tokens: 8}}}}\n"
+        "optim: {lr: 1.0e-3, warmup_ratio: 0.0}\ntrain: {epochs: 4, batch_size: 2, bf16: false}\n",
+    )
+    _train(["stage1", "--config", str(cfg), "--out", str(d / "run"), "--device", "cpu"])
+    return d / "run"
+
+
+def test_stage1_contrastive_loss_falls(stage1: Path) -> None:
+    losses = _losses(stage1)
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    final = stage1 / "final"
+    assert (final / "slide_encoder.safetensors").is_file() and (final / "stage1_heads.safetensors").is_file()
+    from wsi_llava.model.spec import ModelSpec
+
+    spec = ModelSpec.load(final)
+    assert spec.demo and spec.slide_encoder_n_tokens == 8 and spec.n_visual_tokens == 8
+
+
+@pytest.fixture(scope="module")
+def stage2(pack: Path, stage1: Path, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("s2")
+    cfg = _cfg(
+        d / "s2.yaml",
+        f"data: {{packs: [{pack}], max_length: 80}}\nmodel: {{base: {stage1 / 'final'}}}\n"
+        "optim: {lr: 2.0e-3, warmup_ratio: 0.0, scheduler: constant}\n"
+        "train: {epochs: 4, batch_size: 2, bf16: false}\n",
+    )
+    _train(["stage2", "--config", str(cfg), "--out", str(d / "run"), "--device", "cpu"])
+    return d / "run"
+
+
+def test_stage2_projector_loss_falls(stage2: Path) -> None:
+    losses = _losses(stage2)
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert not (stage2 / "final" / "lora").exists()
+
+
+def _stage3_cfg(d: Path, pack: Path, base: Path, extra: str = "") -> Path:
+    return _cfg(
+        d / "s3.yaml",
+        f"data: {{packs: [{pack}], max_length: 64, tasks: [Morphology_TF_question]}}\n"
+        f"model: {{base: {base}}}\nlora: {{r: 2, alpha: 4, dropout: 0.1}}\n"
+        "optim: {lr: 2.0e-3, projector_lr: 2.0e-3, warmup_ratio: 0.0}\n"
+        f"train: {{max_steps: 4, epochs: 4, batch_size: 3, bf16: false, save_every: 2{extra}}}\n",
+    )
+
+
+def test_stage3_lora_trains_resumes_and_loads(pack: Path, stage2: Path, tmp_path: Path) -> None:
+    cfg = _stage3_cfg(tmp_path, pack, stage2 / "final")
+    full = tmp_path / "full"
+    _train(["stage3", "--config", str(cfg), "--out", str(full), "--device", "cpu"])
+    losses = _losses(full)
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    # killed after step 2, then resumed: the same loss curve
+    part = tmp_path / "part"
+    _train(["stage3", "--config", str(cfg), "--out", str(part), "--device", "cpu", "--stop-after", "2"])
+    assert not (part / "final").exists() and [p.name for p in list_checkpoints(part)] == ["step_0000002"]
+    with pytest.raises(TrainError, match="--resume"):
+        from wsi_llava.train.config import load_config
+        from wsi_llava.train.lm import run_lm_stage
+        from wsi_llava.train.loop import Dist
+
+        run_lm_stage(load_config(cfg, "stage3"), part, Dist())
+    _train(["stage3", "--config", str(cfg), "--out", str(part), "--device", "cpu", "--resume"])
+    assert _losses(part) == pytest.approx(losses, rel=1e-5, abs=1e-6)
+    # the result is a checkpoint the library loads, with its LoRA
+    from wsi_llava.model.checkpoint import load_checkpoint
+
+    final = full / "final"
+    assert (final / "lora" / "adapter_config.json").is_file()
+    model = load_checkpoint(final, device="cpu", dtype="float32")
+    assert model.spec.demo and not model.spec.untrained
+    import torch
+
+    text = model.generate_text(
+        "What is the diagnosis?", torch.zeros(8, model.spec.projector.in_dim), max_new_tokens=3
+    )
+    assert isinstance(text, str)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(
+    pack: Path, stage2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from wsi_llava.train import loop
+
+    real = loop.train_loop
+    calls = {"n": 0}
+
+    def poisoned(task, *a, **kw):
+        inner = task.loss_sum
+
+        def loss_sum(idx):
+            calls["n"] += 1
+            out = inner(idx)
+            return out * torch.tensor(float("nan")) if calls["n"] > 2 else out
+
+        task.loss_sum = loss_sum
+        return real(task, *a, **kw)
+
+    import wsi_llava.train.lm as lm
+
+    monkeypatch.setattr(lm, "train_loop", poisoned)
+    cfg = _stage3_cfg(tmp_path, pack, stage2 / "final")
+    res = CliRunner().invoke(train_command, ["stage3", "--config", str(cfg), "--out", str(tmp_path / "r")])
+    assert res.exit_code != 0
+    assert "loss is nan at step 3" in res.output and "step_0000002" in res.output
+    assert [p.name for p in list_checkpoints(tmp_path / "r")] == ["step_0000002"]
