@@ -297,7 +297,7 @@ def test_runner_resumes_after_interruption(tmp_path):
     assert {"task", "id", "question_id", "answer", "T-answer", "metadata", "model"} <= set(row)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_features_and_text_only_with_demo_model(tmp_path):
     """The demo model answers from .pt visual tokens and from zeros (text-only baseline)."""
     import torch
@@ -359,7 +359,7 @@ def test_synthetic_world_bench_and_majority(world, tmp_path):
     assert "Region" in s["accuracy"]["per_capability"]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_model_on_synthetic_slides(world, tmp_path):
     """Our pipeline end to end: SlideSession per slide, region rows ask about their rectangle."""
     out = tmp_path / "o"

