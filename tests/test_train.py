@@ -26,6 +26,35 @@ def pack(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory) -> Path:
+    """A 2-layer Llama with SmolLM2's tokenizer and chat template (real model code, CPU-fast)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from wsi_llava.model.llm import resolve_llm_source
+
+    tok = AutoTokenizer.from_pretrained(
+        str(resolve_llm_source("smollm2-135m-instruct")), local_files_only=True
+    )
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny_llm")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 def _cfg(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
@@ -41,18 +70,18 @@ def _losses(run: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def stage1(pack: Path, tmp_path_factory) -> Path:
+def stage1(pack: Path, tiny_llm: Path, tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("s1")
     cfg = _cfg(
         d / "s1.yaml",
-        f"data: {{packs: [{pack}]}}\nmodel: {{base: demo, slide_encoder: {{n_tokens: 8}}}}\n"
+        f"data: {{packs: [{pack}]}}\nmodel: {{base: demo, llm: {tiny_llm}, slide_encoder: {{n_tokens: 8}}}}\n"
         "optim: {lr: 1.0e-3, warmup_ratio: 0.0}\ntrain: {epochs: 4, batch_size: 2, bf16: false}\n",
     )
     _train(["stage1", "--config", str(cfg), "--out", str(d / "run"), "--device", "cpu"])
     return d / "run"
 
 
-def test_stage1_contrastive_loss_falls(stage1: Path) -> None:
+def test_stage1_contrastive_loss_falls(stage1: Path, tiny_llm: Path) -> None:
     losses = _losses(stage1)
     assert len(losses) == 4 and losses[-1] < losses[0]
     final = stage1 / "final"
@@ -61,6 +90,7 @@ def test_stage1_contrastive_loss_falls(stage1: Path) -> None:
 
     spec = ModelSpec.load(final)
     assert spec.demo and spec.slide_encoder_n_tokens == 8 and spec.n_visual_tokens == 8
+    assert spec.projector.out_dim == 64 and Path(spec.llm.source).name == tiny_llm.name
 
 
 @pytest.fixture(scope="module")

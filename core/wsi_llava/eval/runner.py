@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from wsi_llava.errors import WsiLlavaError
+from wsi_llava.errors import RegionError, WsiLlavaError
 from wsi_llava.eval.bench import Bench, BenchItem
 from wsi_llava.progress import CancelToken, ProgressCallback, no_progress
 
@@ -92,8 +92,13 @@ def run_predictions(
         for it in todo:
             if cancel is not None:
                 cancel.raise_if_cancelled()
-            answer = answer_fn(it).strip()
-            fh.write(json.dumps(prediction_row(it, answer, model_name), ensure_ascii=False) + "\n")
+            extra: dict[str, Any] = {}
+            try:
+                answer = answer_fn(it).strip()
+            except RegionError as e:  # this row's region cannot be asked about: recorded, the rest go on
+                logger.warning("%s %s: not answered: %s", it.task, it.id, e)
+                answer, extra = "", {"error": str(e)}
+            fh.write(json.dumps(prediction_row(it, answer, model_name, **extra), ensure_ascii=False) + "\n")
             fh.flush()
             done[it.key] = answer
             finished += 1

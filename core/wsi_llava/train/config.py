@@ -58,6 +58,11 @@ class ModelConfig(_Strict):
         default_factory=dict,
         description="SlideEncoderConfig overrides when base is 'demo' (e.g. n_tokens: 64)",
     )
+    llm: str | None = Field(
+        None,
+        description="stage 1 with base demo: a local Hugging Face LLM folder in place of SmolLM2 "
+        "(the projector's output width follows its hidden size); later stages read it from the checkpoint",
+    )
     template: Literal["vicuna_v1", "llava_v1", "chat"] | None = None
     name: str | None = Field(None, description="spec.name of the saved checkpoint")
 

@@ -28,6 +28,10 @@ def load_base(cfg: Stage2Config | Stage3Config, d: Dist) -> Any:
     """The starting ``WSILlava`` on this rank's device (LoRA of a base checkpoint is merged in)."""
     from wsi_llava.errors import WsiLlavaError
 
+    if cfg.model.llm or cfg.model.slide_encoder:
+        raise TrainError(
+            "model.llm / model.slide_encoder apply to stage 1 (base: demo); later stages read them from the checkpoint"
+        )
     dtype = cfg.model.dtype or ("bfloat16" if d.device.type == "cuda" and cfg.train.bf16 else "float32")
     device = str(d.device)
     try:

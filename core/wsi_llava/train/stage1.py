@@ -80,6 +80,8 @@ def build_base(cfg: Stage1Config) -> tuple[Any, Any, Any]:
         spec.slide_encoder = se_cfg.model_dump(mode="json")
         spec.n_visual_tokens = se_cfg.n_tokens
         spec.projector.in_dim = se_cfg.out_dim
+        if cfg.model.llm:
+            spec.llm.source, spec.projector.out_dim = _llm_override(cfg.model.llm)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(DEMO_SEED)
             se = SlideEncoder(se_cfg)
@@ -91,8 +93,8 @@ def build_base(cfg: Stage1Config) -> tuple[Any, Any, Any]:
         return spec, se, proj
     folder = Path(cfg.model.base)
     spec = ModelSpec.load(folder)
-    if cfg.model.slide_encoder:
-        raise TrainError("model.slide_encoder overrides apply only to base: demo")
+    if cfg.model.slide_encoder or cfg.model.llm:
+        raise TrainError("model.slide_encoder and model.llm overrides apply only to base: demo")
     se = build_slide_encoder(spec)
     if se is None:
         raise TrainError(
@@ -103,6 +105,20 @@ def build_base(cfg: Stage1Config) -> tuple[Any, Any, Any]:
     proj = build_projector(spec.projector.type, spec.projector.in_dim, spec.projector.out_dim)
     _load_into(proj, folder / PROJECTOR_FILE, "projector")
     return spec, se, proj
+
+
+def _llm_override(folder: str) -> tuple[str, int]:
+    """``(absolute folder, hidden size)`` of a local Hugging Face LLM given as ``model.llm``."""
+    import json
+
+    path = Path(folder).expanduser().resolve()
+    try:
+        hidden = int(json.loads((path / "config.json").read_text(encoding="utf-8"))["hidden_size"])
+    except (OSError, ValueError, KeyError) as e:
+        raise TrainError(
+            f"model.llm {folder!r}: not a Hugging Face LLM folder with hidden_size ({e})"
+        ) from None
+    return str(path), hidden
 
 
 def report_pairs(data: TrainData) -> list[tuple[str, str]]:
