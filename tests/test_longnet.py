@@ -212,7 +212,7 @@ def test_load_gigapath_mismatch_names_keys(tmp_path):
     path = tmp_path / "bad.pth"
     torch.save({"model": sd}, path)
     with pytest.raises(
-        ModelError, match=r"missing \(e\.g\. encoder\.layers\.1\.ffn\.fc2\.bias\).*head\.weight"
+        ModelError, match=r"missing keys \(e\.g\. encoder\.layers\.1\.ffn\.fc2\.bias\).*head\.weight"
     ):
         load_gigapath_slide_encoder(path, LongNetViT(_tiny_cfg()))
     with pytest.raises(ModelError, match="not found"):

@@ -9,27 +9,14 @@ from pathlib import Path
 
 import click
 
-from wsi_llava.errors import Cancelled, WsiLlavaError
+from wsi_llava.clickutil import UserErrorGroup
+from wsi_llava.errors import WsiLlavaError
 from wsi_llava.progress import TerminalProgress
 
 logger = logging.getLogger("wsi_llava")
 
 
-class _Group(click.Group):
-    """Turns user errors into one clear line on stderr and a non-zero exit, no traceback."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except Cancelled as e:
-            raise click.ClickException(f"cancelled: {e}") from None
-        except WsiLlavaError as e:
-            raise click.ClickException(str(e)) from None
-        except KeyboardInterrupt:
-            raise click.ClickException("interrupted") from None
-
-
-@click.group(cls=_Group)
+@click.group(cls=UserErrorGroup)
 @click.version_option(package_name="wsi-llava")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def cli(verbose: int) -> None:

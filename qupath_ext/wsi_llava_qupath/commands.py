@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from wsi_llava.errors import Cancelled, WsiLlavaError
+from wsi_llava.clickutil import UserErrorGroup
+from wsi_llava.errors import WsiLlavaError
 from wsi_llava_qupath.bridge import DEFAULT_PORT, QuPathAnnotation, QuPathBridge, QuPathError, connect
 from wsi_llava_qupath.sink import write_answer
 
@@ -16,18 +17,6 @@ logger = logging.getLogger(__name__)
 
 DESCRIBE_QUESTION = "Describe the tissue in this region."
 WHOLE_SLIDE_NAME = "WSI-LLaVA: whole slide"
-
-
-class _QuPathGroup(click.Group):
-    """User errors become one line on stderr and a non-zero exit (also when run on its own)."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except Cancelled as e:
-            raise click.ClickException(f"cancelled: {e}") from None
-        except WsiLlavaError as e:
-            raise click.ClickException(str(e)) from None
 
 
 def _connection_options(fn):
@@ -65,7 +54,7 @@ def _model_options(fn):
     return fn
 
 
-@click.group("qupath", cls=_QuPathGroup)
+@click.group("qupath", cls=UserErrorGroup)
 def qupath() -> None:
     """Ask about the image open in QuPath; answers are written into its annotations."""
 

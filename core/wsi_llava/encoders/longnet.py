@@ -385,23 +385,9 @@ def load_gigapath_slide_encoder(path: Path, model: LongNetViT | None = None) -> 
         sd.pop(k, None)
     if model is None:
         model = LongNetViT(_infer_config(sd))
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [
-        f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in sd and sd[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:4])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:4])})")
-        if shapes:
-            parts.append(f"{len(shapes)} mis-shaped (e.g. {'; '.join(shapes[:3])})")
-        raise ModelError(f"{path}: does not match the Prov-GigaPath slide encoder layout: {'; '.join(parts)}")
+    from wsi_llava.encoders.weights import check_fits
+
+    check_fits(model.state_dict(), sd, path, "Prov-GigaPath slide encoder layout")
     model.load_state_dict(sd, strict=True)
     logger.info("loaded Prov-GigaPath slide encoder weights from %s (%d tensors)", path, len(sd))
     return model

@@ -79,23 +79,10 @@ def load_weights_into(module: nn.Module, path: Path, what: str = "tile encoder")
     """Load ``path`` strictly into ``module``; mismatches raise ModelError naming a few keys."""
     path = Path(path)
     sd = read_state_dict(path)
+    from wsi_llava.encoders.weights import check_fits
+
     own = module.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [
-        f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in sd and sd[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:4])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:4])})")
-        if shapes:
-            parts.append(f"{len(shapes)} mis-shaped (e.g. {'; '.join(shapes[:3])})")
-        raise ModelError(f"{path}: weights do not fit the {what}: {'; '.join(parts)}")
+    check_fits(own, sd, path, what)
     meta = any(t.is_meta for t in own.values())
     module.load_state_dict(sd, strict=True, assign=meta)
 

@@ -46,3 +46,23 @@ def read_state_dict(
                 sd = {k[len(p) :]: v for k, v in sd.items()}
                 changed = True
     return sd
+
+
+def check_fits(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    """Raise ``ModelError`` naming a few missing, unexpected or mis-shaped keys when ``sd`` does not fit."""
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:4])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:4])})")
+        if shapes:
+            parts.append(f"{len(shapes)} mis-shaped (e.g. {'; '.join(shapes[:3])})")
+        raise ModelError(f"{path}: weights do not fit the {what}: {'; '.join(parts)}")
