@@ -112,10 +112,12 @@ def test_stage2_projector_loss_falls(stage2: Path) -> None:
     assert not (stage2 / "final" / "lora").exists()
 
 
-def _stage3_cfg(d: Path, pack: Path, base: Path, extra: str = "") -> Path:
+def _stage3_cfg(
+    d: Path, pack: Path, base: Path, extra: str = "", top: str = "", tasks: str = "Morphology_TF_question"
+) -> Path:
     return _cfg(
         d / "s3.yaml",
-        f"data: {{packs: [{pack}], max_length: 64, tasks: [Morphology_TF_question]}}\n"
+        f"data: {{packs: [{pack}], max_length: 64, tasks: [{tasks}]}}\n{top}"
         f"model: {{base: {base}}}\nlora: {{r: 2, alpha: 4, dropout: 0.1}}\n"
         "optim: {lr: 2.0e-3, projector_lr: 2.0e-3, warmup_ratio: 0.0}\n"
         f"train: {{max_steps: 4, epochs: 4, batch_size: 3, bf16: false, save_every: 2{extra}}}\n",
@@ -184,3 +186,38 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
     assert res.exit_code != 0
     assert "loss is nan at step 3" in res.output and "step_0000002" in res.output
     assert [p.name for p in list_checkpoints(tmp_path / "r")] == ["step_0000002"]
+
+
+def test_sample_loss_weighting_differs_from_token_weighting() -> None:
+    import torch
+
+    from wsi_llava.train.lm import answer_loss_sum
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11)
+    # sample 0: one answer token (a letter); sample 1: four answer tokens (a longer answer)
+    labels = torch.full((2, 6), -100)
+    labels[0, 2] = 3
+    labels[1, 1:5] = torch.tensor([1, 4, 7, 9])
+    tok = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+    l0, l1 = tok[0, 2], tok[1, 1:5]
+    token = answer_loss_sum(logits, labels, "token")
+    sample = answer_loss_sum(logits, labels, "sample")
+    assert token.item() == pytest.approx((l0 + l1.sum()).item(), rel=1e-6)
+    assert sample.item() == pytest.approx((l0 + l1.mean()).item(), rel=1e-6)
+    # the loop divides by 5 answer tokens (token) or 2 samples (sample): different means
+    assert abs(token.item() / 5 - sample.item() / 2) > 1e-3
+    assert answer_loss_sum(logits, torch.full((2, 6), -100), "sample").item() == 0.0
+
+
+def test_stage3_sample_weighting_trains(pack: Path, stage2: Path, tmp_path: Path) -> None:
+    cfg = _stage3_cfg(
+        tmp_path,
+        pack,
+        stage2 / "final",
+        top="loss_weighting: sample\n",
+        tasks="Morphology_TF_question, Region_Description",
+    )
+    _train(["stage3", "--config", str(cfg), "--out", str(tmp_path / "run"), "--device", "cpu"])
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 4 and losses[-1] < losses[0]

@@ -128,6 +128,11 @@ class Stage2Config(_Strict):
     caption_tasks: list[str] = Field(default_factory=lambda: ["Report", "1_Report"])
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-3))
     train: LoopConfig = Field(default_factory=LoopConfig)
+    loss_weighting: Literal["token", "sample"] = Field(
+        "token",
+        description="token: mean over all answer tokens of the batch (LLaVA); sample: each sample's mean "
+        "token loss, then the mean over samples (short answers weigh as much as long reports)",
+    )
 
 
 class Stage3Config(_Strict):
@@ -139,6 +144,11 @@ class Stage3Config(_Strict):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=2e-4, projector_lr=2e-5))
     train: LoopConfig = Field(default_factory=LoopConfig)
+    loss_weighting: Literal["token", "sample"] = Field(
+        "token",
+        description="token: mean over all answer tokens of the batch (LLaVA); sample: each sample's mean "
+        "token loss, then the mean over samples (short answers weigh as much as long reports)",
+    )
 
 
 StageConfig = Stage1Config | Stage2Config | Stage3Config

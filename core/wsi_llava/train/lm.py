@@ -164,6 +164,24 @@ def _check_encoder(model: Any, data: TrainData) -> None:
         )
 
 
+def answer_loss_sum(logits: torch.Tensor, labels: torch.Tensor, weighting: str) -> torch.Tensor:
+    """Summed answer loss of a batch (``logits`` B x T x V, ``labels`` B x T, already shifted).
+
+    ``token``: the sum over answer tokens; ``sample``: the sum over samples of each one's mean token loss
+    (the loop divides by answer tokens or by samples with an answer, see ``Task.count``).
+    """
+    sel = labels != IGNORE_INDEX
+    if weighting == "token":
+        return F.cross_entropy(logits[sel].float(), labels[sel], reduction="sum")
+    tok_loss = F.cross_entropy(logits[sel].float(), labels[sel], reduction="none")
+    rows = sel.nonzero()[:, 0]
+    per_sample = torch.zeros(labels.shape[0], device=tok_loss.device, dtype=tok_loss.dtype)
+    per_sample = per_sample.index_add(0, rows, tok_loss)
+    n = sel.sum(dim=1)
+    keep = n > 0
+    return (per_sample[keep] / n[keep]).sum()
+
+
 def run_lm_stage(
     cfg: Stage2Config | Stage3Config,
     out: Path,
@@ -231,6 +249,8 @@ def run_lm_stage(
     def autocast() -> Any:
         return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
+    by_token = cfg.loss_weighting == "token"
+
     def loss_sum(idx: list[int]) -> torch.Tensor:
         ids, labels, mask = tok.collate(idx, pad_id)
         visual = torch.stack([vis.get(samples[i]) for i in idx])
@@ -243,10 +263,7 @@ def run_lm_stage(
             position_ids=s.position_ids,
             use_cache=False,
         )
-        lab = s.labels[:, 1:]
-        logits = o.logits[:, :-1]
-        sel = lab != IGNORE_INDEX
-        return F.cross_entropy(logits[sel].float(), lab[sel], reduction="sum")
+        return answer_loss_sum(o.logits[:, :-1], s.labels[:, 1:], cfg.loss_weighting)
 
     def train_mode() -> None:
         model.projector.train()
@@ -258,7 +275,7 @@ def run_lm_stage(
         lengths=tok.lengths,
         trainable=trainable,
         param_groups=groups,
-        count=lambda m: float(sum(tok.n_answer[i] for i in m)),
+        count=lambda m: float(sum(tok.n_answer[i] if by_token else tok.n_answer[i] > 0 for i in m)),
         loss_sum=loss_sum,
         autocast=autocast,
         train_mode=train_mode,
