@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Re-create the shipped demo weights (core/wsi_llava/model/demo_weights/) from scratch:
-#   synthetic training worlds -> feature pack (demo-vit tiles) -> stage 1 -> stage 2 -> stage 3 -> copy.
-# Stage 1 runs fine on a CPU; stages 2 and 3 want a GPU (a few minutes on one H100).
+#   synthetic training worlds -> tile packs -> tile-text alignment (trains demo-vit) -> feature packs made
+#   with the trained tile encoder -> stage 1 -> stage 2 -> stage 3 -> copy.
+# The tile stage and stages 2 and 3 want a GPU (a few minutes on one H100); the rest runs on a CPU.
 # Usage: scripts/train_demo.sh [RUN_DIR]   (env: DEVICE=auto|cuda|cpu, NPROC=1|2|... GPUs for stage 3)
+# The configs read runs/demo/...: with another RUN_DIR, edit the paths in configs/demo/*.yaml too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-runs/demo}
@@ -11,10 +13,18 @@ NPROC=${NPROC:-1}
 export HF_HUB_OFFLINE=1
 mkdir -p "$RUN"
 # Two training worlds; held-out evaluation worlds must use other seeds (the demo was checked on seed 777).
-[ -f "$RUN/worlds/train_102/manifest.json" ] || wsi-llava synth "$RUN/worlds/train_102" --n-slides 70 --seed 102 --size 2048 --split train
-[ -f "$RUN/worlds/train_101/manifest.json" ] || wsi-llava synth "$RUN/worlds/train_101" --n-slides 70 --seed 101 --size 2560 --split train
-python -m wsi_llava.train prepare --bench "$RUN/worlds/train_102" --out "$RUN/pack_102.pt"
-python -m wsi_llava.train prepare --bench "$RUN/worlds/train_101" --out "$RUN/pack_101.pt"
+for seed in 101 102; do
+  [ -f "$RUN/worlds/train_$seed/manifest.json" ] ||
+    wsi-llava synth "$RUN/worlds/train_$seed" --n-slides 100 --seed $seed --size 2560 --split train
+  [ -f "$RUN/tiles_$seed.pt" ] ||
+    python -m wsi_llava.train prepare-tiles --bench "$RUN/worlds/train_$seed" --out "$RUN/tiles_$seed.pt" \
+      --max-tiles-per-region 16
+done
+python -m wsi_llava.train tiles --config configs/demo/tiles.yaml --out "$RUN/tiles" --device "$DEVICE"
+for seed in 101 102; do
+  python -m wsi_llava.train prepare --bench "$RUN/worlds/train_$seed" --out "$RUN/pack_$seed.pt" \
+    --weights "$RUN/tiles/final/tile_encoder.safetensors"
+done
 python -m wsi_llava.train stage1 --config configs/demo/stage1.yaml --out "$RUN/stage1" --device "$DEVICE"
 python -m wsi_llava.train stage2 --config configs/demo/stage2.yaml --out "$RUN/stage2" --device "$DEVICE"
 if [ "$NPROC" -gt 1 ]; then

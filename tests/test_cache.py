@@ -132,3 +132,22 @@ def test_unwritable_root_names_the_path(tmp_path):
         FeatureCache(blocker)
     with pytest.raises(CacheError, match="a-file/sub"):
         FeatureCache(blocker / "sub")
+
+
+def test_concurrent_writers_of_one_key_keep_the_first_complete_copy(cache_dir):
+    """Two processes finishing the same entry: the later one keeps the copy already in place, no error."""
+    cache = FeatureCache(cache_dir)
+    key = _key()
+    n, d = 40, 4
+    coords = np.arange(2 * n, dtype=np.int32).reshape(n, 2)
+    with cache.write(key, n, d) as late:  # started first, finishes last
+        late.write_coords(coords)
+        late.write(np.arange(n), np.full((n, d), 2.0, dtype=np.float32))
+        with cache.write(key, n, d) as early:
+            early.write_coords(coords)
+            early.write(np.arange(n), np.ones((n, d), dtype=np.float32))
+        first = cache.get(key)
+        assert first is not None and float(first.features[0, 0]) == 1.0
+    kept = cache.get(key)
+    assert kept is not None and float(kept.features[0, 0]) == 1.0 and kept.path == first.path
+    assert not [p for p in cache_dir.iterdir() if p.name.startswith(".")]  # no temp folder left behind

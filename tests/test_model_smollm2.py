@@ -86,10 +86,11 @@ def test_chat_labels_with_the_real_tokenizer(smol):
     assert answer[-1] == tok.eos_token_id and parts.stop_token_ids == [tok.eos_token_id]
 
 
-def test_demo_model_loads_streams_and_round_trips(smol, tmp_path):
+def test_untrained_demo_builds_streams_and_round_trips(smol, tmp_path):
     from wsi_llava.model.checkpoint import load_checkpoint, save_checkpoint
+    from wsi_llava.model.demo import build_untrained_demo
 
-    model = load_model("demo")
+    model = build_untrained_demo()
     spec = model.spec
     assert spec.demo and spec.untrained and spec.template == "chat" and spec.tile_encoder.name == "demo-vit"
     assert model.slide_encoder is not None and spec.slide_encoder_n_tokens == 576
@@ -115,3 +116,20 @@ def test_demo_model_loads_streams_and_round_trips(smol, tmp_path):
         ours, theirs = getattr(loaded, part).state_dict(), getattr(model, part).state_dict()
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     torch.testing.assert_close(loaded.encode_slide(feats, coords, 256), vis, rtol=1e-4, atol=1e-5)
+
+
+def test_shipped_demo_weights_load_as_a_trained_demo(smol):
+    """``load_model('demo')`` is the shipped checkpoint: demo-labelled, trained, its own tile encoder."""
+    from wsi_llava.encoders.tile import weights_sha256
+    from wsi_llava.model.demo import DEMO_WEIGHTS
+
+    if not (DEMO_WEIGHTS / "wsi_llava.json").is_file():
+        pytest.skip("no demo weights shipped in this checkout")
+    model = load_model("demo")
+    spec = model.spec
+    assert spec.demo and not spec.untrained and spec.lora is not None
+    assert spec.tile_encoder.weights == "tile_encoder.safetensors"
+    te = model.build_tile_encoder()
+    assert te.trained and te.encoder_id.endswith(weights_sha256(DEMO_WEIGHTS / "tile_encoder.safetensors")[:16])
+    size = sum(p.stat().st_size for p in DEMO_WEIGHTS.rglob("*") if p.is_file())
+    assert size < 50e6, size

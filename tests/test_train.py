@@ -221,3 +221,34 @@ def test_stage3_sample_weighting_trains(pack: Path, stage2: Path, tmp_path: Path
     _train(["stage3", "--config", str(cfg), "--out", str(tmp_path / "run"), "--device", "cpu"])
     losses = _losses(tmp_path / "run")
     assert len(losses) == 4 and losses[-1] < losses[0]
+
+
+def test_two_process_data_parallel_matches_one_process(pack: Path, stage1: Path, tmp_path: Path) -> None:
+    """torchrun with 2 CPU processes (gloo), batch 1 each, follows the loss curve of 1 process with batch 2."""
+    import os
+    import subprocess
+    import sys
+
+    def cfg(name: str, batch: int) -> Path:
+        return _cfg(
+            tmp_path / f"{name}.yaml",
+            f"data: {{packs: [{pack}], max_length: 80}}\n"
+            f"model: {{base: {stage1 / 'final'}}}\n"
+            "optim: {lr: 2.0e-3, warmup_ratio: 0.0, scheduler: constant}\n"
+            f"train: {{epochs: 3, batch_size: {batch}, bf16: false, group_by_length: false}}\n",
+        )
+
+    _train(["stage2", "--config", str(cfg("one", 2)), "--out", str(tmp_path / "one"), "--device", "cpu"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "wsi_llava.train", "stage2", "--config", str(cfg("two", 1)), "--out", str(tmp_path / "two"),
+         "--device", "cpu"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    assert all(abs(a - b) <= 1e-4 * max(1.0, abs(a)) for a, b in zip(one, two, strict=True)), (one, two)
+    start = read_log(tmp_path / "two" / "log.jsonl")[0]
+    assert start["world_size"] == 2 and start["global_batch"] == 2

@@ -53,7 +53,13 @@ def synth(out: Path, n_slides: int, seed: int, size: int, mpp: float, split: str
 
 
 @cli.command()
-@click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("slides", nargs=-1, type=click.Path(path_type=Path))
+@click.option(
+    "--list",
+    "list_file",
+    type=click.Path(path_type=Path),
+    help="Text file of slide paths, one a line (relative to the file; # comments).",
+)
 @click.option("--encoder", default="demo-vit", show_default=True, help="Registered tile encoder.")
 @click.option("--weights", type=click.Path(path_type=Path), help="Local weights file for the encoder.")
 @click.option(
@@ -62,10 +68,24 @@ def synth(out: Path, n_slides: int, seed: int, size: int, mpp: float, split: str
 @click.option("--target-mpp", default=0.5, show_default=True, help="Tile resolution in µm/px.")
 @click.option("--tile-size", default=256, show_default=True, help="Tile edge in pixels at --target-mpp.")
 @click.option("--mpp", type=float, help="µm/px of level 0 for files that record none.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--batch-size", default=64, show_default=True)
+@click.option(
+    "--device", default="auto", show_default=True, help="auto, cpu, cuda (cuda:LOCAL_RANK under torchrun)."
+)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=None,
+    help="Tiles per batch (default: 256 on the GPU fast path, else 64).",
+)
+@click.option("--workers", default=2, show_default=True, help="Tile-reading threads per process.")
+@click.option(
+    "--summary",
+    type=click.Path(path_type=Path),
+    help="Write the cohort's outcomes and timings as JSON (rank 0; per rank when not gathered).",
+)
 def extract(
     slides: tuple[Path, ...],
+    list_file: Path | None,
     encoder: str,
     weights: Path | None,
     cache: Path | None,
@@ -73,26 +93,59 @@ def extract(
     tile_size: int,
     mpp: float | None,
     device: str,
-    batch_size: int,
+    batch_size: int | None,
+    workers: int,
+    summary: Path | None,
 ) -> None:
-    """Extract and cache tile features for one or more slides."""
-    from wsi_llava.encoders.cache import FeatureCache
-    from wsi_llava.encoders.extract import extract_features
-    from wsi_llava.encoders.tile import build_tile_encoder
-    from wsi_llava.settings import cache_dir, resolve_device
-    from wsi_llava.slide import open_slide
-    from wsi_llava.slide.tiling import make_tile_grid
+    """Extract and cache tile features for slides, folders of slides or a --list file.
 
-    dev = resolve_device(device)
-    enc = build_tile_encoder(encoder, weights=weights).to(dev).eval()
+    Launched with ``torchrun --nproc-per-node N -m wsi_llava.cli extract ...`` each process takes a
+    size-balanced share of the slides on its own GPU. A slide that fails is reported and skipped.
+    """
+    from wsi_llava.encoders.cache import FeatureCache
+    from wsi_llava.encoders.cohort import DistEnv, extract_cohort, list_slides
+    from wsi_llava.encoders.tile import build_tile_encoder
+    from wsi_llava.settings import cache_dir
+
+    if not slides and list_file is None:
+        raise click.UsageError("give slide files, folders of slides, or --list FILE")
+    env = DistEnv.from_env()
+    paths = list_slides(slides, list_file)
+    enc = build_tile_encoder(encoder, weights=weights).eval()
     store = FeatureCache(cache_dir(cache) / "features")
-    for path in slides:
-        with open_slide(path, mpp=mpp) as reader:
-            grid = make_tile_grid(reader, target_mpp=target_mpp, tile_size=tile_size)
-            feats = extract_features(
-                reader, grid, enc, store, device=dev, batch_size=batch_size, progress=TerminalProgress()
-            )
-            click.echo(f"{path}\t{len(feats.coords)} tiles\t{feats.features.shape[1]}-d\t{feats.path}")
+    report = extract_cohort(
+        paths,
+        enc,
+        store,
+        env=env,
+        device=device,
+        target_mpp=target_mpp,
+        tile_size=tile_size,
+        mpp=mpp,
+        batch_size=batch_size,
+        workers=workers,
+        progress=TerminalProgress(),
+    )
+    if report.gathered and env.rank != 0:
+        return  # rank 0 prints and writes the whole cohort's results
+    for o in report.succeeded:
+        click.echo(f"{o.path}\t{o.n_tiles} tiles\t{o.dim}-d\t{o.cache_path}")
+    if summary is not None:
+        out = (
+            summary
+            if report.gathered
+            else summary.with_name(f"{summary.stem}.rank{env.rank}{summary.suffix}")
+        )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report.model_dump(), indent=1) + "\n")
+    if len(report.outcomes) > 1 or env.distributed:
+        click.echo(
+            f"{len(report.succeeded)} of {len(report.outcomes)} slides extracted"
+            f" in {report.wall_seconds:.1f} s on {report.world_size} process(es)",
+            err=True,
+        )
+    if report.failed:
+        raise WsiLlavaError(report.error_summary())
 
 
 @cli.command()

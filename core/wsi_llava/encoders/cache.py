@@ -186,6 +186,20 @@ class FeatureCache:
 
         return zarr.open_group(store=str(path), mode="r")
 
+    def _is_complete(self, key: CacheKey) -> bool:
+        """Whether a complete group of ``key`` is in place (its attributes only; no feature read)."""
+        path = self.path_for(key)
+        if not (path / "zarr.json").is_file():
+            return False
+        try:
+            attrs = dict(self._open(path).attrs)
+        except Exception:  # noqa: BLE001 - damaged: not complete
+            return False
+        return (
+            attrs.get("complete") is True
+            and {f: attrs.get(f) for f in CacheKey.model_fields} == key.model_dump()
+        )
+
     def get(self, key: CacheKey) -> CachedFeatures | None:
         """The complete features for ``key``, or None (absent, incomplete, or made for another key)."""
         path = self.path_for(key)
@@ -281,9 +295,18 @@ class FeatureCache:
                 "complete": True,
             }
             group.attrs.update(meta)
+            if self._is_complete(key):  # a concurrent writer finished the same key first: keep its copy
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
             if final.exists():
-                shutil.rmtree(final, ignore_errors=True)  # a stale or concurrent copy of the same key
-            os.replace(tmp, final)
+                shutil.rmtree(final, ignore_errors=True)  # an unreadable leftover of the same key
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                if not self._is_complete(key):  # not a concurrent writer winning the race: a real failure
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
             logger.info("cached %d x %d features in %s", n_tiles, dim, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -8,7 +8,14 @@ from typing import Any
 
 import numpy as np
 
-from wsi_llava.encoders.cache import CachedFeatures, CacheError, CacheKey, FeatureCache, grid_hash
+from wsi_llava.encoders.cache import (
+    CachedFeatures,
+    CacheError,
+    CacheKey,
+    CacheWriter,
+    FeatureCache,
+    grid_hash,
+)
 from wsi_llava.errors import ModelError, WsiLlavaError
 from wsi_llava.progress import CancelToken, ProgressCallback, no_progress
 
@@ -44,19 +51,24 @@ def extract_features(
     cache: FeatureCache,
     *,
     device: Any = "cpu",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
     workers: int = 2,
+    fast: bool | None = None,
+    compile: bool | None = None,
 ) -> CachedFeatures:
     """Features of every tile of ``grid``: from ``cache`` when present, else encoded now and cached.
 
     Runs under ``torch.inference_mode()`` (bf16 autocast on CUDA). ``cancel`` is checked between batches
     and raises ``Cancelled``; an interrupted run leaves no cache entry.
+
+    ``fast`` (default: on for CUDA devices) runs the overlapped pipeline of
+    :mod:`wsi_llava.encoders.fast_extract`: raw JPEG tiles decoded in batches on the device where the
+    slide allows it, compiled encoder blocks (``compile``, default on CUDA), reading, decoding, encoding
+    and writing at once. ``batch_size`` defaults to 256 on that path, 64 otherwise.
     """
     import torch
-
-    from wsi_llava.slide.tiling import iter_tile_batches
 
     _check_encoder(encoder)
     progress = progress or no_progress
@@ -72,10 +84,10 @@ def extract_features(
     if not getattr(encoder, "trained", True):
         logger.warning("%s: encoding with an untrained (randomly initialised) tile encoder", reader.path)
     dev = torch.device(device)
+    use_fast = dev.type == "cuda" if fast is None else bool(fast)
+    if batch_size is None:
+        batch_size = 256 if use_fast else 64
     encoder.to(dev).eval()
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
-    )
     attrs = {
         "encoder_name": getattr(encoder, "name", None),
         "weights_sha256": getattr(encoder, "weights_sha256", None),
@@ -83,27 +95,96 @@ def extract_features(
         "tile_size_level0": int(grid.tile_size_level0),
         "slide_path": str(reader.path),
     }
-    done = 0
     progress(0, n, MESSAGE)
     with cache.write(key, n, int(encoder.embed_dim), attrs=attrs) as writer:
         writer.write_coords(grid.coords)
-        with torch.inference_mode(), autocast:
-            for idx, tiles in iter_tile_batches(
-                reader, grid, indices=None, batch_size=batch_size, workers=workers, cancel=cancel
-            ):
-                if cancel is not None:
-                    cancel.raise_if_cancelled()
-                feats = encoder(encoder.preprocess(tiles)).float().cpu().numpy()
-                if not np.isfinite(feats).all():
-                    raise ModelError(
-                        f"{reader.path}: tile encoder {encoder.encoder_id} produced non-finite features"
-                    )
-                writer.write(idx, feats)
-                done += len(idx)
-                progress(done, n, MESSAGE)
+        if use_fast:
+            _extract_fast(reader, grid, encoder, writer, dev, batch_size, workers, cancel, progress, compile)
+        else:
+            _extract_reference(reader, grid, encoder, writer, dev, batch_size, workers, cancel, progress)
         if cancel is not None:
             cancel.raise_if_cancelled()
     out = cache.get(key)
     if out is None:  # pragma: no cover - the writer just completed this group
         raise CacheError(f"{cache.path_for(key)}: feature cache written but not readable")
     return out
+
+
+def _extract_reference(
+    reader: Any,
+    grid: Any,
+    encoder: Any,
+    writer: CacheWriter,
+    dev: Any,
+    batch_size: int,
+    workers: int,
+    cancel: CancelToken | None,
+    progress: ProgressCallback,
+) -> None:
+    """The plain loop: ``iter_tile_batches`` -> eager encoder (bf16 autocast on CUDA) -> cache writer."""
+    import torch
+
+    from wsi_llava.slide.tiling import iter_tile_batches
+
+    n, done = len(grid.coords), 0
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    )
+    with torch.inference_mode(), autocast:
+        for idx, tiles in iter_tile_batches(
+            reader, grid, indices=None, batch_size=batch_size, workers=workers, cancel=cancel
+        ):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            feats = encoder(encoder.preprocess(tiles)).float().cpu().numpy()
+            if not np.isfinite(feats).all():
+                raise ModelError(
+                    f"{reader.path}: tile encoder {encoder.encoder_id} produced non-finite features"
+                )
+            writer.write(idx, feats)
+            done += len(idx)
+            progress(done, n, MESSAGE)
+
+
+def _extract_fast(
+    reader: Any,
+    grid: Any,
+    encoder: Any,
+    writer: CacheWriter,
+    dev: Any,
+    batch_size: int,
+    workers: int,
+    cancel: CancelToken | None,
+    progress: ProgressCallback,
+    compile: bool | None,
+) -> None:
+    """The overlapped pipeline (:func:`wsi_llava.encoders.fast_extract.run_fast_pipeline`)."""
+    from wsi_llava.encoders.fast import fast_encoder
+    from wsi_llava.encoders.fast_extract import run_fast_pipeline
+
+    n = len(grid.coords)
+    done = [0]
+
+    def on_batch(k: int) -> None:
+        done[0] += k
+        progress(done[0], n, MESSAGE)
+
+    fenc = fast_encoder(encoder, dev, compile=compile)
+    stats = run_fast_pipeline(
+        reader,
+        grid,
+        fenc,
+        writer.write,
+        batch_size=batch_size,
+        workers=workers,
+        cancel=cancel,
+        on_batch=on_batch,
+    )
+    logger.info(
+        "%s: fast featurization: %d tiles from JPEG streams, %d through the reader, compiled encoder: %s%s",
+        reader.path,
+        stats.direct_tiles,
+        stats.reader_tiles,
+        fenc.compiled,
+        f" ({stats.reason})" if stats.reason and not stats.jpeg_direct else "",
+    )

@@ -41,6 +41,12 @@ __all__ = [
 ]
 
 _FUSED_BROKEN: set[str] = set()
+#: fused kernel for half-precision attention on CUDA: "flash" (PyTorch's FlashAttention-2), "cudnn", or
+#: "auto": cuDNN for sequences of at least ``CUDNN_MIN_TOKENS`` tiles on Hopper (sm_90), else flash. On an
+#: H200 (torch 2.11) cuDNN made the 12-layer encoder 1.3x faster than flash at 50k-100k tiles and 1.4x
+#: slower at 10k (benchmarks/results/slide_encoder.json); a refusal falls back to flash.
+CUDA_HALF_KERNEL = "auto"
+CUDNN_MIN_TOKENS = 32768
 _MATH_CHUNK_ELEMS = 1 << 26  # score elements per chunk on the math path (256 MB in float32)
 
 
@@ -65,7 +71,34 @@ def _attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     return out.to(v.dtype), lse.float() if acc != torch.float64 else lse
 
 
-def _attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+def _attention_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """cuDNN's fused attention with its LSE (None when it refuses the shapes or is missing)."""
+    if "cudnn" in _FUSED_BROKEN:
+        return None
+    try:
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)
+        out, lse = res[0], res[1].reshape(q.shape[:-1])
+    except Exception as exc:  # noqa: BLE001 - fall back to the flash kernel
+        logger.info("cuDNN attention unavailable (%s); using flash attention", exc)
+        _FUSED_BROKEN.add("cudnn")
+        return None
+    return out, lse.float()
+
+
+def _half_kernel(n_tok: int, device: torch.device) -> str:
+    """The CUDA half-precision kernel for a dilated attention over ``n_tok`` tokens (see CUDA_HALF_KERNEL)."""
+    if CUDA_HALF_KERNEL != "auto":
+        return CUDA_HALF_KERNEL
+    if (
+        device.type == "cuda"
+        and n_tok >= CUDNN_MIN_TOKENS
+        and torch.cuda.get_device_capability(device) == (9, 0)
+    ):
+        return "cudnn"
+    return "flash"
+
+
+def _attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str = "flash"):
     """PyTorch's fused kernels that also return the LSE (inference only; None when unavailable)."""
     dev = q.device.type
     if dev in _FUSED_BROKEN:
@@ -75,6 +108,9 @@ def _attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
         elif dev == "cuda":
             if q.dtype in (torch.float16, torch.bfloat16):
+                cudnn = _attention_cudnn(q, k, v) if kernel == "cudnn" else None
+                if cudnn is not None:
+                    return cudnn
                 out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
             else:
                 out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
@@ -89,17 +125,18 @@ def _attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
 
 
 def attention_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *, kernel: str = "flash"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention over ``(B, H, L, d)`` tensors → ``(out (B, H, L, d), lse (B, H, L) float32)``.
 
-    Inference uses PyTorch's fused kernels; with gradients the exact math path is used so the gradient
-    also flows through the LSE (the branch weights), which the fused kernels do not differentiate.
+    Inference uses PyTorch's fused kernels (``kernel``: "flash" or "cudnn" for CUDA half precision); with
+    gradients the exact math path is used so the gradient also flows through the LSE (the branch
+    weights), which the fused kernels do not differentiate.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if not needs_grad and math.isclose(scale, q.shape[-1] ** -0.5):
-        fused = _attention_fused(q, k, v)
+        fused = _attention_fused(q, k, v, kernel)
         if fused is not None:
             return fused
     return _attention_math(q, k, v, scale)
@@ -108,35 +145,103 @@ def attention_with_lse(
 # --------------------------------------------------------------------------------------------------------
 # dilated attention
 # --------------------------------------------------------------------------------------------------------
-def _head_offsets(num_heads: int, ratio: int, device: torch.device) -> torch.Tensor:
-    """Offset inside each group of ``ratio`` tokens that head ``h`` reads (LongNet's head groups)."""
-    per_group = -(-num_heads // ratio)  # heads padded to a multiple of ratio, split into ratio groups
-    return torch.arange(num_heads, device=device) // per_group
+def _pieces(n_tok: int, segment: int, ratio: int) -> list[tuple[int, int, int, int, int]]:
+    """A branch's batched attention calls: ``(first token, segments, real length, slots g, zero keys)``.
+
+    LongNet pads the sequence to whole segments of ``w = min(segment, n_tok)`` and each segment to
+    ``g * ratio`` tokens; a padded key has score 0 and value 0, so it only adds ``exp(0)`` to the softmax
+    denominator. The full segments are one call; a partial last segment is a second, shorter call over its
+    real tokens, its missing zero keys added to the LSE analytically instead of being computed.
+    """
+    w = min(segment, n_tok)
+    g = -(-w // ratio)
+    n_full, tail = divmod(n_tok, w)
+    out = []
+    if n_full:
+        out.append((0, n_full, w, g, 0))
+    if tail:
+        g_tail = -(-tail // ratio)
+        out.append((n_full * w, 1, tail, g_tail, g - g_tail))
+    return out
 
 
-def _dilated_branch(q, k, v, segment: int, ratio: int):
-    """One (segment, ratio) branch → dense ``(B, L, H, d)`` output and ``(B, L, H)`` LSE (-inf = not covered)."""
-    b, n_tok, h, d = q.shape
-    seg = min(segment, n_tok)
-    n_seg = -(-n_tok // seg)
-    g = -(-seg // ratio)
-    heads = torch.arange(h, device=q.device)
-    offs = _head_offsets(h, ratio, q.device)
+def _grouped(x: torch.Tensor, ratio: int, per_group: int) -> torch.Tensor | None:
+    """``(B, S, g, ratio, H, ...)`` → view ``(B, S, g, H // per_group, per_group, ...)``: head ``h`` at offset
+    ``h // per_group``. No copy; None when the heads do not split into whole groups (then loop over groups).
+    """
+    heads = x.shape[4]
+    if heads % per_group:
+        return None
+    n_groups = heads // per_group
+    st = x.stride()
+    size = (*x.shape[:3], n_groups, per_group, *x.shape[5:])
+    stride = (*st[:3], st[3] + per_group * st[4], st[4], *st[5:])
+    return x.as_strided(size, stride, x.storage_offset())
 
-    def sparse(x: torch.Tensor) -> torch.Tensor:
-        x = F.pad(x, (0, 0, 0, 0, 0, n_seg * seg - n_tok)).view(b, n_seg, seg, h, d)
-        x = F.pad(x, (0, 0, 0, 0, 0, g * ratio - seg)).view(b, n_seg, g, ratio, h, d)
-        x = x.permute(0, 1, 4, 3, 2, 5)[:, :, heads, offs]  # (b, n_seg, h, g, d)
-        return x.reshape(b * n_seg, h, g, d)
 
-    out, lse = attention_with_lse(sparse(q), sparse(k), sparse(v))
-    dense = out.new_zeros(b, n_seg, h, ratio, g, d)
-    dense[:, :, heads, offs] = out.view(b, n_seg, h, g, d)
-    dense_lse = lse.new_full((b, n_seg, h, ratio, g), float("-inf"))
-    dense_lse[:, :, heads, offs] = lse.view(b, n_seg, h, g)
-    dense = dense.permute(0, 1, 4, 3, 2, 5).reshape(b, n_seg, g * ratio, h, d)[:, :, :seg]
-    dense_lse = dense_lse.permute(0, 1, 4, 3, 2).reshape(b, n_seg, g * ratio, h)[:, :, :seg]
-    return dense.reshape(b, n_seg * seg, h, d)[:, :n_tok], dense_lse.reshape(b, n_seg * seg, h)[:, :n_tok]
+def _segments(x: torch.Tensor, start: int, n_seg: int, length: int, g: int, ratio: int, n_real: int):
+    """Tokens ``start ..`` of ``(B, L, H, ...)`` as ``(B, n_seg, g, ratio, H, ...)`` → ``(tensor, is_view)``.
+
+    Each segment of ``length`` real tokens is padded to ``g * ratio``: by a view when it fits exactly, or
+    for the last segment when ``x`` has spare rows past ``n_real`` (accumulators); else by a zero-padded copy.
+    """
+    b, rest = x.shape[0], x.shape[2:]
+    span = g * ratio
+    if span == length or (start + length == n_real and start + n_seg * span <= x.shape[1] and n_seg == 1):
+        return x[:, start : start + n_seg * span].reshape(b, n_seg, g, ratio, *rest), True
+    seg = x[:, start : start + n_seg * length].reshape(b, n_seg, length, *rest)
+    seg = F.pad(seg, [0, 0] * len(rest) + [0, span - length])
+    return seg.reshape(b, n_seg, g, ratio, *rest), False
+
+
+def _select(x: torch.Tensor, ratio: int, per_group: int) -> torch.Tensor:
+    """Each head's own offset from ``(B, S, g, ratio, H, ...)`` → contiguous ``(B, S, g, H, ...)``."""
+    view = _grouped(x, ratio, per_group)
+    if view is not None:
+        return view.reshape(*x.shape[:3], x.shape[4], *x.shape[5:])
+    heads = x.shape[4]
+    parts = [x[:, :, :, h0 // per_group, h0 : h0 + per_group] for h0 in range(0, heads, per_group)]
+    return torch.cat(parts, dim=3)
+
+
+def _combine_(dst: torch.Tensor, src: torch.Tensor, op: str) -> None:
+    if op == "add":
+        dst.add_(src)
+    else:  # running log-sum-exp
+        dst.copy_(torch.logaddexp(dst.clone(), src))
+
+
+def _scatter_(dst: torch.Tensor, src: torch.Tensor, ratio: int, per_group: int, op: str) -> None:
+    """Inverse of :func:`_select`, in place: ``dst[.., offset(h), h, ..] op= src[.., h, ..]``."""
+    view = _grouped(dst, ratio, per_group)
+    if view is not None:
+        _combine_(view, src.reshape(view.shape), op)
+        return
+    for h0 in range(0, dst.shape[4], per_group):
+        _combine_(dst[:, :, :, h0 // per_group, h0 : h0 + per_group], src[:, :, :, h0 : h0 + per_group], op)
+
+
+def _accumulate_(
+    dst: torch.Tensor,
+    src: torch.Tensor,
+    piece: tuple[int, int, int, int],
+    ratio: int,
+    pg: int,
+    n: int,
+    op: str,
+) -> None:
+    """Merge a piece's per-head results ``(B, S, g, H, ...)`` into the token-major accumulator ``dst``."""
+    start, n_seg, length, g = piece
+    region, is_view = _segments(dst, start, n_seg, length, g, ratio, n)
+    if is_view:
+        _scatter_(region, src, ratio, pg, op)
+        return
+    fill = 0.0 if op == "add" else float("-inf")
+    tmp = torch.full_like(region, fill)  # segments padded inside: positions past `length` are dropped
+    _scatter_(tmp, src, ratio, pg, op)
+    rest = dst.shape[2:]
+    real = dst[:, start : start + n_seg * length].view(dst.shape[0], n_seg, length, *rest)
+    _combine_(real, tmp.reshape(dst.shape[0], n_seg, g * ratio, *rest)[:, :, :length], op)
 
 
 def dilated_attention(
@@ -148,25 +253,40 @@ def dilated_attention(
 ) -> torch.Tensor:
     """LongNet dilated attention over ``(B, L, H, d)`` projections → ``(B, L, H, d)``.
 
-    Zero padding (to whole segments and whole dilation groups) is attended as LongNet does: padded keys
-    score 0 and carry a zero value, so outputs match the released Prov-GigaPath model.
+    Per branch the segments are batched into one fused attention call (plus one for a partial last
+    segment) over each head's dilated tokens, gathered through strided views. Zero padding (to whole
+    segments and whole dilation groups) is attended as LongNet does: a padded key scores 0 and carries a
+    zero value, so outputs match the released Prov-GigaPath model. Branches are merged with weights
+    ``exp(lse_b - logsumexp_b lse_b)``, accumulated in float32; a token no branch covers gets 0.
     """
-    outs, lses = [], []
+    b, n, h, d = q.shape
+    acc_dtype = torch.promote_types(v.dtype, torch.float32)
+    spare = max(int(r) for r in dilated_ratios)  # rows past n for the last segment's group padding
+    lse_tot = q.new_full((b, n + spare, h), float("-inf"), dtype=acc_dtype)
+    kernel = _half_kernel(n, q.device)
+    results = []
     for seg, ratio in zip(segment_lengths, dilated_ratios, strict=True):
-        o, lse = _dilated_branch(q, k, v, int(seg), int(ratio))
-        outs.append(o)
-        lses.append(lse)
-    if len(outs) == 1:
-        return outs[0]
-    lse_all = torch.stack(lses)  # (n_branch, B, L, H)
-    top = lse_all.max(dim=0).values
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    w = torch.exp(lse_all - top)
-    w = w / w.sum(dim=0).clamp_min(1e-30)
-    out = outs[0] * w[0].unsqueeze(-1).to(outs[0].dtype)
-    for o, wi in zip(outs[1:], w[1:], strict=True):
-        out = out + o * wi.unsqueeze(-1).to(o.dtype)
-    return out
+        ratio = int(ratio)
+        pg = -(-h // ratio)  # heads per offset group
+        for start, n_seg, length, g, zeros in _pieces(n, int(seg), ratio):
+            piece = (start, n_seg, length, g)
+
+            def sparse(x: torch.Tensor, piece=piece, ratio=ratio, pg=pg) -> torch.Tensor:
+                xs = _select(_segments(x, *piece, ratio, n)[0], ratio, pg)
+                return xs.reshape(b * piece[1], piece[3], h, d).transpose(1, 2)
+
+            out, lse = attention_with_lse(sparse(q), sparse(k), sparse(v), kernel=kernel)
+            out = out.transpose(1, 2).reshape(b, n_seg, g, h, d)
+            lse = lse.transpose(1, 2).reshape(b, n_seg, g, h).to(acc_dtype)
+            full = torch.logaddexp(lse, lse.new_tensor(math.log(zeros))) if zeros else lse
+            _accumulate_(lse_tot, full, piece, ratio, pg, n, "logaddexp")
+            results.append((piece, ratio, pg, out, lse))
+    acc = q.new_zeros((b, n + spare, h, d), dtype=acc_dtype)
+    for piece, ratio, pg, out, lse in results:
+        tot = _select(_segments(lse_tot, *piece, ratio, n)[0], ratio, pg)
+        weight = torch.exp(lse - tot).unsqueeze(-1)
+        _accumulate_(acc, out.to(acc_dtype) * weight, piece, ratio, pg, n, "add")
+    return acc[:, :n].to(v.dtype)
 
 
 class DilatedAttention(nn.Module):
@@ -211,7 +331,10 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(x)
-        x = F.gelu(x.float()).type_as(x)
+        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+            x = F.gelu(x)  # CUDA computes half-precision GELU in float32: same values, no float32 copy
+        else:
+            x = F.gelu(x.float()).type_as(x)
         return self.dropout(self.fc2(self.ffn_layernorm(x)))
 
 

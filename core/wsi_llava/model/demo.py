@@ -1,7 +1,8 @@
 """The embedded demo model ``wsi-llava-demo``: demo-vit tiles -> small LongNet -> projector -> SmolLM2-135M.
 
-Until trained weights ship in ``demo_weights/``, the slide encoder and projector are deterministic
-random initialisations (seeded) and the spec says ``untrained=True``.
+The trained checkpoint ships in ``demo_weights/`` (re-created by ``scripts/train_demo.sh``); without it
+(a stripped install) the slide encoder and projector are seeded random initialisations and the spec
+says ``untrained=True``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ DEMO_LLM = "smollm2-135m-instruct"
 DEMO_LLM_HIDDEN = 576
 DEMO_TILE_DIM = 192
 DEMO_SEED = 20241203
-#: package data: the trained demo checkpoint (our format), once the training issue ships it
+#: package data: the trained demo checkpoint (our format)
 DEMO_WEIGHTS = Path(__file__).parent / "demo_weights"
 
 

@@ -7,6 +7,7 @@ Imitates Hugging Face ``modeling_llava``: one splice point (:meth:`WSILlava.embe
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ class GenerationResult(BaseModel):
     decode_seconds: float = 0.0
     n_new_tokens: int = 0
     stop_reason: Literal["eos", "stop_string", "max_tokens", "cancelled"] = "max_tokens"
+    decode_path: str = Field(
+        "eager", description="eager, or the fast decode mode used: static, graph, compile"
+    )
 
 
 @dataclass
@@ -101,7 +105,12 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 
 class WSILlava(nn.Module):
-    """Projector + any Hugging Face causal LM (+ optional slide encoder), with its tokenizer and spec."""
+    """Projector + any Hugging Face causal LM (+ optional slide encoder), with its tokenizer and spec.
+
+    ``fast_decode`` picks how :meth:`stream` decodes after the prefill: ``None`` (default) reads
+    ``$WSI_LLAVA_FAST_DECODE`` and is on for CUDA, off on CPU; ``True``/``False``, or a mode of
+    :mod:`wsi_llava.model.fast_decode` (``static``, ``graph``, ``compile``). Settable at any time.
+    """
 
     def __init__(
         self,
@@ -111,8 +120,12 @@ class WSILlava(nn.Module):
         spec: ModelSpec,
         slide_encoder: nn.Module | None = None,
         tile_encoder: nn.Module | None = None,
+        fast_decode: bool | str | None = None,
     ) -> None:
         super().__init__()
+        self.fast_decode = fast_decode
+        self._fast: tuple[tuple, Any] | None = None  # (key, FastDecoder or None when unsupported)
+        self._fast_lock = threading.Lock()
         self.llm = llm
         self.tokenizer = tokenizer
         self.projector = projector
@@ -121,6 +134,17 @@ class WSILlava(nn.Module):
         self.tile_encoder = tile_encoder
         self.last_generation: GenerationResult | None = None
         self.checkpoint_dir: Path | None = None  # set by the loaders; resolves relative weight paths
+
+    def __getstate__(self) -> dict[str, Any]:
+        # copies and pickles leave the fast decoder (CUDA graph, buffers) and its lock behind
+        state = self.__dict__.copy()
+        state["_fast"] = None
+        state.pop("_fast_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._fast_lock = threading.Lock()
 
     # --- basics ----------------------------------------------------------------------------------
     @property
@@ -276,6 +300,46 @@ class WSILlava(nn.Module):
         base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
         return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
+    def _fast_decoder(self, mode: str, length: int) -> Any:
+        """The fast decoder for ``length`` positions, or None when the LLM cannot use it."""
+        from wsi_llava.model.fast_decode import FastDecoder, UnsupportedModel, weights_key
+
+        key = (mode, *weights_key(self.llm))
+        if self._fast is None or self._fast[0] != key:
+            self._fast = None  # release the old buffers and graph first
+            try:
+                dec = FastDecoder(self.llm, mode)
+            except UnsupportedModel as e:
+                logger.warning("fast decoding is off for this model: %s", e)
+                dec = None
+            self._fast = (key, dec)
+        dec = self._fast[1]
+        if dec is not None:
+            dec.ensure_capacity(length)
+        return dec
+
+    def release_fast_decoder(self) -> None:
+        """Free the fast decoder's KV buffers and CUDA graph now (the next :meth:`stream` rebuilds them)."""
+        self._fast = None
+
+    def _begin_fast(self, past: Any, prompt_len: int, max_new: int) -> Any:
+        """The fast decoder holding the prefill's K/V, locked for this stream; None: decode eagerly."""
+        from wsi_llava.model.fast_decode import resolve_mode
+
+        mode = resolve_mode(self.fast_decode, self.device.type)
+        if mode == "off" or max_new < 2 or not self._fast_lock.acquire(blocking=False):
+            return None  # off, nothing to decode after the prefill, or another stream is using it
+        try:
+            dec = self._fast_decoder(mode, prompt_len + max_new)
+            if dec is not None:
+                dec.load_prefix(past, prompt_len)
+        except Exception as e:
+            logger.warning("fast decoding unavailable (%s: %s); decoding eagerly", type(e).__name__, e)
+            dec = None
+        if dec is None:
+            self._fast_lock.release()
+        return dec
+
     @torch.inference_mode()
     def stream(
         self,
@@ -326,6 +390,8 @@ class WSILlava(nn.Module):
         )
         past = _cache_of(out)
         logits = out.logits[:, -1, :]
+        fast = self._begin_fast(past, s.inputs_embeds.shape[1], max_new)
+        locked = fast is not None
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         result.prefill_seconds = time.perf_counter() - t0
@@ -358,6 +424,20 @@ class WSILlava(nn.Module):
                     reason = "eos"
                     break
                 new_ids.append(tok)
+                launched = False
+                if fast is not None and len(new_ids) < max_new:
+                    # start the next step now: the GPU computes it while the text below is decoded and
+                    # yielded (if that text ends the answer, the step is wasted, not wrong)
+                    try:
+                        logits = fast.step(tok, cur_len)
+                        past = None  # the static buffers hold everything from here on
+                        result.decode_path = fast.mode
+                        launched = True
+                    except Exception as e:
+                        if past is None:
+                            raise
+                        logger.warning("fast decoding failed (%s: %s); decoding eagerly", type(e).__name__, e)
+                        fast = None
                 text = self.tokenizer.decode(new_ids, skip_special_tokens=True).lstrip()
                 hit = min((text.find(st) for st in stops if st in text), default=-1)
                 if hit >= 0:
@@ -373,6 +453,8 @@ class WSILlava(nn.Module):
                 if len(new_ids) >= max_new:
                     break
                 cur_len += 1
+                if launched:
+                    continue
                 out = self.llm(
                     input_ids=torch.tensor([[tok]], device=self.device),
                     attention_mask=torch.ones((1, cur_len), dtype=torch.long, device=self.device),
@@ -386,6 +468,8 @@ class WSILlava(nn.Module):
                 yield text[emitted:]
                 emitted = len(text)
         finally:
+            if locked:
+                self._fast_lock.release()
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             result.decode_seconds = time.perf_counter() - t1

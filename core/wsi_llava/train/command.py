@@ -1,4 +1,4 @@
-"""``wsi-llava train``: ``prepare`` (feature packs), ``stage1``, ``stage2``, ``stage3``.
+"""``wsi-llava train``: ``prepare-tiles`` + ``tiles`` (demo tile encoder), ``prepare``, ``stage1``-``stage3``.
 
 Under ``torchrun --nproc-per-node N -m wsi_llava.train stage3 --config ...`` (or ``accelerate launch``)
 every process runs the same command; rank 0 writes logs and checkpoints.
@@ -7,7 +7,9 @@ every process runs the same command; rank 0 writes logs and checkpoints.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -30,7 +32,11 @@ def _run(
     from wsi_llava.train.loop import init_dist
 
     d = init_dist(device)
-    if stage == "stage1":
+    if stage == "tiles":
+        from wsi_llava.train.tiles import run_tile_stage
+
+        final = run_tile_stage(cfg, out_dir, d, resume=resume, stop_after=stop_after, config_path=str(config))
+    elif stage == "stage1":
         from wsi_llava.train.stage1 import run_stage1
 
         final = run_stage1(cfg, out_dir, d, resume=resume, stop_after=stop_after, config_path=str(config))
@@ -98,23 +104,29 @@ def prepare_command(
     batch_size: int,
 ) -> None:
     """Extract tile features of every slide the benches ask about and write one feature pack."""
-    from wsi_llava.progress import TerminalProgress
     from wsi_llava.train.data import prepare_pack
+
+    _write_with_progress(
+        prepare_pack,
+        benches,
+        out,
+        tile_encoder=tile_encoder,
+        weights=weights,
+        target_mpp=target_mpp,
+        tile_size=tile_size,
+        cache_dir=cache_dir,
+        device=device,
+        batch_size=batch_size,
+    )
+
+
+def _write_with_progress(fn: Callable[..., Path], *args: Any, **kwargs: Any) -> None:
+    """Run a pack writer with a terminal progress bar; user errors become one CLI error line."""
+    from wsi_llava.progress import TerminalProgress
 
     bar = TerminalProgress()
     try:
-        path = prepare_pack(
-            benches,
-            out,
-            tile_encoder=tile_encoder,
-            weights=weights,
-            target_mpp=target_mpp,
-            tile_size=tile_size,
-            cache_dir=cache_dir,
-            device=device,
-            batch_size=batch_size,
-            progress=bar,
-        )
+        path = fn(*args, progress=bar, **kwargs)
     except WsiLlavaError as e:
         raise click.ClickException(str(e)) from None
     finally:
@@ -122,6 +134,56 @@ def prepare_command(
     click.echo(f"wrote {path}")
 
 
+@train_command.command("prepare-tiles")
+@click.option(
+    "--bench",
+    "benches",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Synthetic world folder or bench folder/file with region questions (repeatable).",
+)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Tile pack file to write (.pt).")
+@click.option(
+    "--tile-encoder", default="demo-vit", show_default=True, help="Encoder whose input size to use."
+)
+@click.option("--tile-size", default=256, show_default=True)
+@click.option("--mpp", "target_mpp", default=0.5, show_default=True, help="Target resolution of the tiles.")
+@click.option("--max-tiles-per-region", default=48, show_default=True)
+@click.option(
+    "--no-annotations",
+    is_flag=True,
+    help="Use each question's region box even where annotations/<slide>.geojson has the annotated polygon.",
+)
+def prepare_tiles_command(
+    benches: tuple[Path, ...],
+    out: Path,
+    tile_encoder: str,
+    tile_size: int,
+    target_mpp: float,
+    max_tiles_per_region: int,
+    no_annotations: bool,
+) -> None:
+    """Pair the tiles of every annotated region with its description; write one tile pack."""
+    from wsi_llava.train.tile_pack import prepare_tile_pack
+
+    _write_with_progress(
+        prepare_tile_pack,
+        benches,
+        out,
+        tile_encoder=tile_encoder,
+        target_mpp=target_mpp,
+        tile_size=tile_size,
+        use_annotations=not no_annotations,
+        max_tiles_per_region=max_tiles_per_region,
+    )
+
+
+train_command.add_command(
+    _stage_command(
+        "tiles", "Tile-text alignment (demo recipe, before stage 1): the tile encoder vs region descriptions."
+    )
+)
 train_command.add_command(
     _stage_command("stage1", "Stage 1: WSI-text contrastive alignment (slide encoder vs text encoder).")
 )

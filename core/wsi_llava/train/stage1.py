@@ -65,6 +65,19 @@ class TextEncoder(nn.Module):
         return (h * m).sum(1) / m.sum(1).clamp(min=1)
 
 
+def contrastive_loss(
+    za: torch.Tensor, zb: torch.Tensor, same: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
+    """Symmetric InfoNCE of unit embeddings ``za``/``zb`` (B x D); ``same[i, j]`` = 1 marks positives."""
+    scale = logit_scale.clamp(max=4.6052).exp()  # temperature >= 0.01
+    logits = scale * za.float() @ zb.float().T
+    target = same / same.sum(1, keepdim=True)
+    return 0.5 * (
+        torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
+        + torch.sum(-target.T * F.log_softmax(logits.T, 1), 1).mean()
+    )
+
+
 def build_base(cfg: Stage1Config) -> tuple[Any, Any, Any]:
     """``(spec, slide_encoder, projector)`` of the starting model (the demo, or a checkpoint folder)."""
     from wsi_llava.encoders.slide_encoder import SlideEncoder, SlideEncoderConfig
@@ -105,6 +118,46 @@ def build_base(cfg: Stage1Config) -> tuple[Any, Any, Any]:
     proj = build_projector(spec.projector.type, spec.projector.in_dim, spec.projector.out_dim)
     _load_into(proj, folder / PROJECTOR_FILE, "projector")
     return spec, se, proj
+
+
+def _tile_encoder_weights(cfg: Stage1Config, spec: Any) -> Path | None:
+    """Point the spec at ``model.tile_encoder_weights``; returns a folder holding it as the checkpoint's file."""
+    import shutil
+    import tempfile
+
+    from wsi_llava.model.checkpoint import TILE_ENCODER_FILE
+
+    path = cfg.model.tile_encoder_weights
+    if path is None:
+        return None
+    if cfg.model.base != "demo":
+        raise TrainError(
+            "model.tile_encoder_weights applies only to base: demo (a checkpoint brings its own)"
+        )
+    if not path.is_file():
+        raise TrainError(f"model.tile_encoder_weights {path}: no such file (run `wsi-llava train tiles`)")
+    if path.name == TILE_ENCODER_FILE:
+        folder = path.parent
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="wsi-llava-tiles-"))
+        shutil.copyfile(path, folder / TILE_ENCODER_FILE)
+    spec.tile_encoder.weights = TILE_ENCODER_FILE
+    spec.untrained = True
+    return folder
+
+
+def _check_pack_encoder(spec: Any, folder: Path | None, data: TrainData) -> None:
+    """The packs' tile features must come from the tile encoder this checkpoint will carry."""
+    from wsi_llava.train.lm import expected_encoder_id
+
+    if not data.encoder_ids:
+        return
+    want = expected_encoder_id(SimpleNamespace(spec=spec, checkpoint_dir=folder))
+    if want not in data.encoder_ids:
+        raise TrainError(
+            f"the feature packs were made with {sorted(data.encoder_ids)}, but the model's tile encoder is "
+            f"{want}; re-run `wsi-llava train prepare` with --weights set to the model's tile encoder"
+        )
 
 
 def _llm_override(folder: str) -> tuple[str, int]:
@@ -149,6 +202,10 @@ def run_stage1(
     data = load_train_data(cfg.data)
     pairs = report_pairs(data)
     spec, se, proj = build_base(cfg)
+    weights_dir = _tile_encoder_weights(cfg, spec)
+    _check_pack_encoder(
+        spec, weights_dir or (None if cfg.model.base == "demo" else Path(cfg.model.base)), data
+    )
     se.to(d.device).train()
     text = TextEncoder(resolve_text_encoder(cfg.text_encoder), cfg.text_max_length).to(d.device)
     text.train(cfg.train_text_encoder)
@@ -190,17 +247,10 @@ def run_stage1(
         return F.normalize(heads["text"](t), dim=-1)
 
     def loss_sum(idx: list[int]) -> torch.Tensor:
-        zs, zt = embed_slides(idx), embed_texts(idx)
-        scale = logit_scale.clamp(max=4.6052).exp()  # temperature >= 0.01
-        logits = scale * zs @ zt.T
         same = torch.tensor(
             [[texts[i] == texts[j] for j in idx] for i in idx], device=d.device, dtype=torch.float32
         )
-        target = same / same.sum(1, keepdim=True)
-        return 0.5 * (
-            torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
-            + torch.sum(-target.T * F.log_softmax(logits.T, 1), 1).mean()
-        )
+        return contrastive_loss(embed_slides(idx), embed_texts(idx), same, logit_scale)
 
     task = Task(
         stage="stage1",
@@ -241,7 +291,8 @@ def run_stage1(
             tile_encoder=None,
             llm=None,
             tokenizer=None,
-            checkpoint_dir=None,
+            # the tile encoder file (and a saved LLM) travel from here into the new checkpoint
+            checkpoint_dir=weights_dir or (None if cfg.model.base == "demo" else Path(cfg.model.base)),
         )
         save_checkpoint(model, final)
         from safetensors.torch import save_file

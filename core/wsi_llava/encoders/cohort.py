@@ -1,0 +1,526 @@
+"""Cohort featurization: many slides into one :class:`FeatureCache`, sharded over processes / GPUs.
+
+Launched as one process it does every slide; under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``)
+each rank takes a deterministic, size-balanced share of the slides and encodes it on ``cuda:LOCAL_RANK``.
+Every slide is extracted by exactly one rank with :func:`~wsi_llava.encoders.extract.extract_features`, so
+the cache entries are the same as a one-process run's. A slide that fails is reported by name and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from wsi_llava.errors import Cancelled, WsiLlavaError
+from wsi_llava.progress import CancelToken, ProgressCallback, no_progress
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CohortReport",
+    "DistEnv",
+    "SlideOutcome",
+    "device_for_rank",
+    "estimate_tiles",
+    "extract_cohort",
+    "list_slides",
+    "shard",
+]
+
+
+# --------------------------------------------------------------------------------------------------------
+# which process am I
+# --------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in a ``torchrun`` launch (rank 0 of 1 when launched alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> DistEnv:
+        """Read ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (as torchrun sets them); absent means 0 of 1."""
+        env = os.environ if env is None else env
+        values = {}
+        for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", None)):
+            raw = env.get(name)
+            if raw is None or raw == "":
+                values[name] = default
+                continue
+            try:
+                values[name] = int(raw)
+            except ValueError:
+                raise WsiLlavaError(f"environment variable {name}={raw!r} must be an integer") from None
+        rank, world = values["RANK"], values["WORLD_SIZE"]
+        local = values["LOCAL_RANK"] if values["LOCAL_RANK"] is not None else rank
+        if world < 1 or not 0 <= rank < world or local < 0:
+            raise WsiLlavaError(
+                f"environment variables RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local}: "
+                "expected 0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0"
+            )
+        return cls(rank=rank, world_size=world, local_rank=local)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def device_for_rank(device: str, env: DistEnv) -> str:
+    """``auto``/``cuda`` → ``cuda:LOCAL_RANK`` (when CUDA is there), an explicit ``cuda:N`` or ``cpu`` as given."""
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        import torch
+
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise WsiLlavaError("--device cuda: no CUDA device is available")
+        if env.local_rank >= n:
+            raise WsiLlavaError(f"LOCAL_RANK {env.local_rank} has no GPU: this machine has {n}")
+        return f"cuda:{env.local_rank}"
+    return device
+
+
+# --------------------------------------------------------------------------------------------------------
+# which slides
+# --------------------------------------------------------------------------------------------------------
+def _is_slide_file(path: Path) -> bool:
+    from wsi_llava.slide.open import candidate_readers
+
+    return path.is_file() and not path.name.startswith(".") and bool(candidate_readers(path))
+
+
+def _read_list_file(path: Path) -> list[Path]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WsiLlavaError(f"{path}: cannot read the slide list ({exc})") from exc
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        p = Path(line).expanduser()
+        out.append(p if p.is_absolute() else path.parent / p)  # relative to the list file
+    return out
+
+
+def list_slides(inputs: Iterable[str | Path], list_file: str | Path | None = None) -> list[Path]:
+    """Slides named by ``inputs`` (files, or folders: their slide files, sorted) and ``list_file``.
+
+    ``list_file`` holds one path a line (``#`` comments; relative paths are relative to the file). Order
+    is kept, duplicates (same resolved path) are dropped. Paths are not opened here: a missing or corrupt
+    slide is reported when it is extracted, without stopping the others.
+    """
+    raw: list[Path] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir() and not _accepts_directory(p):
+            found = sorted(q for q in p.iterdir() if _is_slide_file(q))
+            if not found:
+                raise WsiLlavaError(f"{p}: folder holds no slide files")
+            raw.extend(found)
+        else:
+            raw.append(p)
+    if list_file is not None:
+        lf = Path(list_file).expanduser()
+        if not lf.is_file():
+            raise WsiLlavaError(f"{lf}: slide list file not found")
+        listed = _read_list_file(lf)
+        if not listed:
+            raise WsiLlavaError(f"{lf}: slide list is empty")
+        raw.extend(listed)
+    seen: set[str] = set()
+    out = []
+    for p in raw:
+        key = str(p.resolve()) if p.exists() else str(p.absolute())
+        if key in seen:
+            logger.info("%s is listed twice; extracting it once", p)
+            continue
+        seen.add(key)
+        out.append(p)
+    return out
+
+
+def _accepts_directory(path: Path) -> bool:
+    """A folder that a registered reader opens as one slide (a suffix it claims, e.g. ``.zarr``)."""
+    from wsi_llava.plugins import slide_readers
+    from wsi_llava.slide.open import candidate_readers
+
+    registry = slide_readers()
+    return any(registry[n].meta.get("accepts_directories") for n in candidate_readers(path))
+
+
+# --------------------------------------------------------------------------------------------------------
+# sharding
+# --------------------------------------------------------------------------------------------------------
+def estimate_tiles(path: str | Path, tile_size: int, target_mpp: float, mpp: float | None = None) -> int:
+    """Tile-grid cells of a slide from its header (an upper bound of its tissue tiles); 0 if unreadable.
+
+    Cheap (no pixels are read) and the same in every process, so all ranks agree on the shards.
+    """
+    from wsi_llava.slide import open_slide
+
+    try:
+        with open_slide(path, mpp=mpp) as reader:
+            w0, h0 = reader.dimensions
+            t0 = max(1, round(tile_size * target_mpp / reader.mpp))
+    except Exception as exc:  # noqa: BLE001 - the slide's rank reports it properly
+        logger.debug("cannot size %s for sharding (%s)", path, exc)
+        return 0
+    return int(-(-w0 // t0) * -(-h0 // t0))
+
+
+def shard(weights: Sequence[float], world_size: int) -> list[list[int]]:
+    """Indices of ``weights`` per rank: largest first onto the least-loaded rank (ties: lower index/rank).
+
+    Deterministic; each index lands on exactly one rank; per-rank order is the assignment order.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, got {world_size}")
+    order = sorted(range(len(weights)), key=lambda i: (-float(weights[i]), i))
+    loads = [0.0] * world_size
+    counts = [0] * world_size
+    shards: list[list[int]] = [[] for _ in range(world_size)]
+    for i in order:
+        r = min(range(world_size), key=lambda j: (loads[j], counts[j], j))
+        shards[r].append(i)
+        loads[r] += max(float(weights[i]), 0.0)
+        counts[r] += 1
+    return shards
+
+
+# --------------------------------------------------------------------------------------------------------
+# results
+# --------------------------------------------------------------------------------------------------------
+class SlideOutcome(BaseModel):
+    """What happened to one slide."""
+
+    path: str
+    index: int = Field(description="position in the cohort's slide list")
+    rank: int
+    ok: bool
+    n_tiles: int = 0
+    dim: int = 0
+    cache_path: str | None = None
+    from_cache: bool = False
+    seconds: float = 0.0
+    error: str | None = None
+
+
+class RankTiming(BaseModel):
+    """Wall-clock span of one rank's extraction loop (``time.time()``, seconds since the epoch)."""
+
+    rank: int
+    device: str
+    start: float
+    end: float
+    n_slides: int
+    n_tiles: int
+
+
+class CohortReport(BaseModel):
+    """Outcomes of a cohort run, in slide-list order (all ranks' when gathered, else this rank's)."""
+
+    world_size: int
+    rank: int
+    gathered: bool
+    encoder_id: str
+    outcomes: list[SlideOutcome]
+    timings: list[RankTiming]
+
+    @property
+    def failed(self) -> list[SlideOutcome]:
+        return [o for o in self.outcomes if not o.ok]
+
+    @property
+    def succeeded(self) -> list[SlideOutcome]:
+        return [o for o in self.outcomes if o.ok]
+
+    @property
+    def wall_seconds(self) -> float:
+        """From the first rank's start to the last rank's end."""
+        if not self.timings:
+            return 0.0
+        return max(t.end for t in self.timings) - min(t.start for t in self.timings)
+
+    def error_summary(self, limit: int = 5) -> str:
+        """One line naming the failed slides and why (the first ``limit``)."""
+        bad = self.failed
+        parts = [f"{o.path}: {o.error}" for o in bad[:limit]]
+        more = f"; and {len(bad) - limit} more" if len(bad) > limit else ""
+        return f"{len(bad)} of {len(self.outcomes)} slides failed: " + "; ".join(parts) + more
+
+
+# --------------------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------------------
+def _describe(exc: BaseException, path: Path) -> str:
+    msg = str(exc).strip() or type(exc).__name__
+    if not isinstance(exc, WsiLlavaError):
+        msg = f"{type(exc).__name__}: {msg}"
+    prefix = f"{path}: "
+    return msg[len(prefix) :] if msg.startswith(prefix) else msg
+
+
+def _extract_one(
+    path: Path,
+    index: int,
+    rank: int,
+    encoder: Any,
+    cache: Any,
+    *,
+    device: str,
+    target_mpp: float,
+    tile_size: int,
+    mpp: float | None,
+    batch_size: int | None,
+    workers: int,
+    progress: ProgressCallback,
+    cancel: CancelToken | None,
+) -> SlideOutcome:
+    from wsi_llava.encoders.extract import cache_key_for, extract_features
+    from wsi_llava.slide import open_slide
+    from wsi_llava.slide.tiling import make_tile_grid
+
+    t0 = time.perf_counter()
+    key = None
+    try:
+        with open_slide(path, mpp=mpp) as reader:
+            grid = make_tile_grid(reader, target_mpp=target_mpp, tile_size=tile_size)
+            key = cache_key_for(reader, grid, encoder)
+            hit = (cache.path_for(key) / "zarr.json").is_file()  # cheap; extract_features re-checks
+            feats = extract_features(
+                reader,
+                grid,
+                encoder,
+                cache,
+                device=device,
+                batch_size=batch_size,
+                progress=progress,
+                cancel=cancel,
+                workers=workers,
+            )
+        return SlideOutcome(
+            path=str(path),
+            index=index,
+            rank=rank,
+            ok=True,
+            n_tiles=feats.n_tiles,
+            dim=feats.dim,
+            cache_path=str(feats.path) if feats.path is not None else None,
+            from_cache=hit,
+            seconds=time.perf_counter() - t0,
+        )
+    except Cancelled:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one bad slide must not stop the cohort
+        done = cache.get(key) if key is not None else None
+        if done is not None:  # another process finished the same entry (same file under two names)
+            logger.info("%s: cached concurrently by another process (%s)", path, exc)
+            return SlideOutcome(
+                path=str(path),
+                index=index,
+                rank=rank,
+                ok=True,
+                n_tiles=done.n_tiles,
+                dim=done.dim,
+                cache_path=str(done.path),
+                from_cache=True,
+                seconds=time.perf_counter() - t0,
+            )
+        msg = _describe(exc, path)
+        logger.error("rank %d: %s: %s", rank, path, msg)
+        logger.debug("traceback of the failure on %s", path, exc_info=True)
+        return SlideOutcome(
+            path=str(path), index=index, rank=rank, ok=False, error=msg, seconds=time.perf_counter() - t0
+        )
+
+
+def _process_group(env: DistEnv, use: bool | None) -> tuple[bool, bool]:
+    """Join (or create) a gloo process group for the final gather → ``(grouped, created here)``."""
+    if not env.distributed or use is False:
+        return False, False
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return True, False
+    if not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+        if use:
+            raise WsiLlavaError("gathering results needs MASTER_ADDR and MASTER_PORT (launch with torchrun)")
+        return False, False
+    dist.init_process_group("gloo", rank=env.rank, world_size=env.world_size)
+    return True, True
+
+
+def extract_cohort(
+    slides: Sequence[str | Path],
+    encoder: Any,
+    cache: Any,
+    *,
+    env: DistEnv | None = None,
+    device: str = "auto",
+    target_mpp: float = 0.5,
+    tile_size: int = 256,
+    mpp: float | None = None,
+    batch_size: int | None = None,
+    workers: int = 2,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+    gather: bool | None = None,
+) -> CohortReport:
+    """Extract features of this rank's share of ``slides`` into ``cache`` (every slide when alone).
+
+    ``encoder`` is a built tile encoder; it is moved to ``cuda:LOCAL_RANK`` (``device`` ``auto``/``cuda``).
+    Failed slides are logged and listed in the report, never raised; ``cancel`` raises ``Cancelled``.
+    ``gather`` (default: when launched by torchrun) joins a gloo group so every rank returns all outcomes.
+    ``progress`` gets ``(slides done, slides of this rank, "rank r/N: slides")`` and each slide's tile
+    progress under ``"rank r/N: <file name>"``.
+    """
+    env = env or DistEnv.from_env()
+    progress = progress or no_progress
+    paths = [Path(p) for p in slides]
+    if not paths:
+        raise WsiLlavaError("no slides to extract")
+    dev = device_for_rank(device, env)
+    if dev.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(torch.device(dev))
+    grouped, created = _process_group(env, gather)
+    try:
+        return _run(
+            paths,
+            encoder,
+            cache,
+            env,
+            dev,
+            grouped,
+            target_mpp,
+            tile_size,
+            mpp,
+            batch_size,
+            workers,
+            progress,
+            cancel,
+        )
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(
+    paths: list[Path],
+    encoder: Any,
+    cache: Any,
+    env: DistEnv,
+    dev: str,
+    grouped: bool,
+    target_mpp: float,
+    tile_size: int,
+    mpp: float | None,
+    batch_size: int | None,
+    workers: int,
+    progress: ProgressCallback,
+    cancel: CancelToken | None,
+) -> CohortReport:
+    if env.distributed:
+        weights = [estimate_tiles(p, tile_size, target_mpp, mpp) for p in paths]
+        mine = shard(weights, env.world_size)[env.rank]
+        logger.info(
+            "rank %d/%d on %s: %d of %d slides, ~%d of ~%d tile cells",
+            env.rank,
+            env.world_size,
+            dev,
+            len(mine),
+            len(paths),
+            sum(weights[i] for i in mine),
+            sum(weights),
+        )
+    else:
+        mine = list(range(len(paths)))
+    tag = f"rank {env.rank}/{env.world_size}"
+    outcomes: list[SlideOutcome] = []
+    if grouped:
+        import torch.distributed as dist
+
+        dist.barrier()
+    start = time.time()
+    progress(0, len(mine), f"{tag}: slides")
+    for done, i in enumerate(mine, start=1):
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        path = paths[i]
+        name = f"{tag}: {path.name}"
+
+        def on_tiles(d: int, total: int, _msg: str, _name: str = name) -> None:
+            progress(d, total, _name)
+
+        outcome = _extract_one(
+            path,
+            i,
+            env.rank,
+            encoder,
+            cache,
+            device=dev,
+            target_mpp=target_mpp,
+            tile_size=tile_size,
+            mpp=mpp,
+            batch_size=batch_size,
+            workers=workers,
+            progress=on_tiles,
+            cancel=cancel,
+        )
+        if outcome.ok:
+            logger.info(
+                "%s: %s: %d tiles in %.1f s%s",
+                tag,
+                path,
+                outcome.n_tiles,
+                outcome.seconds,
+                " (cached)" if outcome.from_cache else "",
+            )
+        outcomes.append(outcome)
+        progress(done, len(mine), f"{tag}: slides")
+    if dev.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+    timing = RankTiming(
+        rank=env.rank,
+        device=dev,
+        start=start,
+        end=time.time(),
+        n_slides=len(mine),
+        n_tiles=sum(o.n_tiles for o in outcomes if o.ok and not o.from_cache),
+    )
+    timings = [timing]
+    if grouped:
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * env.world_size
+        dist.all_gather_object(parts, ([o.model_dump() for o in outcomes], timing.model_dump()))
+        outcomes = [SlideOutcome(**o) for part in parts for o in part[0]]
+        timings = [RankTiming(**part[1]) for part in parts]
+    outcomes.sort(key=lambda o: o.index)
+    return CohortReport(
+        world_size=env.world_size,
+        rank=env.rank,
+        gathered=grouped or not env.distributed,
+        encoder_id=str(getattr(encoder, "encoder_id", "")),
+        outcomes=outcomes,
+        timings=timings,
+    )

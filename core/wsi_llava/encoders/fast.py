@@ -1,0 +1,134 @@
+"""``FastTileEncoder``: a tile encoder run for throughput on CUDA (bf16, compiled transformer blocks).
+
+The wrapped :class:`~wsi_llava.encoders.tile.TileEncoder` is left untouched: the fast model is a shallow
+copy whose blocks share its parameters, with each transformer block compiled by ``torch.compile``
+(one compiled graph serves every block of a timm ViT, so compiling takes seconds, not minutes).
+Attention runs through timm's fused SDPA (flash attention on Hopper). A compile failure is logged
+and the eager model is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+logger = logging.getLogger(__name__)
+
+#: attribute of the wrapped encoder that holds its fast wrappers, per (device, compile flag)
+_ATTR = "_wsi_llava_fast"
+
+
+def _blocks(model: nn.Module) -> nn.Sequential | None:
+    blocks = getattr(model, "blocks", None)
+    return blocks if isinstance(blocks, nn.Sequential) and len(blocks) > 0 else None
+
+
+def _compiled_copy(model: nn.Module) -> nn.Module:
+    """A shallow copy of ``model`` sharing every parameter, its ``blocks`` (or itself) compiled."""
+    blocks = _blocks(model)
+    if blocks is None:
+        return torch.compile(model, dynamic=False)
+    fast = copy.copy(model)
+    fast._modules = dict(model._modules)  # type: ignore[assignment] - own module table, same children
+    new_blocks = []
+    for blk in blocks:
+        b = copy.copy(blk)  # shares parameters and submodules; compile() only sets attributes on the copy
+        b.compile(dynamic=False)
+        new_blocks.append(b)
+    fast._modules["blocks"] = nn.Sequential(*new_blocks)
+    return fast
+
+
+class FastTileEncoder:
+    """Encode uint8 tiles with ``encoder`` on ``device``: autocast bf16 (CUDA), compiled blocks.
+
+    ``bf16_weights`` runs a bf16 copy of the weights without autocast instead (an option measured by
+    ``benchmarks/bench_featurize.py``; the residual stream is then bf16 too).
+
+    ``__call__(tiles)`` takes ``(B, H, W, 3)`` uint8 (numpy or a tensor, ideally already on
+    ``device``) and returns ``(B, embed_dim)`` features (float32 on CPU, bf16 on CUDA).
+    """
+
+    def __init__(
+        self, encoder: Any, device: Any, *, compile: bool | None = None, bf16_weights: bool = False
+    ) -> None:
+        self.encoder = encoder
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.compile = self.cuda if compile is None else bool(compile)
+        self.bf16_weights = bool(bf16_weights)
+        self._eager: nn.Module = encoder.model
+        if self.bf16_weights:  # a bf16 copy of the weights: pure bf16 (no autocast), more memory
+            self._eager = copy.deepcopy(encoder.model).to(self.device, torch.bfloat16).eval()
+        self._model = self._eager
+        self.compiled = False
+        if self.compile:
+            try:
+                self._model = _compiled_copy(self._eager)
+                self.compiled = True
+            except Exception as e:  # noqa: BLE001 - any failure to set up compilation: run eagerly
+                logger.warning(
+                    "torch.compile of tile encoder %r failed (%s); running eagerly", encoder.name, e
+                )
+        self._checked = False
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast on CUDA (as the reference path), nothing on CPU."""
+        if self.cuda and not self.bf16_weights:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._model(x)
+        if out.dim() != 2 or out.shape[-1] != self.encoder.embed_dim:
+            from wsi_llava.errors import ModelError
+
+            raise ModelError(
+                f"tile encoder {self.encoder.name!r} returned {tuple(out.shape)}, "
+                f"expected (B, {self.encoder.embed_dim})"
+            )
+        return out
+
+    def __call__(self, tiles: Any) -> torch.Tensor:
+        """Preprocess and encode uint8 tiles (call under ``torch.inference_mode()``)."""
+        with self.autocast():
+            x = self.encoder.preprocess(tiles)
+            if self.bf16_weights:
+                x = x.to(torch.bfloat16)
+            if self._checked or not self.compiled:
+                return self._forward(x)
+            try:  # compilation happens at the first call: fall back to eager if it fails
+                out = self._forward(x)
+            except Exception as e:  # noqa: BLE001
+                from wsi_llava.errors import ModelError
+
+                if isinstance(e, ModelError):
+                    raise
+                logger.warning(
+                    "compiled tile encoder %r failed at its first call (%s: %s); running eagerly",
+                    self.encoder.name,
+                    type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "",
+                )
+                self._model, self.compiled = self._eager, False
+                out = self._forward(x)
+            self._checked = True
+            return out
+
+
+def fast_encoder(encoder: Any, device: Any, *, compile: bool | None = None) -> FastTileEncoder:
+    """The (cached per encoder, device and compile flag) fast wrapper of ``encoder``; moves it to ``device``."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    encoder.to(dev).eval()
+    key = (str(dev), compile)
+    per = encoder.__dict__.setdefault(_ATTR, {})
+    if key not in per:
+        per[key] = FastTileEncoder(encoder, dev, compile=compile)
+    return per[key]
