@@ -252,3 +252,25 @@ def test_two_process_data_parallel_matches_one_process(pack: Path, stage1: Path,
     assert all(abs(a - b) <= 1e-4 * max(1.0, abs(a)) for a, b in zip(one, two, strict=True)), (one, two)
     start = read_log(tmp_path / "two" / "log.jsonl")[0]
     assert start["world_size"] == 2 and start["global_batch"] == 2
+
+
+def test_option_permutations_keep_the_right_option(pack: Path) -> None:
+    from wsi_llava.eval.bench import parse_options
+    from wsi_llava.train.config import DataConfig
+    from wsi_llava.train.data import load_train_data
+
+    base = load_train_data(DataConfig(packs=[pack])).samples
+    more = load_train_data(DataConfig(packs=[pack], option_permutations=3)).samples
+    mcq = [s for s in base if s.kind == "close" and parse_options(s.question)]
+    assert mcq and len(more) == len(base) + 3 * len(mcq)
+    assert more[: len(base)] == base  # originals first, untouched
+    copies = more[len(base) :]
+    for i, s in enumerate(mcq):
+        right = parse_options(s.question)[s.answer]
+        orders = {c.question for c in copies[3 * i : 3 * i + 3]} | {s.question}
+        assert len(orders) == 4  # three new orders
+        for c in copies[3 * i : 3 * i + 3]:
+            assert (c.slide, c.task, c.tiles) == (s.slide, s.task, s.tiles)
+            assert parse_options(c.question)[c.answer] == right
+            assert c.question.split(" A) ")[0] == s.question.split(" A) ")[0]
+    assert not [c for c in copies if c.answer in ("Yes", "No")]  # yes/no questions are not copied

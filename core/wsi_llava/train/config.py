@@ -37,6 +37,9 @@ class DataConfig(_Strict):
     features: Path | None = None
     tasks: list[str] | None = Field(None, description="keep only these tasks (file stems); None: all")
     max_length: int = Field(2048, gt=8, description="LLM positions per sample, visual tokens included")
+    option_permutations: int = Field(
+        0, ge=0, description="extra copies of each A-D question with its options in other orders (0: none)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:

@@ -274,6 +274,10 @@ def load_train_data(cfg: DataConfig) -> TrainData:
         samples = [s for s in samples if s.task in keep]
     if not samples:
         raise TrainError("no training samples (check data.packs / data.bench and data.tasks)")
+    if cfg.option_permutations:
+        from wsi_llava.train.augment import with_option_permutations
+
+        samples = with_option_permutations(samples, cfg.option_permutations)
     return TrainData(samples=samples, slides=slides, encoder_ids=encoder_ids)
 
 
