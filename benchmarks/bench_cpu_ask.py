@@ -35,6 +35,15 @@ def _prepare_cache(workdir: Path) -> None:
         (workdir / "llm").symlink_to(default, target_is_directory=True)
 
 
+def _demo_label() -> str:
+    """Which demo runs: the shipped trained checkpoint, or the seeded untrained fallback."""
+    from wsi_llava.model.demo import DEMO_WEIGHTS
+
+    if (DEMO_WEIGHTS / "wsi_llava.json").is_file():
+        return f"demo (SmolLM2-135M-Instruct + trained checkpoint {DEMO_WEIGHTS.name}/)"
+    return "demo (SmolLM2-135M-Instruct + untrained demo encoder/projector)"
+
+
 def _cli(slide: Path, env: dict, max_new: int) -> tuple[float, dict]:
     exe = shutil.which("wsi-llava") or str(Path(sys.executable).with_name("wsi-llava"))
     launcher = [exe] if Path(exe).is_file() else [sys.executable, "-m", "wsi_llava.cli"]
@@ -77,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "transformers": transformers.__version__,
-        "model": "demo (SmolLM2-135M-Instruct + untrained demo encoder/projector)",
+        "model": _demo_label(),
         "question": QUESTION,
         "max_new_tokens": args.max_new_tokens,
         "load_avg_1min_before": round(os.getloadavg()[0], 2),
