@@ -68,20 +68,23 @@ def _stage_command(stage: str, help_text: str) -> click.Command:
     return cmd
 
 
+_bench_option = click.option(
+    "--bench",
+    "benches",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Synthetic world folder, or bench folder/file whose slides are reachable (repeatable).",
+)
+
+
 @click.group("train")
 def train_command() -> None:
     """Train WSI-LLaVA in three stages (configs/demo, configs/paper)."""
 
 
 @train_command.command("prepare")
-@click.option(
-    "--bench",
-    "benches",
-    multiple=True,
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Synthetic world folder or bench folder/file with slides (repeatable).",
-)
+@_bench_option
 @click.option(
     "--out", required=True, type=click.Path(path_type=Path), help="Feature pack file to write (.pt)."
 )
@@ -135,14 +138,7 @@ def _write_with_progress(fn: Callable[..., Path], *args: Any, **kwargs: Any) -> 
 
 
 @train_command.command("prepare-tiles")
-@click.option(
-    "--bench",
-    "benches",
-    multiple=True,
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Synthetic world folder or bench folder/file with region questions (repeatable).",
-)
+@_bench_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Tile pack file to write (.pt).")
 @click.option(
     "--tile-encoder", default="demo-vit", show_default=True, help="Encoder whose input size to use."

@@ -145,7 +145,6 @@ def prepare_pack(
             "%d region question(s) skipped (no tissue tile in the region), e.g. %s", len(skipped), skipped[0]
         )
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "version": PACK_VERSION,
         "encoder_id": encoder.encoder_id,
@@ -155,24 +154,37 @@ def prepare_pack(
         "slides": slides,
         "samples": samples,
     }
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(out)
+    save_pack(payload, out)
     logger.info("wrote %s: %d slides, %d samples", out, len(slides), len(samples))
     return out
 
 
-def load_pack(path: Path) -> dict[str, Any]:
-    """A pack written by :func:`prepare_pack` (checked)."""
+def save_pack(payload: dict[str, Any], out: Path) -> None:
+    """Write a pack atomically (temp name, then rename): a killed run never leaves a half-written pack."""
+    import torch
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(out)
+
+
+def read_pack(path: Path, version: int, what: str) -> dict[str, Any]:
+    """A pack of kind ``what`` (e.g. ``feature pack``) at ``version``; errors name the file."""
     import torch
 
     try:
         pack = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise TrainError(f"{path}: cannot read the feature pack ({e})") from None
-    if not isinstance(pack, dict) or pack.get("version") != PACK_VERSION:
-        raise TrainError(f"{path}: not a wsi-llava feature pack (version {PACK_VERSION})")
+        raise TrainError(f"{path}: cannot read the {what} ({e})") from None
+    if not isinstance(pack, dict) or pack.get("version") != version:
+        raise TrainError(f"{path}: not a wsi-llava {what} (version {version})")
     return pack
+
+
+def load_pack(path: Path) -> dict[str, Any]:
+    """A pack written by :func:`prepare_pack` (checked)."""
+    return read_pack(path, PACK_VERSION, "feature pack")
 
 
 # --- the sample table -----------------------------------------------------------------------------

@@ -152,7 +152,7 @@ def expected_encoder_id(model: Any) -> str:
     return f"{te.name}:sha256-{weights_sha256(path)[:16]}"
 
 
-def _check_encoder(model: Any, data: TrainData) -> None:
+def check_pack_encoder(model: Any, data: TrainData) -> None:
     """Packs must come from the model's own tile encoder (features of another encoder mean nothing)."""
     if not data.encoder_ids or model.slide_encoder is None:
         return
@@ -160,7 +160,7 @@ def _check_encoder(model: Any, data: TrainData) -> None:
     if want not in data.encoder_ids:
         raise TrainError(
             f"the feature packs were made with {sorted(data.encoder_ids)}, but the model's tile encoder is "
-            f"{want}; re-run `wsi-llava train prepare` with the model's tile encoder"
+            f"{want}; re-run `wsi-llava train prepare` with --weights set to the model's tile encoder"
         )
 
 
@@ -203,7 +203,7 @@ def run_lm_stage(
         if not samples:
             raise TrainError(f"stage 2: no samples of the caption tasks {sorted(keep)}")
     model = load_base(cfg, d)
-    _check_encoder(model, data)
+    check_pack_encoder(model, data)
     model.requires_grad_(False)
     model.projector.float().requires_grad_(True)
     groups: list[dict[str, Any]]

@@ -20,6 +20,7 @@ from torch import nn
 
 from wsi_llava.train.config import Stage1Config, TrainError
 from wsi_llava.train.data import TrainData, load_train_data
+from wsi_llava.train.lm import check_pack_encoder
 from wsi_llava.train.loop import Dist, Task, named_trainable, seed_everything, train_loop
 
 logger = logging.getLogger(__name__)
@@ -146,20 +147,6 @@ def _tile_encoder_weights(cfg: Stage1Config, spec: Any) -> Path | None:
     return folder
 
 
-def _check_pack_encoder(spec: Any, folder: Path | None, data: TrainData) -> None:
-    """The packs' tile features must come from the tile encoder this checkpoint will carry."""
-    from wsi_llava.train.lm import expected_encoder_id
-
-    if not data.encoder_ids:
-        return
-    want = expected_encoder_id(SimpleNamespace(spec=spec, checkpoint_dir=folder))
-    if want not in data.encoder_ids:
-        raise TrainError(
-            f"the feature packs were made with {sorted(data.encoder_ids)}, but the model's tile encoder is "
-            f"{want}; re-run `wsi-llava train prepare` with --weights set to the model's tile encoder"
-        )
-
-
 def _llm_override(folder: str) -> tuple[str, int]:
     """``(absolute folder, hidden size)`` of a local Hugging Face LLM given as ``model.llm``."""
     import json
@@ -203,9 +190,8 @@ def run_stage1(
     pairs = report_pairs(data)
     spec, se, proj = build_base(cfg)
     weights_dir = _tile_encoder_weights(cfg, spec)
-    _check_pack_encoder(
-        spec, weights_dir or (None if cfg.model.base == "demo" else Path(cfg.model.base)), data
-    )
+    checkpoint_dir = weights_dir or (None if cfg.model.base == "demo" else Path(cfg.model.base))
+    check_pack_encoder(SimpleNamespace(spec=spec, checkpoint_dir=checkpoint_dir, slide_encoder=se), data)
     se.to(d.device).train()
     text = TextEncoder(resolve_text_encoder(cfg.text_encoder), cfg.text_max_length).to(d.device)
     text.train(cfg.train_text_encoder)
@@ -292,7 +278,7 @@ def run_stage1(
             llm=None,
             tokenizer=None,
             # the tile encoder file (and a saved LLM) travel from here into the new checkpoint
-            checkpoint_dir=weights_dir or (None if cfg.model.base == "demo" else Path(cfg.model.base)),
+            checkpoint_dir=checkpoint_dir,
         )
         save_checkpoint(model, final)
         from safetensors.torch import save_file

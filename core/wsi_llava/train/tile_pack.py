@@ -18,6 +18,7 @@ from typing import Any
 
 from wsi_llava.progress import ProgressCallback, no_progress
 from wsi_llava.train.config import TrainError
+from wsi_llava.train.data import read_pack, save_pack
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +166,6 @@ def prepare_tile_pack(
         with torch.no_grad():
             text_features = torch.cat([enc(names[i : i + 64]) for i in range(0, len(names), 64)]).float()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "text_encoder": {"name": text_encoder, "max_length": text_max_length} if text_encoder else None,
         "text_features": text_features,
@@ -178,9 +178,7 @@ def prepare_tile_pack(
         "items": items,
         "jpegs": jpegs,
     }
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(out)
+    save_pack(payload, out)
     logger.info("wrote %s: %d tiles of %d regions, %d descriptions", out, len(items), len(jobs), len(texts))
     return out
 
@@ -215,12 +213,7 @@ def load_tile_packs(paths: Iterable[Path]) -> TileTextData:
     text_encoders: list[Any] = []
     feats: dict[int, Any] = {}
     for p in paths:
-        try:
-            pack = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise TrainError(f"{p}: cannot read the tile pack ({e})") from None
-        if not isinstance(pack, dict) or pack.get("version") != TILE_PACK_VERSION:
-            raise TrainError(f"{p}: not a wsi-llava tile pack (version {TILE_PACK_VERSION})")
+        pack = read_pack(p, TILE_PACK_VERSION, "tile pack")
         encoders.add((str(pack["tile_encoder"]), int(pack["input_size"])))
         remap = [texts.setdefault(t, len(texts)) for t in pack["texts"]]
         text_encoders.append(pack.get("text_encoder"))
