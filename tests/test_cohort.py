@@ -1,4 +1,4 @@
-"""Cohort featurization: deterministic size-balanced shards, a real 2-process run equal to 1 process."""
+"""Cohort featurization: the claim queue; a real 2-rank torchrun run (dynamic claiming) equals 1 process."""
 
 from __future__ import annotations
 
@@ -11,31 +11,64 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsi_llava.encoders.cohort import DistEnv, estimate_tiles, list_slides, shard
+from wsi_llava.encoders.cohort import DistEnv, _SlideQueue, claim_order, estimate_tiles, list_slides
 from wsi_llava.errors import WsiLlavaError
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_shard_deterministic_and_covers_every_slide_once(world_size):
-    rng = np.random.default_rng(world_size)
-    weights = [int(w) for w in rng.integers(0, 5000, size=11)] + [0, 0, 700, 700]
-    shards = shard(weights, world_size)
-    assert shards == shard(list(weights), world_size)  # same answer every time / in every process
-    assert len(shards) == world_size
-    flat = sorted(i for s in shards for i in s)
-    assert flat == list(range(len(weights)))
-    loads = [sum(weights[i] for i in s) for s in shards]
-    assert max(loads) - min(loads) <= max(weights)  # greedy largest-first bound
-    if world_size > 1:
-        naive = [sum(weights[i::world_size]) for i in range(world_size)]  # round-robin
-        assert max(loads) <= max(naive)
+def test_claim_order_largest_first_ties_by_index():
+    assert claim_order([5, 100, 0, 100, 7]) == [1, 3, 4, 0, 2]
+    assert claim_order([]) == []
 
 
-def test_shard_balances_by_size_not_count():
-    # one huge slide and many small ones: the huge one gets a rank to itself
-    shards = shard([100, 10, 10, 10, 10, 10, 10], 2)
-    assert shards[0] == [0]
-    assert sorted(shards[1]) == [1, 2, 3, 4, 5, 6]
+def test_local_queue_hands_out_each_slide_once():
+    q = _SlideQueue([2, 0, 1])
+    assert [q.claim(), q.claim(), q.claim(), q.claim(), q.claim()] == [2, 0, 1, None, None]
+    assert [q.finished_one() for _ in range(3)] == [1, 2, 3]
+
+
+def test_several_ranks_need_torchrun(world: Path, monkeypatch):
+    from wsi_llava.encoders.cohort import extract_cohort
+
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(WsiLlavaError, match="WORLD_SIZE=2.*torchrun"):
+        extract_cohort([world / "slides" / "slide_000.tif"], None, None, env=DistEnv(1, 2, 1), device="cpu")
+
+
+def test_progress_counts_slides_and_cancel_stops_between_slides(cohort: list[Path], tmp_path: Path):
+    from wsi_llava.encoders.cache import FeatureCache
+    from wsi_llava.encoders.cohort import extract_cohort
+    from wsi_llava.encoders.tile import build_tile_encoder
+    from wsi_llava.errors import Cancelled
+    from wsi_llava.progress import CancelToken
+
+    slides = [cohort[1], cohort[0]]  # the 1536 px slide, then a 2048 px one
+    token, seen = CancelToken(), []
+
+    def progress(done: int, total: int, message: str) -> None:
+        seen.append((done, total, message))
+        if message == "rank 0/1: slides" and done == 1:
+            token.cancel()  # after the first slide: the second is never started
+
+    with pytest.raises(Cancelled):
+        extract_cohort(
+            slides,
+            build_tile_encoder("demo-vit"),
+            FeatureCache(tmp_path / "c"),
+            env=DistEnv(),
+            device="cpu",
+            batch_size=32,
+            progress=progress,
+            cancel=token,
+        )
+    assert [s for s in seen if s[2] == "rank 0/1: slides"] == [
+        (0, 2, "rank 0/1: slides"),
+        (1, 2, "rank 0/1: slides"),
+    ]
+    tiles = [s for s in seen if s[2] == "rank 0/1: slide_000.tif"]  # the first slide's tiles, all done
+    assert tiles and tiles[-1][0] == tiles[-1][1] > 0
+    assert len({s[2] for s in seen}) == 2  # nothing of the second slide
+    assert len(FeatureCache(tmp_path / "c").list()) == 1
 
 
 def test_dist_env_from_env():
@@ -68,16 +101,40 @@ def test_list_slides_folders_list_files_and_duplicates(world: Path, tmp_path: Pa
     assert estimate_tiles(tmp_path / "notes.txt", 256, 0.5) == 0
 
 
+#: one torchrun rank; rank 0 holds its first slide until rank 1 has finished three (and rank 1 starts
+#: once rank 0 has claimed one), so only dynamic claiming, not a fixed share, lets rank 1 take three
 _RANK_SCRIPT = """
-import json, sys, torch
+import json, os, sys, time
+from pathlib import Path
+import torch
 torch.set_num_threads(1)
+from wsi_llava.encoders import cohort
 from wsi_llava.encoders.cache import FeatureCache
-from wsi_llava.encoders.cohort import extract_cohort
 from wsi_llava.encoders.tile import build_tile_encoder
-slides, cache, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
-report = extract_cohort(slides, build_tile_encoder("demo-vit"), FeatureCache(cache), device="cpu",
-                        batch_size=16)
-open(out, "w").write(report.model_dump_json())
+slides, cache, out = json.loads(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+rank, real, done = int(os.environ["RANK"]), cohort._extract_one, []
+
+def wait_for(marker):
+    deadline = time.monotonic() + 60
+    while not (out / marker).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+def held(*args, **kw):
+    if rank == 0 and not done:
+        (out / "rank0.claimed").touch()
+        wait_for("rank1.three")
+    if rank == 1 and not done:
+        wait_for("rank0.claimed")
+    outcome = real(*args, **kw)
+    done.append(outcome.index)
+    if rank == 1 and len(done) == 3:
+        (out / "rank1.three").touch()
+    return outcome
+
+cohort._extract_one = held
+report = cohort.extract_cohort(slides, build_tile_encoder("demo-vit"), FeatureCache(cache), device="cpu",
+                               batch_size=16)
+(out / f"rank{rank}.json").write_text(report.model_dump_json())
 """
 
 
@@ -108,21 +165,28 @@ def cohort(world: Path, tmp_path_factory) -> list[Path]:
     return [s1 / "slide_000.tif", extra / "slides" / "slide_000.tif", bad, s1 / "slide_001.tif"]
 
 
-def test_two_processes_fill_the_same_cache_as_one(cohort: list[Path], tmp_path: Path):
+def test_torchrun_ranks_claim_dynamically_and_fill_the_same_cache_as_one(cohort: list[Path], tmp_path: Path):
     import torch
 
     from wsi_llava.encoders.cache import FeatureCache
     from wsi_llava.encoders.cohort import extract_cohort
     from wsi_llava.encoders.tile import build_tile_encoder
 
-    # two ranks as torchrun would start them (env only; no process group), sharing one cache
+    # two ranks under torchrun (gloo group, claims through its store), sharing one cache
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK_SCRIPT)
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     shared = tmp_path / "two"
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
-    procs = []
-    for rank in range(2):
-        e = {**env, "RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-        args = [json.dumps([str(p) for p in cohort]), str(shared), str(tmp_path / f"rank{rank}.json")]
-        procs.append(subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT, *args], env=e, text=True))
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
+    proc = subprocess.Popen(
+        [*run, json.dumps([str(p) for p in cohort]), str(shared), str(tmp_path)],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
     # meanwhile the one-process reference, in this process
     threads = torch.get_num_threads()
@@ -138,18 +202,30 @@ def test_two_processes_fill_the_same_cache_as_one(cohort: list[Path], tmp_path: 
         )
     finally:
         torch.set_num_threads(threads)
-    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log[-3000:]
 
-    # one process: the truncated slide is reported by name, the four others are extracted
+    # one process: list order; the truncated slide is reported by name, the three others are extracted
+    assert [t.slides for t in one.timings] == [[0, 1, 2, 3]]
     assert [o.ok for o in one.outcomes] == [True, True, False, True]
     assert "truncated.tif" in one.error_summary() and "1 of 4 slides failed" in one.error_summary()
     assert one.outcomes[2].error and "truncated" in one.outcomes[2].error
 
+    # torchrun: both ranks return the whole cohort; every slide claimed by exactly one rank, largest
+    # first (2048 px slides 0 and 3, then the 1536 px slide 1, then the unreadable one); rank 0 was held
+    # on its first slide, so rank 1 claimed the other three
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    done = [[o["index"] for o in rep["outcomes"]] for rep in reports]
-    assert sorted(done[0] + done[1]) == [0, 1, 2, 3] and done[0] and done[1]
-    bad = [o for rep in reports for o in rep["outcomes"] if not o["ok"]]
-    assert len(bad) == 1 and bad[0]["path"].endswith("truncated.tif")
+    assert reports[0]["outcomes"] == reports[1]["outcomes"] and reports[0]["timings"] == reports[1]["timings"]
+    claims = {t["rank"]: t["slides"] for t in reports[0]["timings"]}
+    assert sorted(claims[0] + claims[1]) == [0, 1, 2, 3]
+    order = [0, 3, 1, 2]
+    for slides in claims.values():
+        assert slides == sorted(slides, key=order.index)
+    assert len(claims[0]) == 1 and len(claims[1]) == 3 and claims[1][-1] == 2
+    by_index = {o["index"]: o for o in reports[0]["outcomes"]}
+    assert [by_index[i]["rank"] for i in claims[1]] == [1, 1, 1]
+    bad = [o for o in reports[0]["outcomes"] if not o["ok"]]
+    assert len(bad) == 1 and bad[0]["path"].endswith("truncated.tif") and "truncated" in bad[0]["error"]
 
     a, b = _cache_contents(tmp_path / "one"), _cache_contents(shared)
     assert len(a) == 3 and sorted(a) == sorted(b)

@@ -207,3 +207,47 @@ def test_graph_mode_drops_to_static_when_capture_fails(model, vis, monkeypatch, 
     assert calls == ["compile", "graph"] and dec.mode == "static"
     assert "compile mode failed" in caplog.text and "graph mode failed" in caplog.text
     torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_warm_up_in_a_thread_builds_the_decoder_the_answer_uses(model, vis):
+    """``warm_fast_decode`` builds the decoder in a thread; the next answer reuses it, same ids as eager."""
+    eager = _run(model, vis, False, max_new_tokens=20)
+    model.release_fast_decoder()
+    model.fast_decode = "static"
+    try:
+        assert model.warm_fast_decode(length=200)
+        model.wait_fast_decode()
+        dec = model._fast[1]
+        assert dec is not None and dec.capacity >= 200
+        text = model.generate_text(Q, vis, max_new_tokens=20)
+        assert model._fast[1] is dec  # reused, not rebuilt
+        assert (text, model.last_generation.new_token_ids) == eager[:2]
+        assert model.last_generation.decode_path == "static"
+    finally:
+        model.fast_decode = None
+    assert not model.warm_fast_decode()  # off on CPU by default: nothing to warm
+
+
+def test_an_answer_waits_for_a_warm_up_in_flight(model, vis, monkeypatch):
+    import threading
+
+    eager = _run(model, vis, False, max_new_tokens=12)
+    model.release_fast_decoder()
+    gate, prepared = threading.Event(), []
+    real = FastDecoder.prepare
+
+    def slow_prepare(self):
+        gate.wait(10)
+        prepared.append(self)
+        real(self)
+
+    monkeypatch.setattr(FastDecoder, "prepare", slow_prepare)
+    model.fast_decode = "static"
+    try:
+        assert model.warm_fast_decode()
+        threading.Timer(0.3, gate.set).start()
+        fast = _run(model, vis, "static", max_new_tokens=12)
+    finally:
+        model.fast_decode = None
+    assert prepared and model._fast[1] is prepared[0]  # the answer used the warmed decoder
+    assert fast == (eager[0], eager[1], "static")

@@ -200,3 +200,56 @@ def test_fast_extract_cancel_leaves_no_cache(world_slide, encoder, tmp_path):
 def test_jpeg_tiles_module_is_torch_free():
     code = "import sys, wsi_llava.slide.jpeg_tiles; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class _StandIn(torch.nn.Module):
+    """Plays the compiled copy: the eager model's maths, gated and counted, to test the background swap."""
+
+    def __init__(self, model, gate=None, fail=False):
+        super().__init__()
+        self.model, self.gate, self.fail, self.calls = model, gate, fail, 0
+
+    def forward(self, x):
+        if self.gate is not None:
+            self.gate.wait(10)
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("inductor exploded in the background")
+        return self.model(x)
+
+
+def test_background_compile_runs_eagerly_until_the_copy_is_ready(encoder, monkeypatch):
+    import threading
+
+    gate = threading.Event()
+    made = []
+    monkeypatch.setattr(
+        fast_mod, "_compiled_copy", lambda model: made.append(_StandIn(model, gate)) or made[-1]
+    )
+    fenc = FastTileEncoder(encoder, "cpu", compile=True, background=True)
+    tiles = np.random.default_rng(1).integers(0, 255, size=(4, 112, 112, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        ref = encoder.encode(tiles)
+        first = fenc(tiles)  # starts the thread, which blocks in the stand-in: this batch runs eagerly
+        assert fenc.compiled and not fenc.ready and made[0].calls == 0
+        gate.set()
+        assert fenc.wait(10) and fenc.ready
+        assert made[0].calls == 1  # the warm-up run on the private sample
+        second = fenc(tiles)
+    assert made[0].calls == 2  # later batches go through the compiled copy
+    torch.testing.assert_close(first, ref)
+    torch.testing.assert_close(second, ref)
+
+
+def test_background_compile_failure_stays_eager(encoder, monkeypatch, caplog):
+    monkeypatch.setattr(fast_mod, "_compiled_copy", lambda model: _StandIn(model, fail=True))
+    fenc = FastTileEncoder(encoder, "cpu", compile=True, background=True)
+    tiles = np.random.default_rng(2).integers(0, 255, size=(3, 112, 112, 3), dtype=np.uint8)
+    with torch.inference_mode(), caplog.at_level(logging.WARNING, "wsi_llava"):
+        fenc(tiles)
+        assert fenc.wait(10)
+        out = fenc(tiles)
+        ref = encoder.encode(tiles)
+    assert not fenc.compiled and fenc.ready
+    torch.testing.assert_close(out, ref)
+    assert any("in the background" in r.message for r in caplog.records)

@@ -130,6 +130,8 @@ def test_shipped_demo_weights_load_as_a_trained_demo(smol):
     assert spec.demo and not spec.untrained and spec.lora is not None
     assert spec.tile_encoder.weights == "tile_encoder.safetensors"
     te = model.build_tile_encoder()
-    assert te.trained and te.encoder_id.endswith(weights_sha256(DEMO_WEIGHTS / "tile_encoder.safetensors")[:16])
+    assert te.trained and te.encoder_id.endswith(
+        weights_sha256(DEMO_WEIGHTS / "tile_encoder.safetensors")[:16]
+    )
     size = sum(p.stat().st_size for p in DEMO_WEIGHTS.rglob("*") if p.is_file())
     assert size < 50e6, size

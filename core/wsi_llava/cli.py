@@ -81,7 +81,7 @@ def synth(out: Path, n_slides: int, seed: int, size: int, mpp: float, split: str
 @click.option(
     "--summary",
     type=click.Path(path_type=Path),
-    help="Write the cohort's outcomes and timings as JSON (rank 0; per rank when not gathered).",
+    help="Write the outcomes and per-rank timings (claimed slides) as JSON (rank 0 under torchrun).",
 )
 def extract(
     slides: tuple[Path, ...],
@@ -99,8 +99,8 @@ def extract(
 ) -> None:
     """Extract and cache tile features for slides, folders of slides or a --list file.
 
-    Launched with ``torchrun --nproc-per-node N -m wsi_llava.cli extract ...`` each process takes a
-    size-balanced share of the slides on its own GPU. A slide that fails is reported and skipped.
+    Launched with ``torchrun --nproc-per-node N -m wsi_llava.cli extract ...`` each process claims
+    slides one at a time, largest first, on its own GPU. A slide that fails is reported and skipped.
     """
     from wsi_llava.encoders.cache import FeatureCache
     from wsi_llava.encoders.cohort import DistEnv, extract_cohort, list_slides
@@ -126,18 +126,13 @@ def extract(
         workers=workers,
         progress=TerminalProgress(),
     )
-    if report.gathered and env.rank != 0:
+    if env.rank != 0:
         return  # rank 0 prints and writes the whole cohort's results
     for o in report.succeeded:
         click.echo(f"{o.path}\t{o.n_tiles} tiles\t{o.dim}-d\t{o.cache_path}")
     if summary is not None:
-        out = (
-            summary
-            if report.gathered
-            else summary.with_name(f"{summary.stem}.rank{env.rank}{summary.suffix}")
-        )
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report.model_dump(), indent=1) + "\n")
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text(json.dumps(report.model_dump(), indent=1) + "\n")
     if len(report.outcomes) > 1 or env.distributed:
         click.echo(
             f"{len(report.succeeded)} of {len(report.outcomes)} slides extracted"

@@ -59,6 +59,7 @@ class SlideSession:
 
             model = load_model(model, device=self.device, dtype=dtype, model_base=model_base)
         self.model = model
+        model.warm_fast_decode()  # CUDA: compiles the decode step while the slide is featurized
         spec = model.spec
         self.grid = make_tile_grid(
             self.reader, target_mpp=spec.tiling.target_mpp, tile_size=spec.tiling.tile_size

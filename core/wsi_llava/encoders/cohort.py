@@ -1,13 +1,16 @@
-"""Cohort featurization: many slides into one :class:`FeatureCache`, sharded over processes / GPUs.
+"""Cohort featurization: many slides into one :class:`FeatureCache`, spread over processes / GPUs.
 
-Launched as one process it does every slide; under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``)
-each rank takes a deterministic, size-balanced share of the slides and encodes it on ``cuda:LOCAL_RANK``.
-Every slide is extracted by exactly one rank with :func:`~wsi_llava.encoders.extract.extract_features`, so
-the cache entries are the same as a one-process run's. A slide that fails is reported by name and skipped.
+Launched as one process it does every slide in list order; under ``torchrun`` (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``) the ranks claim slides one at a time from a shared queue, largest first (tile cells from
+the slide headers), through an atomic counter in the process group's store, so a rank that finishes early
+takes more and no rank waits on a fixed share. Each rank encodes on ``cuda:LOCAL_RANK``. Every slide is
+extracted by exactly one rank with :func:`~wsi_llava.encoders.extract.extract_features`, so the cache
+entries are the same as a one-process run's. A slide that fails is reported by name and skipped.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -26,12 +29,13 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CohortReport",
     "DistEnv",
+    "RankTiming",
     "SlideOutcome",
+    "claim_order",
     "device_for_rank",
     "estimate_tiles",
     "extract_cohort",
     "list_slides",
-    "shard",
 ]
 
 
@@ -163,12 +167,12 @@ def _accepts_directory(path: Path) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------------
-# sharding
+# claiming
 # --------------------------------------------------------------------------------------------------------
 def estimate_tiles(path: str | Path, tile_size: int, target_mpp: float, mpp: float | None = None) -> int:
     """Tile-grid cells of a slide from its header (an upper bound of its tissue tiles); 0 if unreadable.
 
-    Cheap (no pixels are read) and the same in every process, so all ranks agree on the shards.
+    Cheap (no pixels are read); it orders the claim queue, largest slides first.
     """
     from wsi_llava.slide import open_slide
 
@@ -176,29 +180,62 @@ def estimate_tiles(path: str | Path, tile_size: int, target_mpp: float, mpp: flo
         with open_slide(path, mpp=mpp) as reader:
             w0, h0 = reader.dimensions
             t0 = max(1, round(tile_size * target_mpp / reader.mpp))
-    except Exception as exc:  # noqa: BLE001 - the slide's rank reports it properly
-        logger.debug("cannot size %s for sharding (%s)", path, exc)
+    except Exception as exc:  # noqa: BLE001 - the rank that claims the slide reports it properly
+        logger.debug("cannot size %s for the claim queue (%s)", path, exc)
         return 0
     return int(-(-w0 // t0) * -(-h0 // t0))
 
 
-def shard(weights: Sequence[float], world_size: int) -> list[list[int]]:
-    """Indices of ``weights`` per rank: largest first onto the least-loaded rank (ties: lower index/rank).
+def claim_order(weights: Sequence[float]) -> list[int]:
+    """Indices of ``weights``, largest first (ties: lower index first): the order slides are claimed in.
 
-    Deterministic; each index lands on exactly one rank; per-rank order is the assignment order.
+    Largest first keeps the tail short: the last slides handed out are the smallest, so ranks finish close
+    together whatever their speed.
     """
-    if world_size < 1:
-        raise ValueError(f"world_size must be at least 1, got {world_size}")
-    order = sorted(range(len(weights)), key=lambda i: (-float(weights[i]), i))
-    loads = [0.0] * world_size
-    counts = [0] * world_size
-    shards: list[list[int]] = [[] for _ in range(world_size)]
-    for i in order:
-        r = min(range(world_size), key=lambda j: (loads[j], counts[j], j))
-        shards[r].append(i)
-        loads[r] += max(float(weights[i]), 0.0)
-        counts[r] += 1
-    return shards
+    return sorted(range(len(weights)), key=lambda i: (-float(weights[i]), i))
+
+
+#: distinguishes the store keys of successive cohort runs in one process group (every rank counts alike)
+_RUNS = itertools.count()
+
+
+class _SlideQueue:
+    """Slide indices handed out one at a time in ``order``: from an atomic counter in ``store`` (shared by
+    all ranks; ``add`` returns the new value, so each position goes to exactly one caller), else locally.
+    """
+
+    def __init__(self, order: Sequence[int], store: Any | None = None) -> None:
+        self.order = list(order)
+        self._store = store
+        self._prefix = f"wsi_llava/cohort/{next(_RUNS)}/" if store is not None else ""
+        self._claimed = 0
+        self._done = 0
+
+    def claim(self) -> int | None:
+        """The next unclaimed slide's index, or None when every slide has been claimed."""
+        if self._store is None:
+            pos, self._claimed = self._claimed, self._claimed + 1
+        else:
+            pos = int(self._store.add(self._prefix + "claimed", 1)) - 1
+        return self.order[pos] if pos < len(self.order) else None
+
+    def finished_one(self) -> int:
+        """Count one more finished slide; returns how many the whole cohort has finished."""
+        if self._store is None:
+            self._done += 1
+            return self._done
+        return int(self._store.add(self._prefix + "done", 1))
+
+
+def _default_store() -> Any:
+    """The store of the default process group: every rank reaches it, and its ``add`` is atomic.
+
+    torch has no public getter for it; a second ``TCPStore`` would need a port and an address that every
+    rank can reach, which the group's store already has.
+    """
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -220,22 +257,26 @@ class SlideOutcome(BaseModel):
 
 
 class RankTiming(BaseModel):
-    """Wall-clock span of one rank's extraction loop (``time.time()``, seconds since the epoch)."""
+    """One rank's extraction loop: its wall-clock span (``time.time()``, seconds since the epoch, from
+    after every rank's set-up to its last slide's end), the slides it claimed, and its one-time costs.
+    """
 
     rank: int
     device: str
     start: float
     end: float
     n_slides: int
-    n_tiles: int
+    n_tiles: int = Field(description="tiles this rank encoded (cache hits not counted)")
+    slides: list[int] = Field(default_factory=list, description="cohort indices claimed, in claim order")
+    warmup_s: float = Field(0.0, description="encoder warm-up (CUDA: torch.compile + one blank batch)")
+    sizing_s: float = Field(0.0, description="this rank's part of reading slide headers for the queue")
 
 
 class CohortReport(BaseModel):
-    """Outcomes of a cohort run, in slide-list order (all ranks' when gathered, else this rank's)."""
+    """Outcomes of a cohort run, in slide-list order, every rank's (gathered on every rank)."""
 
     world_size: int
     rank: int
-    gathered: bool
     encoder_id: str
     outcomes: list[SlideOutcome]
     timings: list[RankTiming]
@@ -272,6 +313,12 @@ def _describe(exc: BaseException, path: Path) -> str:
         msg = f"{type(exc).__name__}: {msg}"
     prefix = f"{path}: "
     return msg[len(prefix) :] if msg.startswith(prefix) else msg
+
+
+#: on CUDA every batch of every slide goes through the compiled encoder (compiled before the first batch,
+#: never a background compile that lets the first batches run eagerly): features are then the same
+#: whichever rank and whichever moment encodes a slide
+_COMPILE = True
 
 
 def _extract_one(
@@ -311,6 +358,7 @@ def _extract_one(
                 progress=progress,
                 cancel=cancel,
                 workers=workers,
+                compile=_COMPILE if device.startswith("cuda") else None,
             )
         return SlideOutcome(
             path=str(path),
@@ -348,20 +396,50 @@ def _extract_one(
         )
 
 
-def _process_group(env: DistEnv, use: bool | None) -> tuple[bool, bool]:
-    """Join (or create) a gloo process group for the final gather → ``(grouped, created here)``."""
-    if not env.distributed or use is False:
-        return False, False
+def _process_group(env: DistEnv) -> bool:
+    """Join the process group (or create a gloo one from torchrun's environment) → whether created here."""
+    if not env.distributed:
+        return False
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        return True, False
+        if (dist.get_rank(), dist.get_world_size()) != (env.rank, env.world_size):
+            raise WsiLlavaError(
+                f"RANK={env.rank}, WORLD_SIZE={env.world_size} differ from the initialised process group "
+                f"(rank {dist.get_rank()} of {dist.get_world_size()})"
+            )
+        return False
     if not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
-        if use:
-            raise WsiLlavaError("gathering results needs MASTER_ADDR and MASTER_PORT (launch with torchrun)")
-        return False, False
+        raise WsiLlavaError(
+            f"WORLD_SIZE={env.world_size}: the ranks share out the slides through a process group, which "
+            "needs MASTER_ADDR and MASTER_PORT (launch with torchrun)"
+        )
     dist.init_process_group("gloo", rank=env.rank, world_size=env.world_size)
-    return True, True
+    return True
+
+
+def _warm_up(encoder: Any, dev: str, batch_size: int | None, tile_size: int) -> float:
+    """Compile and run the CUDA fast-path encoder once on blank tiles, outside the timed span → seconds.
+
+    Uses the same cached wrapper and batch shape as :func:`extract_features`, so the first slide neither
+    compiles nor recompiles. A failure is logged; the slides then report what goes wrong.
+    """
+    if not dev.startswith("cuda"):
+        return 0.0
+    import torch
+
+    from wsi_llava.encoders.fast import fast_encoder
+
+    t0 = time.perf_counter()
+    try:
+        fenc = fast_encoder(encoder, dev, compile=_COMPILE)
+        blank = torch.zeros((batch_size or 256, tile_size, tile_size, 3), dtype=torch.uint8, device=dev)
+        with torch.inference_mode():
+            fenc(blank)
+        torch.cuda.synchronize(dev)
+    except Exception as exc:  # noqa: BLE001 - the slides' own runs report the problem by name
+        logger.warning("warming up tile encoder on %s failed: %s", dev, exc)
+    return time.perf_counter() - t0
 
 
 def extract_cohort(
@@ -378,15 +456,16 @@ def extract_cohort(
     workers: int = 2,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
-    gather: bool | None = None,
 ) -> CohortReport:
-    """Extract features of this rank's share of ``slides`` into ``cache`` (every slide when alone).
+    """Extract features of ``slides`` into ``cache``: all of them alone, the slides this rank claims under
+    torchrun (every rank returns the whole cohort's report).
 
-    ``encoder`` is a built tile encoder; it is moved to ``cuda:LOCAL_RANK`` (``device`` ``auto``/``cuda``).
-    Failed slides are logged and listed in the report, never raised; ``cancel`` raises ``Cancelled``.
-    ``gather`` (default: when launched by torchrun) joins a gloo group so every rank returns all outcomes.
-    ``progress`` gets ``(slides done, slides of this rank, "rank r/N: slides")`` and each slide's tile
-    progress under ``"rank r/N: <file name>"``.
+    ``encoder`` is a built tile encoder; it is moved to ``cuda:LOCAL_RANK`` (``device`` ``auto``/``cuda``)
+    and, on CUDA, warmed up (compiled) before the first slide. With ``WORLD_SIZE`` > 1 the ranks join the
+    process group (a gloo one is created from torchrun's environment if none is initialised) and claim
+    slides, largest first, from a counter in its store. Failed slides are logged and listed in the report,
+    never raised; ``cancel`` raises ``Cancelled``. ``progress`` gets ``(slides finished by all ranks,
+    slides, "rank r/N: slides")`` and each slide's tile progress under ``"rank r/N: <file name>"``.
     """
     env = env or DistEnv.from_env()
     progress = progress or no_progress
@@ -398,22 +477,10 @@ def extract_cohort(
         import torch
 
         torch.cuda.set_device(torch.device(dev))
-    grouped, created = _process_group(env, gather)
+    created = _process_group(env)
     try:
         return _run(
-            paths,
-            encoder,
-            cache,
-            env,
-            dev,
-            grouped,
-            target_mpp,
-            tile_size,
-            mpp,
-            batch_size,
-            workers,
-            progress,
-            cancel,
+            paths, encoder, cache, env, dev, target_mpp, tile_size, mpp, batch_size, workers, progress, cancel
         )
     finally:
         if created:
@@ -422,13 +489,40 @@ def extract_cohort(
             dist.destroy_process_group()
 
 
+def _queue(
+    paths: list[Path], env: DistEnv, tile_size: int, target_mpp: float, mpp: float | None
+) -> _SlideQueue:
+    """List order alone; under torchrun largest first (each rank sizes every N-th slide, all gathered)."""
+    if not env.distributed:
+        return _SlideQueue(range(len(paths)))
+    import torch.distributed as dist
+
+    mine = {
+        i: estimate_tiles(paths[i], tile_size, target_mpp, mpp)
+        for i in range(env.rank, len(paths), env.world_size)
+    }
+    parts: list[Any] = [None] * env.world_size
+    dist.all_gather_object(parts, mine)
+    weights = [0] * len(paths)
+    for part in parts:
+        for i, w in part.items():
+            weights[int(i)] = int(w)
+    logger.info(
+        "rank %d/%d: %d slides, ~%d tile cells, claimed largest first",
+        env.rank,
+        env.world_size,
+        len(paths),
+        sum(weights),
+    )
+    return _SlideQueue(claim_order(weights), _default_store())
+
+
 def _run(
     paths: list[Path],
     encoder: Any,
     cache: Any,
     env: DistEnv,
     dev: str,
-    grouped: bool,
     target_mpp: float,
     tile_size: int,
     mpp: float | None,
@@ -437,32 +531,27 @@ def _run(
     progress: ProgressCallback,
     cancel: CancelToken | None,
 ) -> CohortReport:
-    if env.distributed:
-        weights = [estimate_tiles(p, tile_size, target_mpp, mpp) for p in paths]
-        mine = shard(weights, env.world_size)[env.rank]
-        logger.info(
-            "rank %d/%d on %s: %d of %d slides, ~%d of ~%d tile cells",
-            env.rank,
-            env.world_size,
-            dev,
-            len(mine),
-            len(paths),
-            sum(weights[i] for i in mine),
-            sum(weights),
-        )
-    else:
-        mine = list(range(len(paths)))
     tag = f"rank {env.rank}/{env.world_size}"
-    outcomes: list[SlideOutcome] = []
-    if grouped:
+    warmup_s = _warm_up(encoder, dev, batch_size, tile_size)
+    t0 = time.perf_counter()
+    slide_queue = _queue(paths, env, tile_size, target_mpp, mpp)
+    sizing_s = time.perf_counter() - t0
+    if env.distributed:
         import torch.distributed as dist
 
-        dist.barrier()
+        dist.barrier()  # the span starts once every rank is set up
     start = time.time()
-    progress(0, len(mine), f"{tag}: slides")
-    for done, i in enumerate(mine, start=1):
+    outcomes: list[SlideOutcome] = []
+    claimed: list[int] = []
+    finished = 0
+    progress(0, len(paths), f"{tag}: slides")
+    while True:
         if cancel is not None:
             cancel.raise_if_cancelled()
+        i = slide_queue.claim()
+        if i is None:
+            break
+        claimed.append(i)
         path = paths[i]
         name = f"{tag}: {path.name}"
 
@@ -494,7 +583,8 @@ def _run(
                 " (cached)" if outcome.from_cache else "",
             )
         outcomes.append(outcome)
-        progress(done, len(mine), f"{tag}: slides")
+        finished = min(slide_queue.finished_one(), len(paths))
+        progress(finished, len(paths), f"{tag}: slides")
     if dev.startswith("cuda"):
         import torch
 
@@ -504,22 +594,27 @@ def _run(
         device=dev,
         start=start,
         end=time.time(),
-        n_slides=len(mine),
+        n_slides=len(claimed),
         n_tiles=sum(o.n_tiles for o in outcomes if o.ok and not o.from_cache),
+        slides=claimed,
+        warmup_s=round(warmup_s, 3),
+        sizing_s=round(sizing_s, 3),
     )
+    logger.info("%s: claimed %d slides %s", tag, len(claimed), claimed)
     timings = [timing]
-    if grouped:
+    if env.distributed:
         import torch.distributed as dist
 
         parts: list[Any] = [None] * env.world_size
         dist.all_gather_object(parts, ([o.model_dump() for o in outcomes], timing.model_dump()))
         outcomes = [SlideOutcome(**o) for part in parts for o in part[0]]
         timings = [RankTiming(**part[1]) for part in parts]
+    if finished < len(paths):  # the other ranks finished the rest
+        progress(len(paths), len(paths), f"{tag}: slides")
     outcomes.sort(key=lambda o: o.index)
     return CohortReport(
         world_size=env.world_size,
         rank=env.rank,
-        gathered=grouped or not env.distributed,
         encoder_id=str(getattr(encoder, "encoder_id", "")),
         outcomes=outcomes,
         timings=timings,

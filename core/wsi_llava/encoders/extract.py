@@ -65,8 +65,11 @@ def extract_features(
 
     ``fast`` (default: on for CUDA devices) runs the overlapped pipeline of
     :mod:`wsi_llava.encoders.fast_extract`: raw JPEG tiles decoded in batches on the device where the
-    slide allows it, compiled encoder blocks (``compile``, default on CUDA), reading, decoding, encoding
-    and writing at once. ``batch_size`` defaults to 256 on that path, 64 otherwise.
+    slide allows it, compiled encoder blocks, reading, decoding, encoding and writing at once.
+    ``batch_size`` defaults to 256 on that path, 64 otherwise. ``compile``: None (default) compiles on
+    CUDA in a background thread while the first batches run eagerly, so the first slide of a process
+    does not wait for it; True compiles before the first batch (every batch through the same kernels:
+    features reproducible run to run, as cohorts want); False never compiles.
     """
     import torch
 

@@ -39,10 +39,13 @@ logger = logging.getLogger(__name__)
 
 ENV_VAR = "WSI_LLAVA_FAST_DECODE"
 MODES = ("off", "static", "graph", "compile")
-#: what ``fast_decode=None`` / ``True`` means on a CUDA device. ``compile`` reached 153 tok/s on an H100
-#: (7B, bf16) against 122 for ``graph``, for ~8 s of compiling on the first answer of a process
-#: (benchmarks/results/decode.json); it falls back to ``graph`` by itself when compiling fails.
-DEFAULT_CUDA_MODE = "compile"
+#: what ``fast_decode=None`` / ``True`` means on a CUDA device. ``compile`` reaches 153 tok/s on an H100
+#: (7B, bf16) against 122 for ``graph`` (benchmarks/results/decode.json), but costs ~8 s of CPU-bound
+#: compiling per process: at the first answer, or beside featurization when warmed in a thread, where it
+#: slowed a cold first slide from 26.0 to 32.2 s (benchmarks/results/cold_answer_policies.json). It saves
+#: ~0.3 s per 200-token answer, so it pays off after ~25 answers: batch jobs set
+#: ``WSI_LLAVA_FAST_DECODE=compile`` (it falls back to ``graph`` by itself when compiling fails).
+DEFAULT_CUDA_MODE = "graph"
 #: architectures whose decoder layer :func:`_layer_in` / :func:`_layer_out` reproduce
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 #: KV buffers grow in steps of this many positions
@@ -336,15 +339,19 @@ class FastDecoder:
             )  # fmt: skip
         return F.linear(_rms(x, self.norm_w, self.norm_eps), self.head_w, self.head_b)[:, -1, :]
 
-    def _capture(self) -> None:
-        """Warm up (compiling in ``compile`` mode) on a side stream, then capture one step."""
-        t0 = time.perf_counter()
+    def _warm(self) -> None:
+        """Run the step twice on a side stream (compiling it in ``compile`` mode); no graph."""
         stream = torch.cuda.Stream(device=self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # same inputs each time: K/V at _pos are rewritten with the same values
                 self._forward()
         torch.cuda.current_stream(self.device).wait_stream(stream)
+
+    def _capture(self) -> None:
+        """Warm up (compiling in ``compile`` mode) on a side stream, then capture one step."""
+        t0 = time.perf_counter()
+        self._warm()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = self._forward()
@@ -363,17 +370,37 @@ class FastDecoder:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def _ensure_graph(self) -> None:
+        while self.mode in ("graph", "compile") and self._graph is None:
+            try:
+                self._capture()
+            except Exception as e:  # any capture/compile failure: fall back one mode
+                self._drop_mode(e)
+
+    def prepare(self) -> None:
+        """Compile the step now rather than at the first token (writes only position 0).
+
+        Safe beside other threads' GPU work (it only runs kernels on a side stream); the CUDA graph
+        itself is captured at the first token, which takes well under a second once compiled: a capture
+        beside another thread's compiling invalidates both (seen on an H200).
+        """
+        if self.mode not in ("graph", "compile") or self._graph is not None:
+            return
+        self._tok.zero_()
+        self._pos.zero_()
+        try:
+            self._warm()
+            torch.cuda.current_stream(self.device).synchronize()
+        except Exception as e:  # any compile failure: fall back one mode, as at the first token
+            self._drop_mode(e)
+
     def step(self, token: int, position: int) -> Any:
         """Logits (1, vocab) after feeding ``token`` at ``position`` (its K/V land in the buffers)."""
         if position >= self.capacity:
             raise ModelError(f"fast decode: position {position} beyond the {self.capacity} buffered")
         self._tok.fill_(int(token))
         self._pos.fill_(int(position))
-        while self.mode in ("graph", "compile") and self._graph is None:
-            try:
-                self._capture()
-            except Exception as e:  # any capture/compile failure: fall back one mode
-                self._drop_mode(e)
+        self._ensure_graph()
         if self._graph is not None:
             self._graph.replay()
             return self._out

@@ -126,6 +126,7 @@ class WSILlava(nn.Module):
         self.fast_decode = fast_decode
         self._fast: tuple[tuple, Any] | None = None  # (key, FastDecoder or None when unsupported)
         self._fast_lock = threading.Lock()
+        self._warm_thread: threading.Thread | None = None
         self.llm = llm
         self.tokenizer = tokenizer
         self.projector = projector
@@ -139,6 +140,7 @@ class WSILlava(nn.Module):
         # copies and pickles leave the fast decoder (CUDA graph, buffers) and its lock behind
         state = self.__dict__.copy()
         state["_fast"] = None
+        state["_warm_thread"] = None
         state.pop("_fast_lock", None)
         return state
 
@@ -318,6 +320,59 @@ class WSILlava(nn.Module):
             dec.ensure_capacity(length)
         return dec
 
+    def warm_fast_decode(self, length: int | None = None, *, background: bool = True) -> bool:
+        """Compile the fast decode step now, in a thread by default, so that the first answer does not
+        wait for it (``SlideSession`` starts this while the slide is featurized).
+
+        ``length``: prompt + answer positions to hold (default: the visual tokens, 128 text tokens and
+        ``spec.generation.max_new_tokens``). Also runs one throwaway prefill of that prompt length so
+        that its kernels are loaded. Returns False when the decode mode has nothing to prepare.
+        """
+        from wsi_llava.model.fast_decode import resolve_mode
+
+        mode = resolve_mode(self.fast_decode, self.device.type)
+        if mode == "off" or (self._warm_thread and self._warm_thread.is_alive()):
+            return False
+        max_new = self.spec.generation.max_new_tokens
+        length = int(length) if length is not None else self.n_visual_tokens + 128 + max_new
+        prompt = max(1, length - max_new)
+
+        def work() -> None:
+            t0 = time.perf_counter()
+            try:
+                with self._fast_lock, torch.inference_mode():
+                    if self.device.type == "cuda":
+                        torch.cuda.set_device(self.device)
+                    width = self.llm.get_input_embeddings().weight.shape[1]
+                    dtype = self.llm.get_input_embeddings().weight.dtype
+                    embeds = torch.zeros((1, prompt, width), dtype=dtype, device=self.device)
+                    self.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+                    dec = self._fast_decoder(mode, length)
+                    if dec is not None:
+                        dec.prepare()
+                    if self.device.type == "cuda":
+                        torch.cuda.current_stream(self.device).synchronize()
+            except Exception as e:  # the first answer builds it again (or decodes eagerly)
+                logger.warning("warming the fast decoder failed (%s: %s)", type(e).__name__, e)
+                return
+            logger.info(
+                "fast decoder warmed (%s, %d positions) in %.1f s", mode, length, time.perf_counter() - t0
+            )
+
+        if not background:
+            work()
+            return True
+        # not a daemon: exit waits for a capture in flight instead of tearing CUDA down under it
+        self._warm_thread = threading.Thread(target=work, name="wsi-decode-warmup")
+        self._warm_thread.start()
+        return True
+
+    def wait_fast_decode(self) -> None:
+        """Block until a :meth:`warm_fast_decode` thread is over (``stream`` does this itself)."""
+        t = self._warm_thread
+        if t is not None and t is not threading.current_thread():
+            t.join()
+
     def release_fast_decoder(self) -> None:
         """Free the fast decoder's KV buffers and CUDA graph now (the next :meth:`stream` rebuilds them)."""
         self._fast = None
@@ -327,6 +382,8 @@ class WSILlava(nn.Module):
         from wsi_llava.model.fast_decode import resolve_mode
 
         mode = resolve_mode(self.fast_decode, self.device.type)
+        if mode != "off" and max_new >= 2:
+            self.wait_fast_decode()  # a warm-up in flight finishes first: it is building this decoder
         if mode == "off" or max_new < 2 or not self._fast_lock.acquire(blocking=False):
             return None  # off, nothing to decode after the prefill, or another stream is using it
         try:

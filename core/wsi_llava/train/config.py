@@ -101,6 +101,11 @@ class LoopConfig(_Strict):
     keep_last: int = Field(2, gt=0, description="resumable checkpoints kept")
     log_every: int = Field(1, gt=0)
     grad_checkpointing: bool = False
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every rank holds the whole model, gradients summed by the loop; fsdp (stage 2/3): "
+        "LLM, projector and optimizer state sharded across ranks with FSDP2 (for 7B on several GPUs)",
+    )
 
 
 class LoraConfig(_Strict):
@@ -110,6 +115,14 @@ class LoraConfig(_Strict):
     alpha: int = Field(256, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+def _no_fsdp(cfg: Any) -> Any:
+    if cfg.train.strategy == "fsdp":
+        raise ValueError(
+            "train.strategy fsdp shards the LLM of stage2 and stage3 only; use ddp for this stage"
+        )
+    return cfg
 
 
 class TileDataConfig(_Strict):
@@ -139,6 +152,10 @@ class TileStageConfig(_Strict):
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=3e-4, weight_decay=0.05))
     train: LoopConfig = Field(default_factory=lambda: LoopConfig(group_by_length=False))
 
+    @model_validator(mode="after")
+    def _check(self) -> TileStageConfig:
+        return _no_fsdp(self)
+
 
 class Stage1Config(_Strict):
     """WSI-text contrastive alignment: slide encoder (+ linear head) vs a text encoder, InfoNCE."""
@@ -153,6 +170,10 @@ class Stage1Config(_Strict):
     text_max_length: int = Field(256, gt=0)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-3))
     train: LoopConfig = Field(default_factory=LoopConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> Stage1Config:
+        return _no_fsdp(self)
 
 
 class Stage2Config(_Strict):

@@ -3,7 +3,8 @@
 Stage 2 trains the projector alone (LLM and encoders frozen) on report captions; stage 3 trains the
 projector and a peft LoRA on the LLM over all tasks, open and close-ended mixed. The loss covers the
 answer tokens only (``WSILlava.prompt`` masks the rest) and is summed then divided by the answer
-tokens of the whole global batch.
+tokens of the whole global batch. With ``train.strategy: fsdp`` the LLM and projector are sharded
+across ranks (``sharding.shard_lm``) before the optimizer is built.
 """
 
 from __future__ import annotations
@@ -221,17 +222,24 @@ def run_lm_stage(
         )
         model.llm = get_peft_model(model.llm, lcfg)
         modules["llm"] = model.llm
-        trainable = named_trainable(modules)
+    if cfg.train.grad_checkpointing:
+        model.llm.gradient_checkpointing_enable()
+    parts = None
+    if cfg.train.strategy == "fsdp":
+        from wsi_llava.train.sharding import shard_lm
+
+        # fully_shard swaps each parameter for a sharded one: collect them after this
+        parts = shard_lm(model, d.device, cfg.train.bf16)
+        modules = {"projector": model.projector, **({"llm": model.llm} if "llm" in modules else {})}
+    trainable = named_trainable(modules)
+    if isinstance(cfg, Stage3Config):
         lora = [p for k, p in trainable.items() if k.startswith("llm.")]
         groups = [
             {"params": lora, "lr": cfg.optim.lr},
             {"params": list(model.projector.parameters()), "lr": cfg.optim.projector_lr or cfg.optim.lr},
         ]
     else:
-        trainable = named_trainable(modules)
         groups = [{"params": list(trainable.values()), "lr": cfg.optim.lr}]
-    if cfg.train.grad_checkpointing:
-        model.llm.gradient_checkpointing_enable()
     logger.info(
         "%s: %d samples, %d trainable parameters",
         cfg.stage,
@@ -254,6 +262,9 @@ def run_lm_stage(
     def loss_sum(idx: list[int]) -> torch.Tensor:
         ids, labels, mask = tok.collate(idx, pad_id)
         visual = torch.stack([vis.get(samples[i]) for i in idx])
+        if parts is not None:
+            logits, spliced_labels = parts(ids.to(d.device), visual, mask.to(d.device), labels.to(d.device))
+            return answer_loss_sum(logits[:, :-1], spliced_labels[:, 1:], cfg.loss_weighting)
         s = model.embed(
             ids.to(d.device), visual, attention_mask=mask.to(d.device), labels=labels.to(d.device)
         )
@@ -279,13 +290,23 @@ def run_lm_stage(
         loss_sum=loss_sum,
         autocast=autocast,
         train_mode=train_mode,
+        fsdp=parts,
     )
     result = train_loop(
         task, cfg.train, cfg.optim, out, d, resume=resume, stop_after=stop_after, config_path=config_path
     )
     final = out / "final"
-    if d.main and not result["stopped_early"]:
+    if not result["stopped_early"]:
         model.eval()
         model.spec.untrained = False
-        save_checkpoint(model, final)
+        if parts is not None:
+            from wsi_llava.train.sharding import export_final
+
+            export_final(model, parts, final, d.main)  # gathered to rank 0: the usual format
+        elif d.main:
+            save_checkpoint(model, final)
+    if parts is not None:
+        from wsi_llava.train.sharding import release
+
+        release(parts)
     return final

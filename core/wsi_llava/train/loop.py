@@ -8,6 +8,11 @@ GPU and several GPUs at the same global batch follow the same loss curve.
 A resumable checkpoint (``checkpoints/step_NNNNNNN/state.pt``) holds the trainable weights, the
 optimizer and scheduler state and every RNG state; ``--resume`` continues from the newest one and
 replays the same batches (their order is a function of seed and epoch).
+
+With ``train.strategy: fsdp`` (stages 2 and 3, see ``sharding``) the stage hands the loop its FSDP
+root as ``Task.fsdp``: gradients are then reduce-scattered by FSDP, and the trainable weights and
+optimizer state of a checkpoint go to ``step_NNNNNNN/dcp/`` (sharded, one file per rank) while
+``state.pt`` keeps the step, scheduler and RNG states.
 """
 
 from __future__ import annotations
@@ -180,6 +185,7 @@ class Task:
     loss_sum: Callable[[list[int]], torch.Tensor]
     autocast: Callable[[], Any]
     train_mode: Callable[[], None] = lambda: None
+    fsdp: Any = None  # the FSDP root module (``sharding.LmParts``) under train.strategy fsdp
 
 
 def _oom_message(stage: str, loop: LoopConfig, config_path: str | None, step: int) -> str:
@@ -204,6 +210,11 @@ def train_loop(
 ) -> dict[str, Any]:
     """Run (or resume) the optimisation; returns ``{"steps", "last_loss", "stopped_early"}``."""
     out = Path(out)
+    if loop.strategy == "fsdp" and task.fsdp is None:
+        raise TrainError(
+            f"{task.stage}: train.strategy fsdp shards the LLM of stage2 and stage3 only; "
+            "use train.strategy: ddp here"
+        )
     global_batch = loop.batch_size * loop.grad_accum * d.world
     n_steps = total_steps(len(task.lengths), global_batch, loop.epochs, loop.max_steps)
     params = list(task.trainable.values())
@@ -216,15 +227,25 @@ def train_loop(
     if resume and existing:
         ck = existing[-1]
         state = torch.load(ck / STATE_FILE, map_location="cpu", weights_only=False)
-        missing = set(task.trainable) - set(state["params"])
-        if missing:
+        saved_with = state.get("strategy", "ddp")
+        if saved_with != loop.strategy:
             raise TrainError(
-                f"{ck}: checkpoint lacks trainable weights {sorted(missing)[:5]} (another config?)"
+                f"{ck}: saved with train.strategy {saved_with}, now {loop.strategy}; resume with {saved_with}"
             )
-        with torch.no_grad():
-            for k, p in task.trainable.items():
-                p.copy_(state["params"][k].to(p.device, p.dtype))
-        opt.load_state_dict(state["optimizer"])
+        if task.fsdp is not None:
+            from wsi_llava.train.sharding import load_sharded
+
+            load_sharded(ck, task.fsdp, opt)
+        else:
+            missing = set(task.trainable) - set(state["params"])
+            if missing:
+                raise TrainError(
+                    f"{ck}: checkpoint lacks trainable weights {sorted(missing)[:5]} (another config?)"
+                )
+            with torch.no_grad():
+                for k, p in task.trainable.items():
+                    p.copy_(state["params"][k].to(p.device, p.dtype))
+            opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"][min(d.rank, len(state["rng"]) - 1)])
         start = int(state["step"])
@@ -290,7 +311,7 @@ def train_loop(
                 f"{task.stage}: loss is {loss} at step {step + 1}; stopped without updating the weights; "
                 f"{keep}. Try a lower optim.lr or train.bf16: false"
             )
-        if d.world > 1:
+        if d.world > 1 and task.fsdp is None:  # FSDP reduce-scatters the gradients itself
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -299,7 +320,8 @@ def train_loop(
                 p.grad.div_(d.world)
         gnorm = None
         if optim.max_grad_norm is not None:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm))
+            g = torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
+            gnorm = float(g.full_tensor() if hasattr(g, "full_tensor") else g)  # a DTensor under fsdp
         opt.step()
         lr = sched.get_last_lr()[0]
         sched.step()
@@ -319,7 +341,7 @@ def train_loop(
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         if done % loop.save_every == 0 and done < n_steps:
-            _save_state(out, task, opt, sched, done, global_batch, d, loop.keep_last)
+            _save_state(out, task, opt, sched, done, global_batch, d, loop)
         if stop_after is not None and done >= stop_after and done < n_steps:
             stopped = True
             break
@@ -330,35 +352,42 @@ def train_loop(
 
 
 def _save_state(
-    out: Path, task: Task, opt: Any, sched: Any, step: int, global_batch: int, d: Dist, keep_last: int
+    out: Path, task: Task, opt: Any, sched: Any, step: int, global_batch: int, d: Dist, loop: LoopConfig
 ) -> None:
+    """Write ``step_NNNNNNN`` via a ``.tmp`` folder renamed when complete (a kill leaves no half checkpoint)."""
     rngs: list[Any] = [rng_state()]
     if d.world > 1:
         gathered: list[Any] = [None] * d.world
         dist.all_gather_object(gathered, rngs[0])
         rngs = gathered
+    folder = out / CKPT_DIR / f"step_{step:07d}"
+    tmp = folder.with_name(folder.name + ".tmp")
     if d.main:
-        folder = out / CKPT_DIR / f"step_{step:07d}"
-        tmp = folder.with_name(folder.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        torch.save(
-            {
-                "step": step,
-                "stage": task.stage,
-                "global_batch": global_batch,
-                "params": {k: p.detach().cpu() for k, p in task.trainable.items()},
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "rng": rngs,
-            },
-            tmp / STATE_FILE,
-        )
+    state: dict[str, Any] = {
+        "step": step,
+        "stage": task.stage,
+        "global_batch": global_batch,
+        "strategy": loop.strategy,
+        "scheduler": sched.state_dict(),
+        "rng": rngs,
+    }
+    if task.fsdp is not None:
+        from wsi_llava.train.sharding import save_sharded
+
+        barrier(d)
+        save_sharded(tmp, task.fsdp, opt)  # every rank writes its shard
+    else:
+        state["params"] = {k: p.detach().cpu() for k, p in task.trainable.items()}
+        state["optimizer"] = opt.state_dict()
+    if d.main:
+        torch.save(state, tmp / STATE_FILE)
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
-        for old in list_checkpoints(out)[:-keep_last]:
+        for old in list_checkpoints(out)[: -loop.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     barrier(d)
 
