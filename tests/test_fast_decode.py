@@ -219,6 +219,7 @@ def test_warm_up_in_a_thread_builds_the_decoder_the_answer_uses(model, vis):
         model.wait_fast_decode()
         dec = model._fast[1]
         assert dec is not None and dec.capacity >= 200
+        assert not model.warm_fast_decode(length=200)  # already built: no second warm-up
         text = model.generate_text(Q, vis, max_new_tokens=20)
         assert model._fast[1] is dec  # reused, not rebuilt
         assert (text, model.last_generation.new_token_ids) == eager[:2]

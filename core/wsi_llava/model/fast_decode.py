@@ -370,13 +370,6 @@ class FastDecoder:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _ensure_graph(self) -> None:
-        while self.mode in ("graph", "compile") and self._graph is None:
-            try:
-                self._capture()
-            except Exception as e:  # any capture/compile failure: fall back one mode
-                self._drop_mode(e)
-
     def prepare(self) -> None:
         """Compile the step now rather than at the first token (writes only position 0).
 
@@ -400,7 +393,11 @@ class FastDecoder:
             raise ModelError(f"fast decode: position {position} beyond the {self.capacity} buffered")
         self._tok.fill_(int(token))
         self._pos.fill_(int(position))
-        self._ensure_graph()
+        while self.mode in ("graph", "compile") and self._graph is None:
+            try:
+                self._capture()
+            except Exception as e:  # any capture/compile failure: fall back one mode
+                self._drop_mode(e)
         if self._graph is not None:
             self._graph.replay()
             return self._out

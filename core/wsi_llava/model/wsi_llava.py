@@ -326,7 +326,8 @@ class WSILlava(nn.Module):
 
         ``length``: prompt + answer positions to hold (default: the visual tokens, 128 text tokens and
         ``spec.generation.max_new_tokens``). Also runs one throwaway prefill of that prompt length so
-        that its kernels are loaded. Returns False when the decode mode has nothing to prepare.
+        that its kernels are loaded. Returns False when there is nothing to prepare (decoding off, or a
+        decoder of this mode and size already built).
         """
         from wsi_llava.model.fast_decode import resolve_mode
 
@@ -335,6 +336,9 @@ class WSILlava(nn.Module):
             return False
         max_new = self.spec.generation.max_new_tokens
         length = int(length) if length is not None else self.n_visual_tokens + 128 + max_new
+        dec = self._fast[1] if self._fast is not None else None
+        if dec is not None and dec.mode == mode and dec.capacity >= length:
+            return False  # an earlier warm-up or answer built it: nothing to do again
         prompt = max(1, length - max_new)
 
         def work() -> None:
@@ -362,7 +366,7 @@ class WSILlava(nn.Module):
         if not background:
             work()
             return True
-        # not a daemon: exit waits for a capture in flight instead of tearing CUDA down under it
+        # not a daemon: exit waits for a compile in flight instead of tearing CUDA down under it
         self._warm_thread = threading.Thread(target=work, name="wsi-decode-warmup")
         self._warm_thread.start()
         return True
