@@ -85,6 +85,22 @@ def clear_sessions() -> None:
         _models.clear()
 
 
+def forget_model(name: str) -> None:
+    """Drop the loaded model ``name`` and its sessions, so a re-registered model of that name is reloaded.
+
+    A session whose question is still running is left to finish (it is only forgotten, not closed).
+    """
+    with _lock:
+        _models.pop(name, None)
+        for key in [k for k in _sessions if k[1] == name]:
+            session, session_lock = _sessions.pop(key), _session_locks.pop(key)
+            if session_lock.acquire(blocking=False):
+                try:
+                    session.close()
+                finally:
+                    session_lock.release()
+
+
 def _ask_body(
     emit: Callable[[tuple], None],
     slide: str,

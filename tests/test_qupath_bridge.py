@@ -263,3 +263,36 @@ def test_sink(fake_qupath, world_png):  # noqa: F811
     assert props["measurements"]["WSI-LLaVA answer"] == 12.0
     assert props["name"] == "s" and fq.ep.testHierarchyUpdates() == 1
     bridge.close()
+
+
+def test_describe_and_ask_with_a_registered_user_model(fake_qupath, world_png, tmp_path, monkeypatch):  # noqa: F811
+    """A model registered with ``wsi-llava models add`` (Prov-GigaPath + merged LLaVA layouts) is named in
+    ``wsi-llava qupath describe|ask --model NAME``; an unknown name lists the registered ones."""
+    from model_parts_kit import make_paper_parts
+
+    from wsi_llava import registry
+
+    monkeypatch.setenv("WSI_LLAVA_HOME", str(tmp_path / "home"))
+    parts = make_paper_parts(tmp_path / "parts")
+    registry.add_model("gp-llava", llava=parts["llava"], tile_encoder=parts["tile_encoder"])
+    fq = fake_qupath
+    slide, png = world_png
+    fq.open_image(slide.as_uri(), png, 2048, 2048, 0.5)
+    fq.add_object(_feature("sel"), selected=True)
+    cache = ["--cache", str(tmp_path / "cache"), "--device", "cpu"]
+    r = _run(fq, "describe", "--selected", "--model", "gp-llava", "--max-new-tokens", "3", *cache)
+    assert r.exit_code == 0, r.output
+    assert "answered 1 annotation(s)" in r.output
+    desc = _by_name(fq)["sel"]["properties"]["metadata"][DESCRIPTION_KEY]
+    assert desc.strip() and "demo" not in desc.lower()
+    r = _run(fq, "ask", "Summarise this slide.", "--whole-slide", "--model", "gp-llava", "--max-new-tokens", "3",
+             *cache)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert _by_name(fq)[WHOLE_SLIDE_NAME]["properties"]["metadata"][DESCRIPTION_KEY].strip()
+    r = _run(fq, "describe", "--selected", "--model", "gp-lava", *cache)
+    assert (
+        r.exit_code == 1
+        and "gp-llava" in r.output
+        and "models add" in r.output
+        and "Traceback" not in r.output
+    )

@@ -41,6 +41,7 @@ def load_tiny(device: str = "cpu", dtype: str | None = None):
     se_cfg = SlideEncoderConfig.demo(in_dim=192, n_tokens=16)
     spec = ModelSpec(
         name=TINY_MODEL,
+        untrained=True,  # random tile encoder, declared: sessions refuse undeclared random parts
         tile_encoder=TileEncoderSpec(name="demo-vit"),
         slide_encoder=se_cfg.model_dump(mode="json"),
         projector=ProjectorSpec(in_dim=se_cfg.out_dim, out_dim=64),

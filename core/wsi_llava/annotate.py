@@ -59,10 +59,12 @@ def numeric_answer(text: str) -> float | None:
 
 
 def update_from_answer(answer: Answer, *, set_name: bool = False) -> AnnotationUpdate:
-    """An :class:`AnnotationUpdate` for ``answer``; the demo notice stays attached to the text."""
+    """An :class:`AnnotationUpdate` for ``answer``; the demo notice and any warnings stay attached to the text."""
     text = answer.answer.strip()
     if answer.notice:
         text = f"{text}\n[{answer.notice}]"
+    for warning in answer.warnings:
+        text = f"{text}\n[warning: {warning}]"
     measurements: dict[str, float] = {f"{MEASUREMENT_PREFIX} tiles": float(len(answer.evidence.tile_indices))}
     value = numeric_answer(answer.answer)
     if value is not None:

@@ -47,6 +47,10 @@ class Answer(BaseModel):
     model: str
     demo: bool = False
     notice: str | None = None
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="caveats about this answer that the user must see, e.g. tiles outside the model's training data",
+    )
     slide: str | None = None
     evidence: Evidence = Field(default_factory=Evidence)
     timings: Timings = Field(default_factory=Timings)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from wsi_llava.clickutil import UserErrorGroup
+from wsi_llava.clickutil import UserErrorGroup, model_options
 from wsi_llava.errors import WsiLlavaError
 from wsi_llava.progress import TerminalProgress
 
@@ -33,7 +33,12 @@ def cli(verbose: int) -> None:
 @click.option("--mpp", default=0.5, show_default=True, help="Microns per level-0 pixel.")
 @click.option("--split", default="test", show_default=True, help="Name of the bench split (file suffix).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing world in OUT.")
-def synth(out: Path, n_slides: int, seed: int, size: int, mpp: float, split: str, overwrite: bool) -> None:
+@click.option(
+    "--workers", default=1, show_default=True, help="Processes rendering slides (the world is the same)."
+)
+def synth(
+    out: Path, n_slides: int, seed: int, size: int, mpp: float, split: str, overwrite: bool, workers: int
+) -> None:
     """Generate synthetic pyramidal slides with ground truth, reports and WSI-Bench-format questions."""
     from wsi_llava.synth import generate_world
 
@@ -46,6 +51,7 @@ def synth(out: Path, n_slides: int, seed: int, size: int, mpp: float, split: str
         split=split,
         overwrite=overwrite,
         progress=TerminalProgress(),
+        workers=workers,
     )
     for s in manifest.slides:
         click.echo(f"{s.path}\t{s.diagnosis}\t{s.grade}")
@@ -144,62 +150,106 @@ def extract(
 
 
 @cli.command()
-@click.argument("slide", type=click.Path(path_type=Path))
-@click.argument("question")
+@click.argument("slide", required=False)
+@click.argument("question", required=False)
 @click.option("--region", help="Level-0 rectangle x,y,w,h.")
 @click.option("--geojson", type=click.Path(path_type=Path), help="QuPath GeoJSON with annotations.")
 @click.option("--id", "annotation_id", help="Annotation id or name in --geojson.")
 @click.option(
-    "--model", default="demo", show_default=True, help="Registered model name or checkpoint folder."
-)
-@click.option(
-    "--model-base",
+    "--features",
     type=click.Path(path_type=Path),
-    help="Base llava-v1.5-7b folder for a LoRA LLaVA checkpoint.",
+    help="Ask about precomputed visual tokens (a released WSI-Bench .pt, 576 x 1024) instead of a slide.",
 )
+@model_options()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @click.option("--cache", type=click.Path(path_type=Path), help="Cache folder (default ~/.cache/wsi-llava).")
 @click.option("--mpp", type=float, help="µm/px of level 0 for files that record none.")
 @click.option("--max-new-tokens", type=int, help="Longest answer in tokens.")
 @click.option("--temperature", type=float, help="0 = greedy (default), >0 samples.")
-@click.option("--device", default="auto", show_default=True)
 def ask(
-    slide: Path,
-    question: str,
+    slide: str | None,
+    question: str | None,
     region: str | None,
     geojson: Path | None,
     annotation_id: str | None,
+    features: Path | None,
     model: str,
     model_base: Path | None,
+    device: str,
+    dtype: str | None,
     as_json: bool,
     cache: Path | None,
     mpp: float | None,
     max_new_tokens: int | None,
     temperature: float | None,
-    device: str,
 ) -> None:
-    """Ask a question about a whole slide, a rectangle (--region) or an annotation (--geojson/--id)."""
-    from wsi_llava.session import SlideSession
+    """Ask QUESTION about SLIDE: the whole slide, a rectangle (--region) or an annotation (--geojson/--id).
 
-    reg = _region_from_options(region, geojson, annotation_id)
+    With --features FILE.pt the question is asked about precomputed visual tokens: `ask --features F.pt "..."`.
+    """
+    if features is not None:
+        if question is not None:
+            raise click.UsageError("with --features give only the QUESTION, not a slide")
+        question, slide = slide, None
+    if question is None or slide is None and features is None:
+        raise click.UsageError("give a SLIDE and a QUESTION (or --features FILE.pt and a QUESTION)")
     if not question.strip():
         raise WsiLlavaError("question is empty: type a question about the slide or region")
+    kw = {"max_new_tokens": max_new_tokens, "temperature": temperature}
+    if features is not None:
+        if region or geojson or annotation_id:
+            raise WsiLlavaError(
+                "--region / --geojson need a slide: precomputed tokens have no tile positions"
+            )
+        answer = _ask_features(features, question, model, model_base, device, dtype, as_json, **kw)
+    else:
+        answer = _ask_slide(
+            Path(slide),
+            question,
+            _region_from_options(region, geojson, annotation_id),
+            model,
+            model_base,
+            device,
+            dtype,
+            as_json,
+            cache,
+            mpp,
+            **kw,
+        )
+    if as_json:
+        click.echo(answer.model_dump_json(indent=2))
+    else:
+        click.echo("")
+        for note in ([answer.notice] if answer.notice else []) + [f"warning: {w}" for w in answer.warnings]:
+            click.echo(f"[{note}]", err=True)
+    _emit_to_sinks(answer)
+
+
+def _ask_slide(slide, question, reg, model, model_base, device, dtype, as_json, cache, mpp, **kw):
+    from wsi_llava.session import SlideSession
+
     with SlideSession(
-        slide, model, mpp=mpp, cache_dir=cache, device=device, model_base=model_base
+        slide, model, mpp=mpp, cache_dir=cache, device=device, dtype=dtype, model_base=model_base
     ) as session:
         session.extract(progress=TerminalProgress())
-        kw = {"max_new_tokens": max_new_tokens, "temperature": temperature}
         if as_json:
-            answer = session.ask(question, reg, **kw)
-            click.echo(answer.model_dump_json(indent=2))
-        else:
-            for chunk in session.ask_stream(question, reg, **kw):
-                click.echo(chunk, nl=False)
-            click.echo("")
-            answer = session.last_answer
-            if answer is not None and answer.notice:
-                click.echo(f"[{answer.notice}]", err=True)
-        _emit_to_sinks(answer)
+            return session.ask(question, reg, **kw)
+        for chunk in session.ask_stream(question, reg, **kw):
+            click.echo(chunk, nl=False)
+        assert session.last_answer is not None
+        return session.last_answer
+
+
+def _ask_features(features, question, model, model_base, device, dtype, as_json, **kw):
+    from wsi_llava.model import load_model
+    from wsi_llava.model.tokens_file import load_visual_tokens
+    from wsi_llava.session import ask_tokens
+    from wsi_llava.settings import resolve_device
+
+    m = load_model(model, device=resolve_device(device), dtype=dtype, model_base=model_base)
+    visual = load_visual_tokens(features, m.spec.projector.in_dim)
+    show = None if as_json else (lambda chunk: click.echo(chunk, nl=False))
+    return ask_tokens(m, visual, question, source=str(features), on_chunk=show, **kw)
 
 
 def _region_from_options(region: str | None, geojson: Path | None, annotation_id: str | None):
@@ -230,35 +280,158 @@ def _emit_to_sinks(answer, context: dict | None = None) -> None:
         entry.fn(answer, context or {})
 
 
-@cli.command()
+@cli.group(cls=UserErrorGroup, invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def models(as_json: bool) -> None:
-    """List registered models, tile encoders, slide readers, judges and sinks."""
+@click.pass_context
+def models(ctx: click.Context, as_json: bool) -> None:
+    """List models (built-in and registered: sources, and whether they resolve here), tile encoders,
+    slide readers, judges and sinks; `models add | check | remove` manage registered models."""
+    if ctx.invoked_subcommand is not None:
+        return
     from wsi_llava import plugins
+    from wsi_llava.registry import list_models, models_dir
 
-    groups = {
-        "models": plugins.models(),
+    entries = list_models()
+    others = {
         "tile encoders": plugins.tile_encoders(),
         "slide readers": plugins.slide_readers(),
         "judges": plugins.judges(),
         "sinks": plugins.sinks(),
     }
     if as_json:
-        out = {
-            k: [{"name": e.name, "plugin": e.plugin, "description": e.description} for e in v.values()]
-            for k, v in groups.items()
-        }
+        out: dict = {"models": [e.model_dump() for e in entries], "models_dir": str(models_dir())}
+        for k, v in others.items():
+            out[k] = [{"name": e.name, "plugin": e.plugin, "description": e.description} for e in v.values()]
         click.echo(json.dumps(out, indent=2))
         return
-    for title, entries in groups.items():
+    click.echo(f"models (registered ones under {models_dir()}):")
+    for m in entries:
+        state = "" if m.resolves else "  [DOES NOT RESOLVE]"
+        click.echo(f"  {m.name:<24} {m.kind:<9} {m.description}{state}")
+        for part, src in m.sources.items():
+            click.echo(f"  {'':<24} {part}: {src}")
+        if m.problem:
+            click.echo(f"  {'':<24} problem: {m.problem}")
+    for title, items in others.items():
         click.echo(f"{title}:")
-        if not entries:
+        if not items:
             click.echo("  (none)")
-        for e in entries.values():
-            extra = ""
-            if "suffixes" in e.meta:
-                extra = "  [" + " ".join(e.meta["suffixes"]) + "]"
+        for e in items.values():
+            extra = "  [" + " ".join(e.meta["suffixes"]) + "]" if "suffixes" in e.meta else ""
             click.echo(f"  {e.name:<24} {e.description}{extra}  ({e.plugin})")
+
+
+def _print_report(report) -> None:
+    for part in report.parts:
+        click.echo(f"  {part.part}: {part.source}")
+        if part.path != part.source:
+            click.echo(f"      at {part.path}")
+        click.echo(f"      {part.summary}")
+    for line in report.widths:
+        click.echo(f"  ok: {line}")
+
+
+def _parse_kv(items: tuple[str, ...]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--tile-encoder-arg")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+@models.command("add")
+@click.argument("name")
+@click.option(
+    "--llava",
+    required=True,
+    help="LLaVA-format checkpoint (merged, LoRA, mm_projector.bin) or ours: "
+    "a folder, or a Hugging Face repo id in the local cache.",
+)
+@click.option("--llava-base", help="Base LLM for a LoRA or projector-only --llava (e.g. llava-v1.5-7b).")
+@click.option(
+    "--tile-encoder",
+    required=True,
+    help="timm hub folder or repo id (config.json + weights), e.g. prov-gigapath/prov-gigapath.",
+)
+@click.option(
+    "--slide-encoder", help="Prov-GigaPath slide_encoder.pth (default: beside the tile encoder's files)."
+)
+@click.option(
+    "--tile-encoder-arg",
+    "tile_args",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Extra timm.create_model argument a model card asks for (repeatable), e.g. "
+    "mlp_layer=timm.layers.SwiGLUPacked.",
+)
+@click.option(
+    "--template",
+    type=click.Choice(["vicuna_v1", "llava_v1", "chat"]),
+    help="Prompt template (default: llava_v1 for LLaVA checkpoints, else the checkpoint's own).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace a model registered under NAME.")
+def models_add(
+    name: str,
+    llava: str,
+    llava_base: str | None,
+    tile_encoder: str,
+    slide_encoder: str | None,
+    tile_args: tuple[str, ...],
+    template: str | None,
+    overwrite: bool,
+) -> None:
+    """Register the model NAME from its parts (nothing is copied); every part is checked first."""
+    from wsi_llava.registry import add_model
+
+    report = add_model(
+        name,
+        llava=llava,
+        llava_base=llava_base,
+        tile_encoder=tile_encoder,
+        slide_encoder=slide_encoder,
+        tile_encoder_args=_parse_kv(tile_args),
+        template=template,
+        overwrite=overwrite,
+    )
+    click.echo(f"registered {name} in {report.folder}")
+    _print_report(report)
+
+
+@models.command("check")
+@click.argument("name")
+def models_check(name: str) -> None:
+    """Check every part of a registered model (files, shapes, widths) without loading its weights."""
+    from wsi_llava import plugins
+    from wsi_llava.model.parts import check_spec
+    from wsi_llava.model.spec import ModelSpec
+    from wsi_llava.registry import user_model
+
+    folder = user_model(name)
+    if folder is None:
+        if name in plugins.models():
+            raise WsiLlavaError(f"{name!r} is a built-in model: it ships complete (nothing to check)")
+        raise WsiLlavaError(f"no registered model named {name!r} (see `wsi-llava models`)")
+    try:
+        report = check_spec(ModelSpec.load(folder))
+    except WsiLlavaError as e:
+        raise WsiLlavaError(f"model {name!r} ({folder}): {e}") from None
+    click.echo(f"{name}: every part is in place and fits")
+    _print_report(report)
+
+
+@models.command("remove")
+@click.argument("name")
+def models_remove(name: str) -> None:
+    """Forget a registered model (the weights it names are left where they are)."""
+    from wsi_llava.registry import remove_model
+
+    folder = remove_model(name)
+    click.echo(f"removed {name} ({folder})")
 
 
 @cli.command()

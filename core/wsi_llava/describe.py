@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from wsi_llava.annotate import annotate_region, update_from_answer
 from wsi_llava.answer import Answer
+from wsi_llava.clickutil import model_options
 from wsi_llava.errors import AnnotationError, Cancelled, WsiLlavaError
 from wsi_llava.progress import CancelToken, ProgressCallback, no_progress
 from wsi_llava.slide.region import Region
@@ -61,6 +62,14 @@ class DescribeReport(BaseModel):
     @property
     def failures(self) -> list[RegionResult]:
         return [r for r in self.results if not r.ok]
+
+    @property
+    def warning(self) -> str | None:
+        """The answers' warnings once for the whole batch (each annotation's description keeps its own)."""
+        warned = [r.answer for r in self.results if r.answer is not None and r.answer.warnings]
+        if not warned:
+            return None
+        return f"warning, {len(warned)} of {self.n_ok} described annotations: {warned[0].warnings[0]}"
 
 
 def region_label(region: Region, index: int) -> str:
@@ -245,13 +254,10 @@ def describe_geojson(
 @click.option("--question", default=DEFAULT_QUESTION, show_default=True, help="Asked about each annotation.")
 @click.option("--overwrite", is_flag=True, help="Replace existing descriptions instead of appending.")
 @click.option("--name/--no-name", "set_name", default=False, help="Also set a short name from the answer.")
-@click.option(
-    "--model", default="demo", show_default=True, help="Registered model name or checkpoint folder."
-)
+@model_options()
 @click.option("--max-new-tokens", type=int, help="Longest answer in tokens.")
 @click.option("--mpp", type=float, help="µm/px of level 0 for files that record none.")
 @click.option("--cache", type=click.Path(path_type=Path), help="Cache folder (default ~/.cache/wsi-llava).")
-@click.option("--device", default="auto", show_default=True)
 def describe_command(
     slide: Path,
     geojson: Path,
@@ -260,10 +266,12 @@ def describe_command(
     overwrite: bool,
     set_name: bool,
     model: str,
+    model_base: Path | None,
+    device: str,
+    dtype: str | None,
     max_new_tokens: int | None,
     mpp: float | None,
     cache: Path | None,
-    device: str,
 ) -> None:
     """Describe every annotation of a QuPath GeoJSON export; write a GeoJSON QuPath imports."""
     from wsi_llava.progress import TerminalProgress
@@ -290,6 +298,8 @@ def describe_command(
             mpp=mpp,
             cache_dir=cache,
             device=device,
+            dtype=dtype,
+            model_base=model_base,
         )
     except Cancelled as e:
         raise click.ClickException(f"cancelled: {e}") from None
@@ -298,6 +308,8 @@ def describe_command(
     notice = next((r.answer.notice for r in report.results if r.answer and r.answer.notice), None)
     if notice:
         click.echo(f"[{notice}]", err=True)
+    if report.warning:
+        click.echo(f"[{report.warning}]", err=True)
     failed = len(report.failures)
     click.echo(
         f"described {report.n_ok} of {len(report.results)} annotations"

@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 DEMO_NOTICE = "wsi-llava demo model: not a diagnostic model"
 UNTRAINED_NOTICE = "untrained demo weights: the answer is not meaningful until trained weights ship"
+UNTRAINED_MODEL_NOTICE = (
+    "untrained model: some of its parts are randomly initialised; the answer is not meaningful"
+)
 
 
 class SlideSession:
@@ -58,6 +61,7 @@ class SlideSession:
             from wsi_llava.model import load_model
 
             model = load_model(model, device=self.device, dtype=dtype, model_base=model_base)
+        model.require_slide_ready()  # a missing or random part fails here, before any featurization
         self.model = model
         model.warm_fast_decode()  # CUDA: compiles the decode step while the slide is featurized
         spec = model.spec
@@ -71,14 +75,24 @@ class SlideSession:
         self._features: CachedFeatures | None = None
         self._tile_encoder = None
         self._visual_memo: dict[tuple[int, ...], Any] = {}
+        self._tile_distances: tuple[Any, np.ndarray] | None = None  # (statistics, distances), once per slide
         self.last_answer: Answer | None = None
 
     # --- features ------------------------------------------------------------------------------
     @property
     def tile_encoder(self):
-        """The model's tile encoder, built on first use."""
+        """The model's tile encoder, built on first use.
+
+        On CUDA a separately built encoder runs with bf16 weights: beside a 7B LLM, a ViT-g's fp32
+        weights plus autocast's bf16 copies would not fit a 24 GB card.
+        """
         if self._tile_encoder is None:
-            self._tile_encoder = self.model.build_tile_encoder().to(self.device).eval()
+            enc = self.model.build_tile_encoder()
+            if enc is not self.model.tile_encoder and str(self.device).startswith("cuda"):
+                import torch
+
+                enc.model.to(torch.bfloat16)
+            self._tile_encoder = enc.to(self.device).eval()
         return self._tile_encoder
 
     def extract(
@@ -86,8 +100,13 @@ class SlideSession:
     ) -> CachedFeatures:
         """Tile features of the whole slide, from the cache or computed once (cancellable)."""
         if self._features is None:
-            from wsi_llava.encoders.extract import extract_features
+            from wsi_llava.encoders.extract import cache_key_for, extract_features
 
+            hit = self.cache.get(cache_key_for(self.reader, self.grid, self.model.tile_encoder_id()))
+            if hit is not None:  # no need to build (and load) the tile encoder at all
+                (progress or no_progress)(hit.n_tiles, hit.n_tiles, "features from cache")
+                self._features = hit
+                return hit
             self._features = extract_features(
                 self.reader,
                 self.grid,
@@ -98,7 +117,34 @@ class SlideSession:
                 progress=progress or no_progress,
                 cancel=cancel,
             )
+            self.release_tile_encoder()
         return self._features
+
+    def release_tile_encoder(self) -> None:
+        """Free the tile encoder once the features are in hand (a ViT-g holds gigabytes of GPU memory)."""
+        if self._tile_encoder is None or self._tile_encoder is self.model.tile_encoder:
+            return
+        self._tile_encoder = None
+        if str(self.device).startswith("cuda"):
+            import gc
+
+            import torch
+
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    def feature_warnings(self, indices: np.ndarray, scope: str = "slide") -> list[str]:
+        """The out-of-distribution warning for the tiles at ``indices`` if most lie far from the training tiles."""
+        from wsi_llava.encoders.feature_stats import model_feature_stats
+
+        stats = model_feature_stats(self.model)
+        if stats is None:
+            return []
+        if self._tile_distances is None or self._tile_distances[0] is not stats:
+            self._tile_distances = (stats, stats.distances(self.extract().features))
+        verdict = stats.verdict(self._tile_distances[1][indices])
+        spec = self.model.spec
+        return [verdict.warning(spec.name, spec.demo, scope)] if verdict.out_of_distribution else []
 
     def tiles_for(self, region: Region | None, source: str = "region") -> np.ndarray:
         """Grid indices of the tiles a question covers: all of them, or those inside ``region``."""
@@ -146,6 +192,7 @@ class SlideSession:
         t_feat0 = time.perf_counter()
         self.extract(progress=progress, cancel=cancel)
         visual = self.visual_tokens(indices)
+        warnings = self.feature_warnings(indices, "region" if region is not None else "slide")
         t_features = time.perf_counter() - t_feat0
 
         gen_kw: dict[str, Any] = {"cancel": cancel, "seed": seed}
@@ -165,6 +212,8 @@ class SlideSession:
         notice = None
         if spec.demo:
             notice = DEMO_NOTICE + ("; " + UNTRAINED_NOTICE if spec.untrained else "")
+        elif spec.untrained:
+            notice = UNTRAINED_MODEL_NOTICE
         self.last_answer = Answer(
             question=question,
             answer=gen.text.strip(),
@@ -173,6 +222,7 @@ class SlideSession:
             model=spec.name,
             demo=spec.demo,
             notice=notice,
+            warnings=warnings,
             slide=str(self.reader.path),
             evidence=ev,
             timings=Timings(
@@ -216,3 +266,52 @@ class SlideSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def ask_tokens(
+    model: WSILlava,
+    visual: Any,
+    question: str,
+    *,
+    source: str | None = None,
+    on_chunk: Any = None,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    seed: int | None = None,
+    cancel: CancelToken | None = None,
+) -> Answer:
+    """Answer about precomputed visual tokens (e.g. a released 576x1024 ``.pt``): no slide, no evidence tiles.
+
+    ``on_chunk`` receives the text as it streams; ``source`` names the feature file in the Answer.
+    """
+    if not question or not question.strip():
+        raise WsiLlavaError("question is empty: type a question about the slide")
+    t0 = time.perf_counter()
+    gen_kw: dict[str, Any] = {"cancel": cancel, "seed": seed}
+    if max_new_tokens is not None:
+        gen_kw["max_new_tokens"] = max_new_tokens
+    if temperature is not None:
+        gen_kw["temperature"] = temperature
+    for chunk in model.stream(question, visual, **gen_kw):
+        if on_chunk is not None:
+            on_chunk(chunk)
+    gen = model.last_generation
+    if gen.stop_reason == "cancelled":
+        raise Cancelled("answer cancelled by the user")
+    spec = model.spec
+    return Answer(
+        question=question,
+        answer=gen.text.strip(),
+        scope="slide",
+        model=spec.name,
+        demo=spec.demo,
+        notice=DEMO_NOTICE if spec.demo else None,
+        slide=source,
+        evidence=Evidence(method="none: precomputed visual tokens carry no tile positions"),
+        timings=Timings(
+            prefill=round(gen.prefill_seconds, 4),
+            decode=round(gen.decode_seconds, 4),
+            seconds=round(time.perf_counter() - t0, 4),
+            new_tokens=len(gen.new_token_ids),
+        ),
+    )

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from wsi_llava.clickutil import UserErrorGroup
+from wsi_llava.clickutil import UserErrorGroup, model_options
 from wsi_llava.errors import WsiLlavaError
 from wsi_llava_qupath.bridge import DEFAULT_PORT, QuPathAnnotation, QuPathBridge, QuPathError, connect
 from wsi_llava_qupath.sink import write_answer
@@ -39,13 +39,10 @@ def _connection_options(fn):
 def _model_options(fn):
     for opt in reversed(
         [
-            click.option(
-                "--model", default="demo", show_default=True, help="Registered model or checkpoint."
-            ),
+            model_options(),
             click.option("--max-new-tokens", type=int, help="Longest answer in tokens."),
             click.option("--mpp", type=float, help="µm/px when QuPath's image has no pixel size."),
             click.option("--cache", type=click.Path(path_type=Path), help="Cache folder."),
-            click.option("--device", default="auto", show_default=True),
             click.option("--overwrite", is_flag=True, help="Replace descriptions instead of appending."),
             click.option("--name/--no-name", "set_name", default=False, help="Also set a short name."),
         ]
@@ -79,18 +76,27 @@ def status(port: int, token: str | None) -> None:
     click.echo(f"annotations: {st.n_annotations}, selected: {st.n_selected}")
 
 
-def open_session(bridge: QuPathBridge, model: str, mpp: float | None, cache: Path | None, device: str):
+def open_session(
+    bridge: QuPathBridge,
+    model: str,
+    mpp: float | None,
+    cache: Path | None,
+    device: str,
+    dtype: str | None = None,
+    model_base: Path | None = None,
+):
     """A SlideSession on QuPath's image: its file when reachable, else its pixels over the gateway."""
     from wsi_llava.session import SlideSession
     from wsi_llava.settings import cache_dir
     from wsi_llava_qupath.reader import write_pointer
 
+    kw = {"mpp": mpp, "cache_dir": cache, "device": device, "dtype": dtype, "model_base": model_base}
     info = bridge.image_info()
     if info.local_path is not None:
-        return SlideSession(info.local_path, model, mpp=mpp, cache_dir=cache, device=device)
+        return SlideSession(info.local_path, model, **kw)
     pointer = write_pointer(bridge, cache_dir(cache) / "qupath")
     logger.info("%s is not reachable here: reading pixels through QuPath", info.server_path)
-    return SlideSession(pointer, model, mpp=mpp, reader="qupath", cache_dir=cache, device=device)
+    return SlideSession(pointer, model, reader="qupath", **kw)
 
 
 def _annotations(bridge: QuPathBridge, scope: str) -> list[QuPathAnnotation]:
@@ -116,6 +122,8 @@ def run_annotations(
     device: str,
     overwrite: bool,
     set_name: bool,
+    dtype: str | None = None,
+    model_base: Path | None = None,
 ) -> tuple[int, int]:
     """Answer ``question`` for each annotation and write each success back at once; (ok, failed)."""
     from wsi_llava.describe import RegionResult, describe_regions
@@ -134,7 +142,7 @@ def run_annotations(
         else:
             click.echo(f"{result.label}: FAILED: {result.error}", err=True)
 
-    with open_session(bridge, model, mpp, cache, device) as session:
+    with open_session(bridge, model, mpp, cache, device, dtype, model_base) as session:
         session.extract(progress=TerminalProgress())
         report = describe_regions(
             session,
@@ -150,6 +158,8 @@ def run_annotations(
     notice = next((r.answer.notice for r in report.results if r.answer and r.answer.notice), None)
     if notice:
         click.echo(f"[{notice}]", err=True)
+    if report.warning:
+        click.echo(f"[{report.warning}]", err=True)
     return ok, len(report.results) - ok
 
 
@@ -216,18 +226,22 @@ def _ask_whole_slide(
     device: str,
     overwrite: bool,
     set_name: bool,
+    dtype: str | None = None,
+    model_base: Path | None = None,
 ) -> None:
     """Answer about the whole image and add it as a new whole-image annotation (nothing else changes)."""
     from wsi_llava.annotate import apply_to_properties, update_from_answer
     from wsi_llava.progress import TerminalProgress
 
-    with open_session(bridge, model, mpp, cache, device) as session:
+    with open_session(bridge, model, mpp, cache, device, dtype, model_base) as session:
         session.extract(progress=TerminalProgress())
         answer = session.ask(question, max_new_tokens=max_new_tokens)
         w, h = session.reader.dimensions
     click.echo(answer.answer)
     if answer.notice:
         click.echo(f"[{answer.notice}]", err=True)
+    for warning in answer.warnings:
+        click.echo(f"[warning: {warning}]", err=True)
     update = update_from_answer(answer, set_name=set_name)
     props = apply_to_properties(
         {"objectType": "annotation", "name": WHOLE_SLIDE_NAME}, update, overwrite=True

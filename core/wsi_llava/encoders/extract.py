@@ -25,10 +25,10 @@ MESSAGE = "extracting features"
 
 
 def cache_key_for(reader: Any, grid: Any, encoder: Any) -> CacheKey:
-    """The cache key of ``grid``'s tiles of the slide ``reader`` encoded by ``encoder``."""
+    """The cache key of ``grid``'s tiles of the slide ``reader`` encoded by ``encoder`` (or its id)."""
     return CacheKey(
         slide_fingerprint=reader.fingerprint(),
-        encoder_id=encoder.encoder_id,
+        encoder_id=encoder if isinstance(encoder, str) else encoder.encoder_id,
         tile_size=int(grid.tile_size),
         target_mpp=float(grid.target_mpp),
         grid_hash=grid_hash(grid.coords),

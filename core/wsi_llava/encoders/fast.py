@@ -55,7 +55,8 @@ class FastTileEncoder:
     """Encode uint8 tiles with ``encoder`` on ``device``: autocast bf16 (CUDA), compiled blocks.
 
     ``bf16_weights`` runs a bf16 copy of the weights without autocast instead (an option measured by
-    ``benchmarks/bench_featurize.py``; the residual stream is then bf16 too).
+    ``benchmarks/bench_featurize.py``; the residual stream is then bf16 too); an encoder whose weights
+    are bf16 already runs that way without a copy (``SlideSession`` does this beside a resident LLM).
 
     ``background`` (default: on CUDA) compiles in a thread while the first batches run eagerly;
     :meth:`wait` blocks until that is over. ``compiled`` stays True while compilation is planned or in
@@ -78,9 +79,11 @@ class FastTileEncoder:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.compile = self.cuda if compile is None else bool(compile)
-        self.bf16_weights = bool(bf16_weights)
+        first = next(encoder.model.parameters(), None)
+        already_bf16 = first is not None and first.dtype == torch.bfloat16
+        self.bf16_weights = bool(bf16_weights) or already_bf16
         self._eager: nn.Module = encoder.model
-        if self.bf16_weights:  # a bf16 copy of the weights: pure bf16 (no autocast), more memory
+        if self.bf16_weights and not already_bf16:  # a bf16 copy: pure bf16 (no autocast), more memory
             self._eager = copy.deepcopy(encoder.model).to(self.device, torch.bfloat16).eval()
         self._model = self._eager
         self._compiled_model: nn.Module | None = None

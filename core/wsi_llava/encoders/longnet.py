@@ -484,16 +484,44 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return read_state_dict(path, "slide encoder", _WRAPPERS, _PREFIXES, hint=hint)
 
 
-def _infer_config(sd: dict[str, torch.Tensor]) -> SlideEncoderConfig:
+def _infer_config(sd: dict[str, object], path: Path | None = None, **overrides: object) -> SlideEncoderConfig:
+    """The LongNet shape of a Prov-GigaPath state dict (tensors or shapes): widths and depth from the keys."""
+
+    def shape(k: str) -> tuple[int, ...]:
+        v = sd[k]
+        return tuple(v.shape) if hasattr(v, "shape") else tuple(v)  # type: ignore[arg-type, attr-defined]
+
     try:
-        embed_dim, in_dim = sd["patch_embed.proj.weight"].shape
+        embed_dim, in_dim = shape("patch_embed.proj.weight")
         depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
-        ffn = sd["encoder.layers.0.ffn.fc1.weight"].shape[0]
+        ffn = shape("encoder.layers.0.ffn.fc1.weight")[0]
     except (KeyError, ValueError) as exc:
-        raise ModelError(f"not a Prov-GigaPath slide encoder state dict (missing {exc})") from exc
+        where = f"{path}: " if path else ""
+        raise ModelError(
+            f"{where}not a Prov-GigaPath slide encoder state dict (missing {exc}; expected "
+            "slide_encoder.pth with patch_embed.proj.weight and encoder.layers.N.*)"
+        ) from None
     return SlideEncoderConfig.gigapath(
-        in_dim=in_dim, embed_dim=embed_dim, depth=depth, mlp_ratio=ffn / embed_dim
+        in_dim=in_dim, embed_dim=embed_dim, depth=depth, mlp_ratio=ffn / embed_dim, **overrides
     )
+
+
+def gigapath_config(path: Path, **overrides: object) -> SlideEncoderConfig:
+    """The slide encoder shape of a ``slide_encoder.pth``, read from its tensor shapes (no data read)."""
+    from wsi_llava.encoders.weights import read_shapes
+
+    path = Path(path)
+    hint = " (expected Prov-GigaPath's slide_encoder.pth)"
+    sd = read_shapes(path, "slide encoder", _WRAPPERS, _PREFIXES, hint=hint)
+    cfg = _infer_config(sd, path, **overrides)
+    from wsi_llava.encoders.weights import check_fits
+
+    with torch.device("meta"):
+        own = LongNetViT(cfg).state_dict()
+    check_fits(
+        own, {k: v for k, v in sd.items() if k not in _IGNORED}, path, "Prov-GigaPath slide encoder layout"
+    )
+    return cfg
 
 
 def load_gigapath_slide_encoder(path: Path, model: LongNetViT | None = None) -> LongNetViT:
@@ -507,7 +535,7 @@ def load_gigapath_slide_encoder(path: Path, model: LongNetViT | None = None) -> 
     for k in _IGNORED:
         sd.pop(k, None)
     if model is None:
-        model = LongNetViT(_infer_config(sd))
+        model = LongNetViT(_infer_config(sd, path))
     from wsi_llava.encoders.weights import check_fits
 
     check_fits(model.state_dict(), sd, path, "Prov-GigaPath slide encoder layout")

@@ -85,9 +85,18 @@ class SlideEncoder(nn.Module):
         return self
 
     @classmethod
-    def from_gigapath(cls, path: Path, config: SlideEncoderConfig | None = None) -> SlideEncoder:
-        """A paper-shaped encoder with Prov-GigaPath's released slide-encoder weights."""
-        return cls(config or SlideEncoderConfig.gigapath()).load_gigapath(path)
+    def from_gigapath(
+        cls, path: Path, config: SlideEncoderConfig | None = None, **overrides: object
+    ) -> SlideEncoder:
+        """An encoder with Prov-GigaPath's released slide-encoder weights; widths and depth read from the file.
+
+        ``overrides`` set the WSI-LLaVA part (``n_tokens``, ``pad_to``, ``head``); WSI-LLaVA adds no head
+        to the released LongNet, so ``head`` defaults to None here.
+        """
+        from wsi_llava.encoders.longnet import gigapath_config
+
+        overrides.setdefault("head", None)
+        return cls(config or gigapath_config(Path(path), **overrides)).load_gigapath(path)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute LongNet layers in the backward pass (long slides, Stage-1 training)."""

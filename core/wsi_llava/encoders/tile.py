@@ -7,7 +7,9 @@ weights file, or ``random-seed<k>``) keys the feature cache, so features from ot
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,19 +55,64 @@ TIMM_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
 _WRAPPERS = ("state_dict", "model", "module", "teacher")
 _PREFIXES = ("module.", "model.", "backbone.", "encoder.", "teacher.", "student.")
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
+_SHA_MEMO = "checksums.json"
 
 
 def weights_sha256(path: Path) -> str:
-    """sha256 of a weights file (remembered per path, size and mtime within the process)."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        _SHA_CACHE[key] = h.hexdigest()
+    """sha256 of a weights file, computed once per file version.
+
+    A Hugging Face cache file names its blob by its sha256, so nothing is read; other files are hashed
+    once and remembered by (real path, size, mtime) in the process and in ``<cache>/checksums.json``,
+    so a fresh process does not re-read gigabytes of weights.
+    """
+    from wsi_llava.sources import hub_blob_sha256
+
+    path = Path(path)
+    blob = hub_blob_sha256(path)
+    if blob is not None:
+        return blob
+    real = Path(os.path.realpath(path))
+    st = real.stat()
+    key = (str(real), st.st_size, st.st_mtime_ns)
+    if key in _SHA_CACHE:
+        return _SHA_CACHE[key]
+    memo = _read_memo()
+    entry = memo.get(key[0])
+    if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+        _SHA_CACHE[key] = str(entry["sha256"])
+        return _SHA_CACHE[key]
+    h = hashlib.sha256()
+    with open(real, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    _SHA_CACHE[key] = h.hexdigest()
+    memo[key[0]] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _SHA_CACHE[key]}
+    _write_memo(memo)
     return _SHA_CACHE[key]
+
+
+def _memo_path() -> Path:
+    from wsi_llava.settings import cache_dir
+
+    return cache_dir() / _SHA_MEMO
+
+
+def _read_memo() -> dict[str, Any]:
+    try:
+        data = json.loads(_memo_path().read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_memo(memo: dict[str, Any]) -> None:
+    from wsi_llava.atomic import atomic_write_text
+
+    try:
+        _memo_path().parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(_memo_path(), json.dumps(memo, indent=1), fsync=False)
+    except OSError as e:  # a read-only cache only costs hashing again next time
+        logger.debug("checksum memo not written: %s", e)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -124,6 +171,7 @@ class TileEncoder(nn.Module):
         resize_size: int | None = None,
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
+        interpolation: str = "bicubic",
         encoder_id: str,
         trained: bool,
         weights_sha256: str | None = None,
@@ -134,6 +182,7 @@ class TileEncoder(nn.Module):
         self.embed_dim = int(embed_dim)
         self.input_size = int(input_size)
         self.resize_size = int(resize_size or input_size)
+        self.interpolation = interpolation
         self.encoder_id = encoder_id
         self.trained = trained
         self.weights_sha256 = weights_sha256
@@ -149,8 +198,8 @@ class TileEncoder(nn.Module):
     def preprocess(self, tiles: np.ndarray | torch.Tensor) -> torch.Tensor:
         """``(B, H, W, 3)`` uint8 → ``(B, 3, s, s)`` float32 on the encoder's device.
 
-        Resize (bicubic, antialiased) so the shorter side is ``resize_size``, centre-crop ``input_size``,
-        ImageNet-normalise; as Prov-GigaPath's Resize 256 → CenterCrop 224 → Normalize, on the tensor.
+        Resize (``interpolation``, antialiased) so the shorter side is ``resize_size``, centre-crop
+        ``input_size``, normalise; as Prov-GigaPath's Resize 256 → CenterCrop 224 → Normalize, on the tensor.
         """
         x = torch.as_tensor(tiles)
         if x.dim() != 4 or x.shape[-1] != 3:
@@ -160,9 +209,8 @@ class TileEncoder(nn.Module):
         if min(h, w) != self.resize_size:
             s = self.resize_size / min(h, w)
             size = (max(self.resize_size, round(h * s)), max(self.resize_size, round(w * s)))
-            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp_(
-                0.0, 1.0
-            )
+            mode = self.interpolation if self.interpolation in ("bicubic", "bilinear") else "bicubic"
+            x = F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True).clamp_(0.0, 1.0)
         h, w = x.shape[-2:]
         c = self.input_size
         if (h, w) != (c, c):
@@ -224,4 +272,47 @@ def build_tile_encoder(name: str, weights: Path | str | None = None) -> TileEnco
         trained=sha is not None,
         weights_sha256=sha,
     )
+    return enc.eval()
+
+
+class TokenPooled(nn.Module):
+    """A token-returning backbone (``(B, T, D)``, as Virchow) pooled to class token ⊕ mean patch token."""
+
+    def __init__(self, inner: nn.Module, num_prefix_tokens: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.num_prefix_tokens = max(1, int(num_prefix_tokens))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.inner(x)
+        return torch.cat([tokens[:, 0], tokens[:, self.num_prefix_tokens :].mean(dim=1)], dim=-1)
+
+
+def build_tile_encoder_from_folder(
+    folder: Path | str, timm_kwargs: dict[str, Any] | None = None
+) -> TileEncoder:
+    """A ``TileEncoder`` from a timm hub folder (Prov-GigaPath, UNI, ...), keyed by its weights' sha256."""
+    from wsi_llava.encoders import timm_hub
+
+    folder = Path(folder)
+    info = timm_hub.inspect_folder(folder, timm_kwargs)
+    model = timm_hub.build_model(folder, timm_kwargs)
+    if info.token_output:
+        model = TokenPooled(model, getattr(model, "num_prefix_tokens", 1))
+    sha = weights_sha256(Path(info.weights))
+    prep = info.preprocessing
+    enc = TileEncoder(
+        info.architecture,
+        model,
+        embed_dim=info.embed_dim,
+        input_size=prep.input_size,
+        resize_size=prep.resize_size,
+        mean=prep.mean,
+        std=prep.std,
+        interpolation=prep.interpolation,
+        encoder_id=f"{info.architecture}:sha256-{sha[:16]}",
+        trained=True,
+        weights_sha256=sha,
+    )
+    logger.info("tile encoder %s from %s (%d-d)", info.architecture, folder, info.embed_dim)
     return enc.eval()

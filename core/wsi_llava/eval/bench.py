@@ -117,6 +117,46 @@ class Bench(BaseModel):
         return list(seen)
 
 
+class ItemRegions:
+    """The region each bench row asks about, whole annotations read once per slide.
+
+    A row with a ``region`` box asks about that rectangle; one with ``annotation_id`` and no box (our
+    synthetic world's ``region: null``) about the whole annotation, the polygon with that id in
+    ``annotations/<slide stem>.geojson`` beside the bench; any other row about the whole slide.
+    """
+
+    def __init__(self, root: Path | None) -> None:
+        self.root = root
+        self._by_file: dict[Path, dict[str, Any]] = {}
+
+    def region(self, item: BenchItem) -> Any:
+        """A ``Region`` (level-0 px), or None for the whole slide; a missing annotation is a ``RegionError``."""
+        from wsi_llava.errors import RegionError
+        from wsi_llava.slide.region import Region
+
+        if item.region is not None:
+            r = item.region
+            return Region.rectangle(r.x, r.y, r.w, r.h, id=item.annotation_id)
+        if item.annotation_id is None:
+            return None
+        if self.root is None:
+            raise RegionError(
+                f"{item.source}: asks about annotation {item.annotation_id} as a whole, but the bench has "
+                "no folder with annotations/ (load the world folder)"
+            )
+        path = self.root / "annotations" / f"{Path(item.image).stem}.geojson"
+        if path not in self._by_file:
+            from wsi_llava.slide.geojson import read_geojson
+
+            if not path.is_file():
+                raise RegionError(f"{item.source}: {path} not found (annotation {item.annotation_id})")
+            self._by_file[path] = {r.id: r for r in read_geojson(path, skip_unsupported=True) if r.id}
+        found = self._by_file[path].get(item.annotation_id)
+        if found is None:
+            raise RegionError(f"{item.source}: no annotation {item.annotation_id} in {path}")
+        return found
+
+
 def slide_id(image: str) -> str:
     """``TCGA-LUSC/TCGA-21-1083-...pt`` -> ``TCGA-21-1083-...`` (file stem, any folder)."""
     name = image.replace("\\", "/").rsplit("/", 1)[-1]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from wsi_llava.clickutil import model_options
 from wsi_llava.errors import Cancelled, WsiLlavaError
 from wsi_llava.progress import TerminalProgress
 
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
     type=click.Path(path_type=Path),
     help="Answers: our JSONL, official model_vqa.py JSONL, or WSI-Metric CSV.",
 )
-@click.option("--model", help="Run this model (registered name or checkpoint folder) to make the answers.")
+@model_options(default=None)
 @click.option("--slides", type=click.Path(path_type=Path), help="With --model: folder of the bench's slides.")
 @click.option(
     "--features",
@@ -99,8 +100,6 @@ logger = logging.getLogger(__name__)
     type=click.Path(path_type=Path),
     help="Training files/folders: adds the slide-disjoint subset score (repeatable).",
 )
-@click.option("--device", default="cpu", show_default=True, help="Device for --model.")
-@click.option("--dtype", default=None, help="Model dtype (default: float32 on CPU, bfloat16 on GPU).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Feature cache folder for --slides.")
 @click.option("--max-new-tokens", default=512, show_default=True, help="Decoding: answer length limit.")
 @click.option("--temperature", default=0.0, show_default=True, help="Decoding: 0 = greedy.")
@@ -195,8 +194,10 @@ def _run(progress, **kw) -> None:  # noqa: C901 - one linear recipe
     else:
         from wsi_llava.eval.runner import feature_answerer, run_predictions, slide_answerer
         from wsi_llava.model import load_model
+        from wsi_llava.settings import resolve_device
 
-        model = load_model(kw["model"], device=kw["device"], dtype=kw["dtype"])
+        kw["device"] = resolve_device(kw["device"])
+        model = load_model(kw["model"], device=kw["device"], dtype=kw["dtype"], model_base=kw["model_base"])
         model_name = model.spec.name + (" (text-only)" if baseline == "text-only" else "")
         if baseline == "text-only":
             fn = feature_answerer(model, kw["features"] or ".", decoding, zero_visual=True)

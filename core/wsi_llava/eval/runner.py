@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from wsi_llava.errors import RegionError, WsiLlavaError
-from wsi_llava.eval.bench import Bench, BenchItem
+from wsi_llava.eval.bench import Bench, BenchItem, ItemRegions
 from wsi_llava.progress import CancelToken, ProgressCallback, no_progress
 
 logger = logging.getLogger(__name__)
@@ -142,15 +142,9 @@ def feature_answerer(
         if zero_visual:
             visual = torch.zeros(n_tokens, in_dim)
         else:
-            path = feature_path(features_dir, item.image)
-            try:
-                visual = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise WsiLlavaError(f"{path}: cannot read the feature tensor ({e})") from None
-            if not isinstance(visual, torch.Tensor) or visual.dim() != 2 or visual.shape[1] != in_dim:
-                shape = tuple(visual.shape) if isinstance(visual, torch.Tensor) else type(visual).__name__
-                raise WsiLlavaError(f"{path}: expected a (n_tokens, {in_dim}) tensor, got {shape}")
-            visual = visual.float()
+            from wsi_llava.model.tokens_file import load_visual_tokens
+
+            visual = load_visual_tokens(feature_path(features_dir, item.image), in_dim)
         return _generate(model, item.question, visual, decoding)
 
     return answer
@@ -178,11 +172,11 @@ def slide_answerer(
     cache_dir: str | Path | None = None,
     device: str = "cpu",
 ) -> Answerer:
-    """Answers through ``SlideSession`` (features once per slide; region rows ask about their box)."""
+    """Answers through ``SlideSession`` (features once per slide; region rows ask about their region)."""
     from wsi_llava.session import SlideSession
-    from wsi_llava.slide.region import Region
 
     slides = Path(slides_dir) if slides_dir is not None else None
+    regions = ItemRegions(bench.root)
     state: dict[str, Any] = {"path": None, "session": None}
 
     def answer(item: BenchItem) -> str:
@@ -192,10 +186,7 @@ def slide_answerer(
                 state["session"].close()
             state["session"] = SlideSession(path, model, cache_dir=cache_dir, device=device)
             state["path"] = path
-        region = None
-        if item.region is not None:
-            r = item.region
-            region = Region.rectangle(r.x, r.y, r.w, r.h, id=item.annotation_id)
+        region = regions.region(item)
         ans = state["session"].ask(
             item.question,
             region,

@@ -24,25 +24,33 @@ def load_model(
     *,
     model_base: str | Path | None = None,
 ) -> WSILlava:
-    """A registered model by name (e.g. ``demo``), else a checkpoint folder (ours, then LLaVA format).
+    """The one way every front end names a model: a built-in (plugin) name such as ``demo``, a user model
+    registered with ``wsi-llava models add``, or a checkpoint folder (ours, or official LLaVA format).
 
-    A LoRA LLaVA checkpoint needs ``model_base`` (the merged llava-v1.5-7b folder).
+    ``model_base`` is the base LLM of a LoRA checkpoint passed as a folder (e.g. llava-v1.5-7b).
     """
-    from wsi_llava import plugins
+    from wsi_llava import plugins, registry
+    from wsi_llava.model.checkpoint import load_checkpoint
     from wsi_llava.settings import default_dtype
 
     dtype = dtype or default_dtype(device)
-    registered = plugins.models()
-    if isinstance(name_or_path, str) and name_or_path in registered:
-        return registered[name_or_path].fn(device=device, dtype=dtype)
+    builtin = plugins.models()
+    name = str(name_or_path)
+    if isinstance(name_or_path, str) and name in builtin:
+        return builtin[name].fn(device=device, dtype=dtype)
+    user = registry.user_model(name) if isinstance(name_or_path, str) else None
+    if user is not None:
+        try:
+            return load_checkpoint(user, device=device, dtype=dtype, model_base=model_base)
+        except ModelError as e:
+            raise ModelError(f"model {name!r} ({user}): {e}") from None
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        from wsi_llava.model.checkpoint import load_checkpoint
-
         return load_checkpoint(path, device=device, dtype=dtype, model_base=model_base)
+    known = sorted([*builtin, *registry.user_models()])
     raise ModelError(
-        f"model {str(name_or_path)!r}: not a registered model ({', '.join(sorted(registered)) or 'none'}) "
-        "and not a checkpoint folder"
+        f"model {name!r}: not a built-in or registered model ({', '.join(known) or 'none'}) and not a "
+        "checkpoint folder; register one with `wsi-llava models add NAME --llava ... --tile-encoder ...`"
     )
 
 

@@ -45,15 +45,6 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    source = Path(model.spec.llm.source)
-    if not save_llm and model.spec.llm.source != LLM_DIR and source.is_dir():
-        from wsi_llava.model.llava_import import is_llava_checkpoint
-
-        if is_llava_checkpoint(source):
-            raise ModelError(
-                f"{source}: the LLM comes from a LLaVA-format checkpoint, which load_llm cannot read; "
-                "save with save_llm=True to write it into the new checkpoint"
-            )
     if folder.exists() and not overwrite:
         raise ModelError(f"{folder}: already exists (pass overwrite=True to replace it)")
     if folder.exists() and any(folder.iterdir()) and not (folder / SPEC_FILE).is_file():
@@ -75,6 +66,13 @@ def save_checkpoint(
             src = Path(model.checkpoint_dir) / spec.tile_encoder.weights
             if not Path(spec.tile_encoder.weights).is_absolute() and src.is_file():
                 shutil.copyfile(src, tmp / spec.tile_encoder.weights)
+        if spec.feature_stats and not Path(spec.feature_stats).is_absolute():
+            # keyed to the tile encoder's checksum: loading ignores them if that encoder has changed
+            src = Path(model.checkpoint_dir or ".") / spec.feature_stats
+            if model.checkpoint_dir is not None and src.is_file():
+                shutil.copyfile(src, tmp / spec.feature_stats)
+            else:
+                spec.feature_stats = None
         llm = model.llm
         if _is_peft(llm):
             llm.save_pretrained(str(tmp / LORA_DIR))
@@ -89,7 +87,7 @@ def save_checkpoint(
                 )
             llm.save_pretrained(str(tmp / LLM_DIR))
             model.tokenizer.save_pretrained(str(tmp / LLM_DIR))
-            spec.llm.source = LLM_DIR
+            spec.llm = spec.llm.model_copy(update={"source": LLM_DIR, "format": "hf", "base": None})
         elif spec.llm.source == LLM_DIR and model.checkpoint_dir is not None:
             shutil.copytree(Path(model.checkpoint_dir) / LLM_DIR, tmp / LLM_DIR)
         spec.save(tmp)
@@ -114,8 +112,12 @@ def _load_into(module: Any, path: Path, what: str) -> None:
         raise ModelError(f"{path}: {what} weights do not fit the spec ({e})") from None
 
 
-def build_slide_encoder(spec: ModelSpec) -> Any:
-    """A ``SlideEncoder`` from ``spec.slide_encoder`` (None when the model takes precomputed tokens)."""
+def build_slide_encoder(spec: ModelSpec, folder: Path | None = None) -> Any:
+    """A ``SlideEncoder`` from ``spec.slide_encoder`` (None when the model takes precomputed tokens).
+
+    With ``spec.slide_encoder_weights`` (Prov-GigaPath's ``slide_encoder.pth``) its LongNet weights are
+    loaded; otherwise the caller loads ``slide_encoder.safetensors`` of the checkpoint.
+    """
     if spec.slide_encoder is None:
         return None
     from wsi_llava.encoders.slide_encoder import SlideEncoder, SlideEncoderConfig
@@ -124,7 +126,21 @@ def build_slide_encoder(spec: ModelSpec) -> Any:
         cfg = SlideEncoderConfig(**spec.slide_encoder)
     except Exception as e:
         raise ModelError(f"{SPEC_FILE}: slide_encoder: {e}") from None
+    if spec.slide_encoder_weights:
+        path = _part_path(folder, spec.slide_encoder_weights, "slide encoder")
+        if path.suffix == ".safetensors":  # another wsi-llava checkpoint's own (stage-1 tuned) encoder
+            encoder = SlideEncoder(cfg)
+            _load_into(encoder, path, "slide encoder")
+            return encoder
+        return SlideEncoder.from_gigapath(path, config=cfg)
     return SlideEncoder(cfg)
+
+
+def _part_path(folder: Path | None, source: str, what: str) -> Path:
+    from wsi_llava.model.parts import inner_source
+    from wsi_llava.sources import resolve_source
+
+    return inner_source(folder, source, what) if folder is not None else resolve_source(source, what)
 
 
 def build_tile_encoder(spec: ModelSpec, folder: Path | None) -> Any:
@@ -134,8 +150,18 @@ def build_tile_encoder(spec: ModelSpec, folder: Path | None) -> Any:
     feature cache) is the weights file's checksum, or the random-init seed when there are none.
     """
     from wsi_llava.encoders.tile import build_tile_encoder as build
+    from wsi_llava.encoders.tile import build_tile_encoder_from_folder
 
-    weights = spec.tile_encoder.weights
+    te = spec.tile_encoder
+    if te.source:
+        enc = build_tile_encoder_from_folder(_part_path(folder, te.source, "tile encoder"), te.timm_kwargs)
+        if te.embed_dim is not None and enc.embed_dim != te.embed_dim:
+            raise ModelError(
+                f"tile encoder {te.source}: gives {enc.embed_dim}-d features, {te.embed_dim}-d when the model "
+                "was added: the folder changed (add the model again)"
+            )
+        return enc
+    weights = te.weights
     if weights is None:
         return build(spec.tile_encoder.name, weights=None)
     path = Path(weights)
@@ -151,7 +177,52 @@ def _llm_source(spec: ModelSpec, folder: Path) -> str | Path:
     local = folder / src
     if not Path(src).is_absolute() and local.is_dir():
         return local
+    if src.startswith("hf://"):
+        from wsi_llava.sources import resolve_source
+
+        return resolve_source(src, "LLM")
     return src
+
+
+def load_language(
+    spec: ModelSpec, folder: Path, device: str, dtype: Any, model_base: str | Path | None = None
+) -> tuple[Any, Any, Any]:
+    """``(llm, tokenizer, projector or None)`` as ``spec.llm`` says (see :class:`~wsi_llava.model.spec.LLMSpec`).
+
+    ``model_base`` replaces the LLM folder the checkpoint names (its LoRA base for a LLaVA LoRA source),
+    e.g. where a checkpoint trained elsewhere meets this machine's copy of llava-v1.5-7b.
+    """
+    from wsi_llava.model import llava_import
+
+    llm_spec = spec.llm
+    if llm_spec.format == "wsi-llava":
+        base = (
+            Path(model_base)
+            if model_base
+            else (_part_path(folder, llm_spec.base, "LLM base") if llm_spec.base else None)
+        )
+        inner = load_checkpoint(
+            _part_path(folder, llm_spec.source, "LLM"), device=device, dtype=dtype, model_base=base
+        )
+        return inner.llm, inner.tokenizer, inner.projector
+    if llm_spec.format == "llava":
+        source = _part_path(folder, llm_spec.source, "LLaVA")
+        base = _part_path(folder, llm_spec.base, "LLaVA base") if llm_spec.base else None
+        if model_base is not None:
+            if base is not None:
+                base = Path(model_base)
+            else:
+                source = Path(model_base)
+        parts = llava_import.read_llava(source, base, device=device, dtype=dtype)
+        return parts.llm, parts.tokenizer, parts.projector
+    from wsi_llava.model.llm import load_llm
+
+    src = Path(model_base) if model_base is not None else _llm_source(spec, folder)
+    if isinstance(src, Path) and src.is_dir() and llava_import.is_llava_checkpoint(src):
+        llm, tokenizer = llava_import.load_base_llm(src, device=device, dtype=dtype)
+    else:
+        llm, tokenizer = load_llm(src, dtype=dtype, device=device)
+    return llm, tokenizer, None
 
 
 def load_checkpoint(
@@ -177,14 +248,14 @@ def load_checkpoint(
         )
     import torch
 
-    from wsi_llava.model.llm import load_llm, torch_dtype
+    from wsi_llava.model.llm import torch_dtype
     from wsi_llava.model.projector import build_projector
     from wsi_llava.model.wsi_llava import WSILlava
     from wsi_llava.settings import default_dtype
 
     spec = ModelSpec.load(folder)
     tdtype = torch_dtype(dtype or default_dtype(device))
-    llm, tokenizer = load_llm(_llm_source(spec, folder), dtype=tdtype, device=device)
+    llm, tokenizer, projector = load_language(spec, folder, device, tdtype, model_base)
     if spec.lora:
         from peft import PeftModel
 
@@ -200,13 +271,23 @@ def load_checkpoint(
         raise ModelError(
             f"{folder / SPEC_FILE}: projector.out_dim {spec.projector.out_dim} != the LLM's hidden size {hidden}"
         )
-    projector = build_projector(spec.projector.type, spec.projector.in_dim, spec.projector.out_dim)
-    _load_into(projector, folder / PROJECTOR_FILE, "projector")
+    if (folder / PROJECTOR_FILE).is_file() or projector is None:  # trained here: replaces the source's
+        projector = build_projector(spec.projector.type, spec.projector.in_dim, spec.projector.out_dim)
+        _load_into(projector, folder / PROJECTOR_FILE, "projector")
+    else:
+        first = next(projector.parameters())
+        width = first.shape[1] if first.dim() == 2 else first.shape[0]
+        if width != spec.projector.in_dim:
+            raise ModelError(
+                f"{folder / SPEC_FILE}: projector.in_dim {spec.projector.in_dim}, but the projector of "
+                f"{spec.llm.source} takes {width}-d tokens"
+            )
     projector.to(device=device, dtype=tdtype).eval()
-    slide_encoder = build_slide_encoder(spec)
+    slide_encoder = build_slide_encoder(spec, folder)
+    own_weights = (folder / SLIDE_ENCODER_FILE).is_file() or not spec.untrained
+    if slide_encoder is not None and not spec.slide_encoder_weights and own_weights:
+        _load_into(slide_encoder, folder / SLIDE_ENCODER_FILE, "slide encoder")
     if slide_encoder is not None:
-        if (folder / SLIDE_ENCODER_FILE).is_file() or not spec.untrained:
-            _load_into(slide_encoder, folder / SLIDE_ENCODER_FILE, "slide encoder")
         slide_encoder.to(device=device, dtype=torch.float32).eval()
     tile_encoder = None
     if spec.tile_encoder.weights == TILE_ENCODER_FILE:

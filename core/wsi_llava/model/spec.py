@@ -20,10 +20,21 @@ class _Strict(BaseModel):
 
 
 class TileEncoderSpec(_Strict):
-    """Which registered tile encoder makes the tile features, and its weights (None: random or built-in)."""
+    """Which tile encoder makes the tile features.
+
+    Either a registered encoder ``name`` with optional ``weights`` (None: random, or built into the
+    checkpoint), or a timm hub folder ``source`` (``config.json`` + weights: Prov-GigaPath, UNI, ...),
+    a local path or a Hugging Face repo id resolved from the local cache (:mod:`wsi_llava.sources`).
+    """
 
     name: str = "prov-gigapath"
     weights: str | None = None
+    source: str | None = Field(None, description="timm hub folder: local path or hf://ORG/NAME")
+    timm_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="extra timm.create_model arguments a model card asks for (dotted names become objects)",
+    )
+    embed_dim: int | None = Field(None, gt=0, description="feature width, recorded when the model is added")
 
 
 class TilingSpec(_Strict):
@@ -42,9 +53,18 @@ class ProjectorSpec(_Strict):
 
 
 class LLMSpec(_Strict):
-    """The language model: a local Hugging Face folder or a package id such as ``smollm2-135m-instruct``."""
+    """The language model and where the projector comes from.
+
+    ``format``: ``hf``, a Hugging Face causal-LM folder or a package id such as ``smollm2-135m-instruct``
+    (projector and LoRA from this checkpoint's own files); ``llava``, an official LLaVA-format checkpoint
+    (merged, LoRA + ``non_lora_trainables.bin`` or ``mm_projector.bin`` over ``base``) that brings its
+    projector; ``wsi-llava``, another checkpoint of ours that brings LLM, LoRA and projector (``base``
+    replaces the LLM folder it names). Sources are local paths or ``hf://ORG/NAME`` repo ids.
+    """
 
     source: str
+    format: Literal["hf", "llava", "wsi-llava"] = "hf"
+    base: str | None = Field(None, description="base LLM folder for a LoRA or projector-only source")
 
 
 class GenerationSpec(_Strict):
@@ -60,6 +80,7 @@ class ModelSpec(_Strict):
     """Everything needed to rebuild a ``WSILlava`` from a checkpoint folder (except the weights)."""
 
     name: str
+    description: str | None = None
     version: str = "0.1.0"
     demo: bool = False
     untrained: bool = False
@@ -68,12 +89,22 @@ class ModelSpec(_Strict):
     slide_encoder: dict[str, Any] | None = Field(
         None, description="SlideEncoderConfig fields; None when visual tokens come precomputed (576x1024)"
     )
+    slide_encoder_weights: str | None = Field(
+        None,
+        description="Prov-GigaPath slide_encoder.pth (local path or hf://ORG/NAME/FILE); "
+        "None: slide_encoder.safetensors of this checkpoint",
+    )
     projector: ProjectorSpec = Field(default_factory=ProjectorSpec)
     llm: LLMSpec
     template: TemplateName = "vicuna_v1"
     lora: str | None = Field(None, description="peft adapter subfolder of the checkpoint, e.g. 'lora'")
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     n_visual_tokens: int = Field(576, gt=0, description="visual tokens per slide or region")
+    feature_stats: str | None = Field(
+        None,
+        description="training tile-feature statistics of this checkpoint (`train feature-stats`); answers on "
+        "tiles far from them carry a warning. None: no such check",
+    )
 
     @property
     def slide_encoder_n_tokens(self) -> int:

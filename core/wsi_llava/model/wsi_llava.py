@@ -181,6 +181,61 @@ class WSILlava(nn.Module):
             tile_size_level0,
         )
 
+    def tile_feature_dim(self) -> int | None:
+        """Width of the tile features this model's tile encoder makes, known without building it."""
+        if self.tile_encoder is not None:
+            return int(self.tile_encoder.embed_dim)
+        te = self.spec.tile_encoder
+        if te.embed_dim is not None:
+            return te.embed_dim
+        if te.source is None:
+            from wsi_llava import plugins
+
+            entry = plugins.tile_encoders().get(te.name)
+            if entry is not None and "embed_dim" in entry.meta:
+                return int(entry.meta["embed_dim"])
+        return None
+
+    def tile_encoder_id(self) -> str:
+        """The feature-cache id of the tile encoder (name + weights checksum), known without building it."""
+        return tile_encoder_id(self.spec, self.checkpoint_dir, self.tile_encoder)
+
+    def slide_problems(self) -> list[str]:
+        """Why this model cannot answer about a slide; empty when it can. Cheap: run before featurizing."""
+        spec, problems = self.spec, []
+        te = spec.tile_encoder
+        if self.slide_encoder is None:
+            problems.append(
+                f"it has no slide encoder: it takes precomputed {self.n_visual_tokens}x{spec.projector.in_dim} "
+                "visual tokens (ask about an official .pt feature file with `wsi-llava ask --features FILE.pt`), "
+                "or register it with its tile and slide encoders: "
+                "`wsi-llava models add NAME --llava FOLDER --tile-encoder FOLDER`"
+            )
+        random_tiles = self.tile_encoder is None and te.source is None and te.weights is None
+        if random_tiles and not (spec.demo or spec.untrained):  # only declared-untrained models may
+            problems.append(
+                f"its tile encoder {te.name!r} has no weights and would be random: register the model with "
+                "--tile-encoder FOLDER (a timm hub folder such as Prov-GigaPath's)"
+            )
+        if self.slide_encoder is not None:
+            cfg = getattr(self.slide_encoder, "config", None)
+            dim = self.tile_feature_dim()
+            if cfg is not None and dim is not None and dim != cfg.in_dim:
+                problems.append(
+                    f"its tile encoder gives {dim}-d features, its slide encoder takes {cfg.in_dim}-d"
+                )
+            if cfg is not None and cfg.out_dim != spec.projector.in_dim:
+                problems.append(
+                    f"its slide encoder gives {cfg.out_dim}-d tokens, its projector takes {spec.projector.in_dim}-d"
+                )
+        return problems
+
+    def require_slide_ready(self) -> None:
+        """Raise ``ModelError`` naming every missing or misfitting part (see :meth:`slide_problems`)."""
+        problems = self.slide_problems()
+        if problems:
+            raise ModelError(f"model {self.spec.name!r} cannot answer about slides: " + "; ".join(problems))
+
     def build_tile_encoder(self) -> nn.Module:
         """The tile encoder named in the spec, with this checkpoint's weights (or its own when trained here)."""
         if self.tile_encoder is not None:
@@ -556,7 +611,9 @@ class WSILlava(nn.Module):
         """Attention from the answer-producing positions to each visual token, normalised to sum 1.
 
         One eager-attention forward pass over prompt + answer; heads and layers (default: the last
-        half) are averaged. Returns ``(n_vis,)`` float64.
+        half) are averaged. Each layer's attention is reduced to the rows and columns needed as soon as
+        it is computed (a forward hook), so no more than one layer's attention is held at a time: a 7B
+        model's full set would not fit beside it on a small card. Returns ``(n_vis,)`` float64.
         """
         parts = self.prompt(question)
         answer = [int(a) for a in (answer_ids.tolist() if torch.is_tensor(answer_ids) else answer_ids)]
@@ -568,33 +625,69 @@ class WSILlava(nn.Module):
         # the position before each answer token is the one that produced it
         queries = list(range(prompt_end - 1, prompt_end - 1 + max(1, len(answer))))
         target = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        attn = [m for name, m in target.named_modules() if name.endswith("self_attn")]
+        if not attn:
+            raise ModelError(f"{type(target).__name__} has no self_attn modules; cannot compute evidence")
+        chosen = attn[len(attn) // 2 :] if layers == "last_half" else attn
+        q = torch.tensor(queries, device=s.inputs_embeds.device)
+        acc = torch.zeros(n_vis, dtype=torch.float64, device=s.inputs_embeds.device)
+        seen = [0]
+
+        def reduce(_module: nn.Module, _args: Any, output: Any) -> Any:
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if weights is None:
+                return output
+            acc.add_(weights[0][:, q, start : start + n_vis].double().mean(dim=0).sum(dim=0))
+            seen[0] += 1
+            return (output[0], None, *output[2:])
+
         previous = getattr(target.config, "_attn_implementation", None)
         switched = previous not in (None, "eager") and hasattr(target, "set_attn_implementation")
         if switched:
             target.set_attn_implementation("eager")
+        hooks = [m.register_forward_hook(reduce) for m in chosen]
         try:
-            out = self.llm(
+            self.llm(
                 inputs_embeds=s.inputs_embeds,
                 attention_mask=s.attention_mask,
                 position_ids=s.position_ids,
-                output_attentions=True,
                 use_cache=False,
+                logits_to_keep=1,
             )
         finally:
+            for h in hooks:
+                h.remove()
             if switched:
                 target.set_attn_implementation(previous)
-        atts = out.attentions
-        if not atts or atts[0] is None:
+        if seen[0] == 0:
             raise ModelError(
                 f"{type(target).__name__} returned no attention weights; cannot compute evidence"
             )
-        chosen = atts[len(atts) // 2 :] if layers == "last_half" else atts
-        q = torch.tensor(queries, device=chosen[0].device)
-        acc = torch.zeros(n_vis, dtype=torch.float64, device=chosen[0].device)
-        for a in chosen:  # (B, heads, L, L)
-            acc += a[0][:, q, start : start + n_vis].double().mean(dim=0).sum(dim=0)
         scores = acc.cpu().numpy()
         total = scores.sum()
         if not np.isfinite(total) or total <= 0:
             return np.full(n_vis, 1.0 / n_vis)
         return scores / total
+
+
+def tile_encoder_id(spec: ModelSpec, checkpoint_dir: str | Path | None = None, built: Any = None) -> str:
+    """The feature-cache id of ``spec``'s tile encoder (name + weights checksum), without building it."""
+    from wsi_llava.encoders.tile import RANDOM_SEED, weights_sha256
+
+    if built is not None:
+        return str(built.encoder_id)
+    te = spec.tile_encoder
+    if te.source is not None:
+        from wsi_llava.encoders.timm_hub import weights_file
+        from wsi_llava.model.checkpoint import _part_path
+
+        path = weights_file(
+            _part_path(Path(checkpoint_dir) if checkpoint_dir else None, te.source, "tile encoder")
+        )
+    elif te.weights is not None:
+        path = Path(te.weights)
+        if not path.is_absolute() and checkpoint_dir is not None:
+            path = Path(checkpoint_dir) / path
+    else:
+        return f"{te.name}:random-seed{RANDOM_SEED}"
+    return f"{te.name}:sha256-{weights_sha256(path)[:16]}"

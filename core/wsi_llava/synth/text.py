@@ -393,6 +393,152 @@ def slide_questions(
         emit("Region_choice", "Region", q, a, extra)
 
 
+# --- the questions the front ends ask ------------------------------------------------------------
+
+#: The questions of the napari presets, the QuPath scripts, ``wsi-llava describe`` / ``demo`` and the
+#: README tour, with paraphrases, by what they ask for. ``annotation_questions`` asks them about whole
+#: annotations (every tile of the polygon, as the front ends select them) and about the whole slide.
+FRONT_END_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "describe": (
+        "Describe the tissue in this region.",
+        "Describe this region.",
+        "What is in this region?",
+        "What does this region show?",
+        "Describe the selected region.",
+        "Describe the annotated region.",
+        "Describe what you see.",
+        "What can be seen here?",
+        "Describe the morphology of this region.",
+        "Please describe the tissue.",
+    ),
+    "tissue": (
+        "What tissue is in this region?",
+        "What tissue is this?",
+        "Which tissue types are present?",
+        "What tissue types are present?",
+        "What type of tissue is this?",
+        "What kind of tissue is in this region?",
+        "Identify the tissue in this region.",
+        "Which tissue is shown here?",
+    ),
+    "diagnosis": (
+        "What is the most likely diagnosis?",
+        "What is the diagnosis?",
+        "What is your diagnosis?",
+        "What is the diagnosis of this region?",
+        "What diagnosis does this suggest?",
+    ),
+    "grade": (
+        "What is the histological grade of the tumour?",
+        "What is the grade?",
+        "What grade is the tumour?",
+        "What is the histological grade?",
+        "What grade is this tumour?",
+    ),
+    "tumour?": (
+        "Is there tumour in this region?",
+        "Is there tumour?",
+        "Is there tumor in this region?",
+        "Is this tumour?",
+        "Does this region contain tumour?",
+    ),
+    "necrosis?": (
+        "Is there necrosis?",
+        "Is there necrosis in this region?",
+        "Is this necrosis?",
+        "Does this region contain necrosis?",
+    ),
+    "tissue+diagnosis": (
+        "What tissue types are present, and what is the diagnosis?",
+        "Which tissues are present and what is the diagnosis?",
+        "Describe the tissue and give the diagnosis.",
+    ),
+}
+#: how many phrasings of each kind are asked per annotation / per slide (distinct, drawn at random)
+_PER_KIND = {"describe": 2, "tissue": 1, "diagnosis": 1, "grade": 1, "tumour?": 1, "necrosis?": 1}
+_SLIDE_METADATA = {
+    "describe": "Caption",
+    "tissue": "tissue",
+    "diagnosis": "Classification",
+    "grade": "Grade",
+    "tumour?": "TF",
+    "necrosis?": "TF",
+    "tissue+diagnosis": "Classification",
+}
+
+
+def region_answer(lab: SlideLabels, c: int, kind: str) -> str:
+    """The answer to a ``kind`` question about a whole annotation of class ``c``: its class first."""
+    name = _NAMES[c]
+    seen = f"{name}: this region shows {class_morphology(lab, c)}."
+    if kind in ("describe", "tissue"):
+        return seen
+    if kind in ("tumour?", "necrosis?"):
+        yes = c == (TUMOUR if kind == "tumour?" else NECROSIS)
+        return f"{'Yes' if yes else 'No'}. This region shows {TISSUE_CLASSES[c].phrase}: {class_morphology(lab, c)}."
+    if c != TUMOUR:
+        tail = (
+            " There is no tumour in this region to grade."
+            if kind == "grade"
+            else " There is no tumour in this region."
+        )
+        return seen + tail
+    if kind == "grade":
+        return (
+            f"The tumour in this region is graded as {lab.grade_text}, based on "
+            f"{_ARCH[(lab.pattern, lab.grade)]} and {_NUCLEI[lab.grade]}."
+        )
+    return f"{seen} The most likely diagnosis is {diagnosis_text(lab)}."
+
+
+def slide_answer(lab: SlideLabels, kind: str) -> str:
+    """The answer to a ``kind`` question about the whole slide."""
+    tissue = _join([TISSUE_CLASSES[c].phrase for c in lab.classes])
+    if kind == "describe":
+        desc = f"The slide shows a tissue section containing {tissue}. "
+        return desc + " ".join(
+            f"The {TISSUE_CLASSES[c].phrase} shows {class_morphology(lab, c)}." for c in lab.classes
+        )
+    if kind == "tissue":
+        return f"The tissue types present are {tissue}. {_absences(lab).strip()}".strip()
+    if kind == "diagnosis":
+        return f"The most likely diagnosis is {diagnosis_text(lab)}."
+    if kind == "grade":
+        if not lab.tumour:
+            return "Not applicable: there is no tumour on this slide."
+        return (
+            f"The tumour is graded as {lab.grade_text}, based on {_ARCH[(lab.pattern, lab.grade)]} "
+            f"and {_NUCLEI[lab.grade]}."
+        )
+    if kind == "tumour?":
+        return (
+            "Yes: the slide shows tumour epithelium."
+            if lab.tumour
+            else "No: there is no tumour on this slide."
+        )
+    if kind == "necrosis?":
+        return (
+            "Yes: the slide shows tumour necrosis."
+            if lab.necrosis
+            else "No: there is no necrosis on this slide."
+        )
+    return f"The tissue types present are {tissue}. The diagnosis is {diagnosis_text(lab)}."
+
+
+def annotation_questions(
+    lab: SlideLabels, annotations: list[tuple[str, int]], rng: np.random.Generator, emit: Emit
+) -> None:
+    """Front-end questions about each annotation ``(id, class)`` as a whole, then about the slide."""
+    for annotation_id, c in annotations:
+        extra = {"region": None, "annotation_id": annotation_id}
+        for kind, n in _PER_KIND.items():
+            phrasings = FRONT_END_QUESTIONS[kind]
+            for i in rng.permutation(len(phrasings))[:n]:
+                emit("Preset_Questions", "Region", phrasings[int(i)], region_answer(lab, c, kind), extra)
+    for kind, phrasings in FRONT_END_QUESTIONS.items():
+        emit("Preset_Questions", _SLIDE_METADATA[kind], pick(rng, phrasings), slide_answer(lab, kind), None)
+
+
 TASKS = (
     "Report",
     "Global_Morphology_Description",
@@ -405,5 +551,6 @@ TASKS = (
     "Morphology_TF_question",
     "Region_Description",
     "Region_choice",
+    "Preset_Questions",
 )
 CLOSE_ENDED = ("Diagnosis_choice", "Morphology_choice", "Morphology_TF_question", "Region_choice")

@@ -7,6 +7,9 @@ Layout of ``out_dir``::
     annotations/slide_000.geojson QuPath GeoJSON, one polygon per class region
     reports/slide_000.txt         pathology-style report
     bench/<Task>_<split>.json     WSI-Bench conversation rows, one file per task
+
+Region rows carry ``annotation_id`` and either ``region`` (a rectangle inside the annotation) or
+``region: null``: the question is about the whole annotation polygon (``Preset_Questions``).
 """
 
 from __future__ import annotations
@@ -32,12 +35,19 @@ from wsi_llava.slide.region import Region
 from wsi_llava.synth.labels import STROMA, TISSUE_CLASSES, TUMOUR, assign_labels
 from wsi_llava.synth.layout import Layout, find_rectangle, make_layout
 from wsi_llava.synth.render import SlideRenderer, make_style
-from wsi_llava.synth.text import TASKS, LetterCycle, RegionInfo, make_report, slide_questions
+from wsi_llava.synth.text import (
+    TASKS,
+    LetterCycle,
+    RegionInfo,
+    annotation_questions,
+    make_report,
+    slide_questions,
+)
 from wsi_llava.synth.tiff import write_pyramid
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 _OUR_ENTRIES = ("manifest.json", "slides", "annotations", "reports", "bench")
 _NS = uuid.UUID("6f1d3c1e-5b0a-4e55-9a43-7d2a8c1b9e01")
 
@@ -182,8 +192,13 @@ def generate_world(
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
     overwrite: bool = False,
+    workers: int = 1,
 ) -> WorldManifest:
-    """Generate ``n_slides`` synthetic H&E slides with ground truth and questions; deterministic per seed."""
+    """Generate ``n_slides`` synthetic H&E slides with ground truth and questions; deterministic per seed.
+
+    ``workers`` > 1 renders and writes the slides' pixels in that many processes; everything else, and
+    every random draw, stays in this process in slide order, so the world is the same for any ``workers``.
+    """
     out_dir = Path(out_dir)
     progress = progress or no_progress
     w, h = int(size[0]), int(size[1])
@@ -208,71 +223,50 @@ def generate_world(
     for t in TASKS:  # fixed creation order keeps the letter streams deterministic
         letters[t]
     total_steps = n_slides
-    for i, lab in enumerate(labels):
-        t0 = time.perf_counter()
-        stem = f"slide_{i:03d}"
-        rng = np.random.default_rng([int(seed), i, 1])
-        layout = make_layout(lab, w, h, rng)
-        style = make_style(lab, rng)
-        renderer = SlideRenderer(lab, layout, style, noise_seed=int(rng.integers(1 << 62)))
+    pool = None
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-        def on_strip(done: int, total: int, _i: int = i, _stem: str = stem) -> None:
+        pool = ProcessPoolExecutor(min(workers, n_slides), mp_context=multiprocessing.get_context("spawn"))
+    pending: dict[int, Any] = {}
+    try:
+        for i, lab in enumerate(labels):
+            t0 = time.perf_counter()
+            stem = f"slide_{i:03d}"
+            rng = np.random.default_rng([int(seed), i, 1])
+            layout = make_layout(lab, w, h, rng)
+            style = make_style(lab, rng)
+            noise_seed = int(rng.integers(1 << 62))
+            slide_rel = f"slides/{stem}.tif"
+            if pool is not None:
+                if cancel is not None:
+                    cancel.raise_if_cancelled()
+                job = (out_dir / slide_rel, lab, layout, style, noise_seed, w, h, mpp)
+                pending[i] = pool.submit(_render_slide, *job)
+                levels = 0  # filled in below, once the process has written the pyramid
+            else:
+
+                def on_strip(done: int, total: int, _i: int = i, _stem: str = stem) -> None:
+                    if cancel is not None:
+                        cancel.raise_if_cancelled()
+                    progress(_i, total_steps, f"{_stem}: rendering {done}/{total}")
+
+                renderer = SlideRenderer(lab, layout, style, noise_seed=noise_seed)
+                levels = write_pyramid(out_dir / slide_rel, w, h, renderer.strip, mpp, on_strip=on_strip)
+            entry = _describe_slide(out_dir, seed, i, lab, layout, rng, letters, rows, levels, mpp)
+            manifest.slides.append(entry)
+            if pool is None:
+                logger.info("%s: %s, %s in %.1f s", stem, lab.diagnosis, lab.grade, time.perf_counter() - t0)
+                progress(i + 1, total_steps, f"{stem} done")
+        for n, (i, fut) in enumerate(pending.items()):
             if cancel is not None:
                 cancel.raise_if_cancelled()
-            progress(_i, total_steps, f"{_stem}: rendering {done}/{total}")
-
-        slide_rel = f"slides/{stem}.tif"
-        levels = write_pyramid(out_dir / slide_rel, w, h, renderer.strip, mpp, on_strip=on_strip)
-        regions = _regions(layout, seed, stem)
-        ann_rel = f"annotations/{stem}.geojson"
-        (out_dir / "annotations").mkdir(exist_ok=True)
-        write_geojson(out_dir / ann_rel, regions)
-        report = make_report(lab, rng)
-        rep_rel = f"reports/{stem}.txt"
-        _atomic_text(out_dir / rep_rel, report + "\n")
-        infos = _region_infos(layout, regions, rng)
-        counters: dict[str, int] = defaultdict(int)
-
-        def emit(task, metadata, question, answer, extra, _stem=stem, _img=slide_rel, _c=counters):
-            _c[task] += 1
-            row: dict[str, Any] = {
-                "id": f"{_stem}-{_c[task]}",
-                "image": _img,
-                "conversations": [
-                    {"from": "human", "value": "<image>\n" + question},
-                    {"from": "gpt", "value": answer},
-                ],
-                "metadata": metadata,
-            }
-            if extra:
-                row.update(extra)
-            rows[task].append(row)
-
-        slide_questions(lab, report, infos, rng, letters, emit)
-        fr = layout.fractions()
-        manifest.slides.append(
-            SlideEntry(
-                stem=stem,
-                path=slide_rel,
-                annotations=ann_rel,
-                report_path=rep_rel,
-                width=w,
-                height=h,
-                mpp=float(mpp),
-                levels=levels,
-                diagnosis=lab.diagnosis,
-                grade=lab.grade,
-                necrosis=lab.necrosis,
-                lymphocytes=lab.lymphocytes,
-                fat=lab.fat,
-                tissue_types=[TISSUE_CLASSES[c].key for c in lab.classes],
-                tissue_fractions={TISSUE_CLASSES[c].key: round(v, 4) for c, v in fr.items()},
-                regions=regions,
-                report=report,
-            )
-        )
-        logger.info("%s: %s, %s in %.1f s", stem, lab.diagnosis, lab.grade, time.perf_counter() - t0)
-        progress(i + 1, total_steps, f"{stem} done")
+            manifest.slides[i].levels = fut.result()
+            progress(n + 1, total_steps, f"{manifest.slides[i].stem} written")
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     for task in TASKS:
         if not rows[task]:
             continue
@@ -281,6 +275,80 @@ def generate_world(
         manifest.bench[task] = rel
     _atomic_text(out_dir / "manifest.json", manifest.model_dump_json(indent=1))
     return manifest
+
+
+def _render_slide(
+    path: Path, lab: Any, layout: Layout, style: Any, noise_seed: int, w: int, h: int, mpp: float
+) -> int:
+    """Render and write one slide's pyramid (in a worker process); returns its number of levels."""
+    renderer = SlideRenderer(lab, layout, style, noise_seed=noise_seed)
+    return write_pyramid(path, w, h, renderer.strip, mpp)
+
+
+def _describe_slide(
+    out_dir: Path,
+    seed: int,
+    i: int,
+    lab: Any,
+    layout: Layout,
+    rng: np.random.Generator,
+    letters: dict[str, LetterCycle],
+    rows: dict[str, list[dict[str, Any]]],
+    levels: int,
+    mpp: float,
+) -> SlideEntry:
+    """Annotations, report and questions of slide ``i``; its manifest entry (draws from ``rng`` in order)."""
+    stem, w, h = f"slide_{i:03d}", layout.width, layout.height
+    slide_rel = f"slides/{stem}.tif"
+    regions = _regions(layout, seed, stem)
+    ann_rel = f"annotations/{stem}.geojson"
+    (out_dir / "annotations").mkdir(exist_ok=True)
+    write_geojson(out_dir / ann_rel, regions)
+    report = make_report(lab, rng)
+    rep_rel = f"reports/{stem}.txt"
+    _atomic_text(out_dir / rep_rel, report + "\n")
+    infos = _region_infos(layout, regions, rng)
+    counters: dict[str, int] = defaultdict(int)
+
+    def emit(task, metadata, question, answer, extra, _stem=stem, _img=slide_rel, _c=counters):
+        _c[task] += 1
+        row: dict[str, Any] = {
+            "id": f"{_stem}-{_c[task]}",
+            "image": _img,
+            "conversations": [
+                {"from": "human", "value": "<image>\n" + question},
+                {"from": "gpt", "value": answer},
+            ],
+            "metadata": metadata,
+        }
+        if extra:
+            row.update(extra)
+        rows[task].append(row)
+
+    slide_questions(lab, report, infos, rng, letters, emit)
+    # its own stream: the rows above, and the pixels, stay as they were before these questions
+    annotations = [(str(r.id), p.cls) for r, p in zip(regions, layout.polygons, strict=True)]
+    annotation_questions(lab, annotations, np.random.default_rng([int(seed), i, 2]), emit)
+    fr = layout.fractions()
+    return SlideEntry(
+        stem=stem,
+        path=slide_rel,
+        annotations=ann_rel,
+        report_path=rep_rel,
+        width=w,
+        height=h,
+        mpp=float(mpp),
+        levels=levels,
+        diagnosis=lab.diagnosis,
+        grade=lab.grade,
+        necrosis=lab.necrosis,
+        lymphocytes=lab.lymphocytes,
+        fat=lab.fat,
+        tissue_types=[TISSUE_CLASSES[c].key for c in lab.classes],
+        tissue_fractions={TISSUE_CLASSES[c].key: round(v, 4) for c, v in fr.items()},
+        regions=regions,
+        report=report,
+    )
 
 
 def load_manifest(world_dir: Path) -> WorldManifest:

@@ -1,4 +1,5 @@
-"""``wsi-llava train``: ``prepare-tiles`` + ``tiles`` (demo tile encoder), ``prepare``, ``stage1``-``stage3``.
+"""``wsi-llava train``: ``prepare-tiles`` + ``tiles`` (demo tile encoder), ``prepare``, ``stage1``-``stage3``,
+``feature-stats`` (the training tile-feature statistics behind the out-of-distribution warning).
 
 Under ``torchrun --nproc-per-node N -m wsi_llava.train stage3 --config ...`` (or ``accelerate launch``)
 every process runs the same command; rank 0 writes logs and checkpoints.
@@ -13,6 +14,7 @@ from typing import Any
 
 import click
 
+from wsi_llava.encoders.feature_stats import DEFAULT_QUANTILE, DEFAULT_SLIDE_FRACTION
 from wsi_llava.errors import WsiLlavaError
 
 logger = logging.getLogger(__name__)
@@ -172,6 +174,51 @@ def prepare_tiles_command(
         tile_size=tile_size,
         use_annotations=not no_annotations,
         max_tiles_per_region=max_tiles_per_region,
+    )
+
+
+@train_command.command("feature-stats")
+@click.option(
+    "--pack",
+    "packs",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Feature pack of the training slides (`train prepare`, repeatable).",
+)
+@click.option(
+    "--checkpoint",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Checkpoint folder: the statistics are written into it and named in its wsi_llava.json.",
+)
+@click.option(
+    "--quantile",
+    default=DEFAULT_QUANTILE,
+    show_default=True,
+    help="Quantile of the training tiles' (cross-fitted) distances a tile must pass to count as far.",
+)
+@click.option(
+    "--slide-fraction",
+    default=DEFAULT_SLIDE_FRACTION,
+    show_default=True,
+    help="Fraction of a slide's (or region's) tiles beyond it that makes the answer carry a warning.",
+)
+def feature_stats_command(
+    packs: tuple[Path, ...], checkpoint: Path, quantile: float, slide_fraction: float
+) -> None:
+    """Fit the training tile-feature statistics a checkpoint's out-of-distribution warning uses."""
+    from wsi_llava.train.feature_stats import write_feature_stats
+
+    try:
+        stats = write_feature_stats(packs, checkpoint, quantile=quantile, slide_fraction=slide_fraction)
+    except WsiLlavaError as e:
+        raise click.ClickException(str(e)) from None
+    info = stats.info
+    click.echo(
+        f"feature statistics of {info['n_tiles']} tiles ({info['n_slides']} slides): tile threshold "
+        f"{stats.tile_threshold:.3f} at q={stats.quantile}; largest cross-fitted slide fraction beyond it "
+        f"{info['cross_fit_slide_fraction_max']:.3f} (warning at {stats.slide_fraction}); wrote into {checkpoint}"
     )
 
 

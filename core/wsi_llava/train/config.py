@@ -115,6 +115,11 @@ class LoraConfig(_Strict):
     alpha: int = Field(256, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    from_base: bool = Field(
+        False,
+        description="model.base is a stage-3 checkpoint: go on training its adapter (r, alpha, dropout and "
+        "targets are the adapter's own) instead of merging it into the LLM under a fresh one",
+    )
 
 
 def _no_fsdp(cfg: Any) -> Any:

@@ -2,8 +2,9 @@
 
 A *feature pack* (``wsi-llava train prepare``) is one ``torch.save`` file holding, per slide, the tile
 features from the tile encoder (via the ``FeatureCache``), their level-0 coords and tile size, and the
-bench questions about it, each with the tile indices it covers (all, or the tiles of its region, chosen
-by ``select_tiles`` exactly as ``SlideSession`` does at inference). Training then needs no slide reader.
+bench questions about it, each with the tile indices it covers (all, or the tiles of its region box or
+whole annotation, chosen by ``select_tiles`` exactly as ``SlideSession`` does at inference). Training
+then needs no slide reader.
 
 With ``data.bench`` + ``data.features`` the visual tokens are the official precomputed ``.pt`` tensors
 (WSI-Bench, 576 x 1024), looked up by each row's ``image`` path; missing files are listed up front.
@@ -77,17 +78,17 @@ def prepare_pack(
     from wsi_llava.encoders.extract import extract_features
     from wsi_llava.encoders.tile import build_tile_encoder
     from wsi_llava.errors import RegionError
-    from wsi_llava.eval.bench import load_bench
+    from wsi_llava.eval.bench import ItemRegions, load_bench
     from wsi_llava.settings import cache_dir as default_cache_dir
     from wsi_llava.slide import open_slide
-    from wsi_llava.slide.region import Region
     from wsi_llava.slide.tiling import make_tile_grid, select_tiles
 
-    jobs: list[tuple[str, Path, list[Any]]] = []
+    jobs: list[tuple[str, Path, list[Any], ItemRegions]] = []
     missing: list[str] = []
     for b in benches:
         bench = load_bench(b)
         root = bench.root or Path(b)
+        regions = ItemRegions(bench.root)
         by_image: dict[str, list[Any]] = {}
         for it in bench.items:
             by_image.setdefault(it.image, []).append(it)
@@ -95,7 +96,7 @@ def prepare_pack(
             path = root / image
             if not path.exists():
                 missing.append(str(path))
-            jobs.append((f"{Path(b).name}/{Path(image).stem}", path, items))
+            jobs.append((f"{Path(b).name}/{Path(image).stem}", path, items, regions))
     if missing:
         shown = "\n  ".join(missing[:20]) + (
             f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
@@ -106,7 +107,7 @@ def prepare_pack(
     slides: dict[str, dict[str, Any]] = {}
     samples: list[dict[str, Any]] = []
     skipped: list[str] = []
-    for i, (key, path, items) in enumerate(jobs):
+    for i, (key, path, items, regions) in enumerate(jobs):
         progress(i, len(jobs), "preparing features")
         reader = open_slide(path)
         try:
@@ -119,9 +120,8 @@ def prepare_pack(
             }
             for it in items:
                 tiles = None
-                if it.region is not None:
-                    r = it.region
-                    region = Region.rectangle(r.x, r.y, r.w, r.h, id=it.annotation_id)
+                region = regions.region(it)
+                if region is not None:
                     try:
                         tiles = [int(t) for t in select_tiles(grid, region, source=it.source)]
                     except RegionError as e:

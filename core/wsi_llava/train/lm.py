@@ -26,7 +26,10 @@ logger = logging.getLogger(__name__)
 
 
 def load_base(cfg: Stage2Config | Stage3Config, d: Dist) -> Any:
-    """The starting ``WSILlava`` on this rank's device (LoRA of a base checkpoint is merged in)."""
+    """The starting ``WSILlava`` on this rank's device (LoRA of a base checkpoint merged in, or kept).
+
+    The adapter is kept, to train on, with ``lora.from_base`` (stage 3).
+    """
     from wsi_llava.errors import WsiLlavaError
 
     if cfg.model.llm or cfg.model.slide_encoder:
@@ -43,7 +46,8 @@ def load_base(cfg: Stage2Config | Stage3Config, d: Dist) -> Any:
         else:
             from wsi_llava.model.checkpoint import load_checkpoint
 
-            model = load_checkpoint(cfg.model.base, device=device, dtype=dtype, merge_lora=True)
+            keep = isinstance(cfg, Stage3Config) and cfg.lora.from_base
+            model = load_checkpoint(cfg.model.base, device=device, dtype=dtype, merge_lora=not keep)
     except WsiLlavaError as e:
         raise TrainError(f"model.base {cfg.model.base!r}: {e}") from None
     if cfg.model.template:
@@ -140,24 +144,13 @@ class VisualTokens:
         return t.to(self.device, torch.float32)
 
 
-def expected_encoder_id(model: Any) -> str:
-    """The feature-cache id of the model's tile encoder, computed without building it."""
-    from wsi_llava.encoders.tile import RANDOM_SEED, weights_sha256
-
-    te = model.spec.tile_encoder
-    if te.weights is None:
-        return f"{te.name}:random-seed{RANDOM_SEED}"
-    path = Path(te.weights)
-    if not path.is_absolute() and model.checkpoint_dir is not None:
-        path = Path(model.checkpoint_dir) / path
-    return f"{te.name}:sha256-{weights_sha256(path)[:16]}"
-
-
 def check_pack_encoder(model: Any, data: TrainData) -> None:
     """Packs must come from the model's own tile encoder (features of another encoder mean nothing)."""
     if not data.encoder_ids or model.slide_encoder is None:
         return
-    want = expected_encoder_id(model)
+    from wsi_llava.model.wsi_llava import tile_encoder_id
+
+    want = tile_encoder_id(model.spec, model.checkpoint_dir, getattr(model, "tile_encoder", None))
     if want not in data.encoder_ids:
         raise TrainError(
             f"the feature packs were made with {sorted(data.encoder_ids)}, but the model's tile encoder is "
@@ -209,7 +202,14 @@ def run_lm_stage(
     model.projector.float().requires_grad_(True)
     groups: list[dict[str, Any]]
     modules: dict[str, torch.nn.Module] = {"projector": model.projector}
-    if isinstance(cfg, Stage3Config):
+    if isinstance(cfg, Stage3Config) and cfg.lora.from_base:
+        if not hasattr(model.llm, "peft_config"):
+            raise TrainError(f"lora.from_base: model.base {cfg.model.base!r} has no LoRA adapter to train on")
+        for name, p in model.llm.named_parameters():
+            if "lora_" in name:
+                p.requires_grad_(True)
+        modules["llm"] = model.llm
+    elif isinstance(cfg, Stage3Config):
         from peft import LoraConfig, get_peft_model
 
         lcfg = LoraConfig(

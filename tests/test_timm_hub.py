@@ -1,0 +1,156 @@
+"""Tile encoders from timm hub folders in the layouts Prov-GigaPath, UNI and Virchow publish.
+
+The folders are written at test time with timm itself (config.json + pytorch_model.bin / model.safetensors);
+the encoder must be built by timm's local-folder loading, carry the folder's preprocessing, produce what
+the plain timm model produces, and name what is wrong with a broken folder.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from model_parts_kit import (
+    make_gigapath_folder,
+    make_slide_encoder_pth,
+    make_uni_folder,
+    make_virchow_folder,
+    put_in_hub_cache,
+)
+
+from wsi_llava.encoders.tile import build_tile_encoder_from_folder
+from wsi_llava.encoders.timm_hub import inspect_folder
+from wsi_llava.errors import ModelError
+
+
+def _tiles(n: int = 3, size: int = 256, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def _timm_reference(folder, tiles: np.ndarray, **create) -> torch.Tensor:
+    """timm's own model and transforms (PIL path), as a user of the model card would run them."""
+    import timm
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True, **create).eval()
+    tf = create_transform(**resolve_data_config({}, model=model))
+    x = torch.stack([tf(Image.fromarray(t)) for t in tiles])
+    with torch.no_grad():
+        return model(x)
+
+
+def test_gigapath_folder_preprocessing_and_features(tmp_path):
+    folder = make_gigapath_folder(tmp_path / "gp")
+    info = inspect_folder(folder)
+    assert info.architecture == "vit_giant_patch14_dinov2" and info.embed_dim == 96 and not info.token_output
+    p = info.preprocessing
+    assert (p.input_size, p.resize_size, p.interpolation) == (224, 256, "bicubic")  # Resize 256, crop 224
+    enc = build_tile_encoder_from_folder(folder)
+    assert enc.encoder_id.startswith("vit_giant_patch14_dinov2:sha256-") and enc.trained
+    tiles = _tiles(size=256)
+    with torch.no_grad():
+        ours = enc.encode(tiles)
+    ref = _timm_reference(folder, tiles)
+    assert ours.shape == ref.shape == (3, 96)
+    # 256-px tiles only get centre-cropped: the same pixels as timm's PIL pipeline, up to float rounding
+    assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_uni_folder_bilinear_no_resize_and_resized_tiles(tmp_path):
+    folder = make_uni_folder(tmp_path / "uni", weights="safetensors")
+    enc = build_tile_encoder_from_folder(folder)
+    assert (enc.input_size, enc.resize_size, enc.interpolation) == (224, 224, "bilinear")
+    tiles = _tiles(size=320, seed=1)  # resized on the tensor path: close to timm's PIL resize
+    with torch.no_grad():
+        ours = enc.encode(tiles)
+    ref = _timm_reference(folder, tiles)
+    rel = (ours - ref).norm() / ref.norm()
+    assert rel < 0.05, rel
+
+
+def test_virchow_folder_token_output_needs_its_model_card_arguments(tmp_path):
+    folder = make_virchow_folder(tmp_path / "virchow")
+    with pytest.raises(ModelError, match="tile-encoder-arg"):
+        inspect_folder(folder)  # SwiGLU weights do not fit the plain MLP the config alone builds
+    args = {"mlp_layer": "timm.layers.SwiGLUPacked", "act_layer": "torch.nn.SiLU"}
+    info = inspect_folder(folder, args)
+    assert info.token_output and info.embed_dim == 192  # class token ⊕ mean patch token
+    enc = build_tile_encoder_from_folder(folder, args)
+    tiles = _tiles(size=224, seed=2)
+    from timm.layers import SwiGLUPacked
+
+    tokens = _timm_reference(folder, tiles, mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU)
+    expected = torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], dim=-1)
+    with torch.no_grad():
+        assert torch.allclose(enc.encode(tiles), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_broken_folders_name_the_problem(tmp_path):
+    gp = make_gigapath_folder(tmp_path / "gp")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelError, match="no config.json"):
+        inspect_folder(empty)
+    llm = tmp_path / "llm"
+    llm.mkdir()
+    (llm / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
+    )
+    with pytest.raises(ModelError, match="not a timm hub config.*llama"):
+        inspect_folder(llm)
+    noweights = tmp_path / "noweights"
+    noweights.mkdir()
+    (noweights / "config.json").write_text((gp / "config.json").read_text())
+    with pytest.raises(ModelError, match="no weights"):
+        inspect_folder(noweights)
+    data = (gp / "pytorch_model.bin").read_bytes()
+    (gp / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match="pytorch_model.bin.*(corrupt|truncated)"):
+        inspect_folder(gp)
+    other = make_gigapath_folder(tmp_path / "other", embed_dim=128)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["model_args"]["embed_dim"] = 96  # config says 96, weights are 128 wide
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="mis-shaped"):
+        inspect_folder(other)
+
+
+def test_hub_cache_files_are_keyed_by_their_blob_checksum(tmp_path, monkeypatch):
+    import hashlib
+
+    src = make_gigapath_folder(tmp_path / "src")
+    make_slide_encoder_pth(src / "slide_encoder.pth", in_dim=96)
+    cache = tmp_path / "hub"
+    snap = put_in_hub_cache(cache, "prov-gigapath/prov-gigapath", src)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    enc = build_tile_encoder_from_folder(snap)
+    sha = hashlib.sha256((src / "pytorch_model.bin").read_bytes()).hexdigest()
+    assert enc.weights_sha256 == sha and enc.encoder_id.endswith(sha[:16])
+
+
+def test_local_weights_checksum_is_remembered_across_processes(tmp_path, monkeypatch):
+    import hashlib
+    import subprocess
+    import sys
+
+    folder = make_gigapath_folder(tmp_path / "gp")
+    monkeypatch.setenv("WSI_LLAVA_CACHE", str(tmp_path / "cache"))
+    code = (
+        "import sys; from pathlib import Path; from wsi_llava.encoders.tile import weights_sha256;"
+        "print(weights_sha256(Path(sys.argv[1])))"
+    )
+    first = subprocess.run(
+        [sys.executable, "-c", code, str(folder / "pytorch_model.bin")], capture_output=True, text=True
+    )
+    assert first.stdout.strip() == hashlib.sha256((folder / "pytorch_model.bin").read_bytes()).hexdigest()
+    memo = json.loads((tmp_path / "cache" / "checksums.json").read_text())
+    assert memo[str((folder / "pytorch_model.bin").resolve())]["sha256"] == first.stdout.strip()
+    # a changed file (new size/mtime) is hashed again, not served from the memo
+    (folder / "pytorch_model.bin").write_bytes(b"changed")
+    again = subprocess.run(
+        [sys.executable, "-c", code, str(folder / "pytorch_model.bin")], capture_output=True, text=True
+    )
+    assert again.stdout.strip() == hashlib.sha256(b"changed").hexdigest()
