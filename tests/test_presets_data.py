@@ -143,7 +143,7 @@ def _adapter(folder: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def tiny_stage1(tmp_path_factory) -> tuple[Path, Path]:
-    """A feature pack of a 1-slide world and a stage-1 checkpoint on a 2-layer Llama (CPU-fast)."""
+    """A feature pack of a 2-slide world and a stage-1 checkpoint on a 2-layer Llama (CPU-fast)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -152,7 +152,7 @@ def tiny_stage1(tmp_path_factory) -> tuple[Path, Path]:
     from wsi_llava.train.data import prepare_pack
 
     d = tmp_path_factory.mktemp("from_base")
-    generate_world(d / "world", 1, seed=5, size=(2048, 2048), split="train")
+    generate_world(d / "world", 2, seed=5, size=(2048, 2048), split="train")
     pack = prepare_pack([d / "world"], d / "pack.pt", cache_dir=d / "cache")
     tok = AutoTokenizer.from_pretrained(
         str(resolve_llm_source("smollm2-135m-instruct")), local_files_only=True
@@ -173,7 +173,7 @@ def tiny_stage1(tmp_path_factory) -> tuple[Path, Path]:
     tok.save_pretrained(d / "llm")
     (d / "s1.yaml").write_text(
         f"data: {{packs: [{pack}]}}\nmodel: {{base: demo, llm: {d / 'llm'}, slide_encoder: {{n_tokens: 8}}}}\n"
-        "optim: {lr: 1.0e-3, warmup_ratio: 0.0}\ntrain: {max_steps: 1, batch_size: 1, bf16: false}\n"
+        "optim: {lr: 1.0e-3, warmup_ratio: 0.0}\ntrain: {max_steps: 1, batch_size: 2, bf16: false}\n"
     )
     _train(["stage1", "--config", str(d / "s1.yaml"), "--out", str(d / "s1"), "--device", "cpu"])
     return pack, d / "s1" / "final"
