@@ -101,6 +101,9 @@ def test_untrained_demo_builds_streams_and_round_trips(smol, tmp_path):
     )
     vis = model.encode_slide(feats, coords, 256)
     assert vis.shape == (576, spec.projector.in_dim)
+    # trainable parameters, but inference keeps no autograd graph (it held 78 GiB on a whole slide)
+    assert any(p.requires_grad for p in model.slide_encoder.parameters())
+    assert vis.grad_fn is None and not vis.requires_grad
     text = model.generate_text("What is in this slide?", vis, max_new_tokens=4)
     assert text.strip() and model.last_generation.prompt_len > 576
     # our format round-trips the (seeded) slide encoder and projector exactly

@@ -168,18 +168,23 @@ class WSILlava(nn.Module):
     def encode_slide(
         self, features: torch.Tensor, coords: torch.Tensor, tile_size_level0: int
     ) -> torch.Tensor:
-        """Tile features (N, D) + level-0 coords (N, 2) -> visual tokens (n_tokens, in_dim)."""
+        """Tile features (N, D) + level-0 coords (N, 2) -> visual tokens (n_tokens, in_dim).
+
+        Without autograd: a graph kept through every LongNet layer (and the exact math attention path
+        that gradients need) would hold tens of GiB on a whole slide.
+        """
         if self.slide_encoder is None:
             raise ModelError(
                 f"model {self.spec.name!r} has no slide encoder: it takes precomputed visual tokens "
                 f"({self.n_visual_tokens}x{self.spec.projector.in_dim})"
             )
         p = next(self.slide_encoder.parameters())
-        return self.slide_encoder(
-            torch.as_tensor(features).to(p.device, p.dtype),
-            torch.as_tensor(coords).to(p.device),
-            tile_size_level0,
-        )
+        with torch.no_grad():
+            return self.slide_encoder(
+                torch.as_tensor(features).to(p.device, p.dtype),
+                torch.as_tensor(coords).to(p.device),
+                tile_size_level0,
+            )
 
     def tile_feature_dim(self) -> int | None:
         """Width of the tile features this model's tile encoder makes, known without building it."""
