@@ -12,12 +12,11 @@ A folder without ``wsi_llava.json`` is tried as an official LLaVA-format checkpo
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from wsi_llava.atomic import atomic_folder
 from wsi_llava.errors import ModelError
 from wsi_llava.model.spec import SPEC_FILE, ModelSpec
 
@@ -41,17 +40,21 @@ def _is_peft(llm: Any) -> bool:
 def save_checkpoint(
     model: Any, folder: str | Path, *, save_llm: bool = False, overwrite: bool = True
 ) -> Path:
-    """Write ``model`` (a ``WSILlava``) to ``folder`` atomically (temp folder, then rename)."""
+    """Write ``model`` (a ``WSILlava``) to ``folder`` atomically (temp folder, then rename).
+
+    An existing checkpoint is replaced so that at every moment the old or the new complete one is
+    under ``folder``; a failure leaves the old one as it was.
+    """
     from safetensors.torch import save_file
 
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ModelError(f"{folder}: exists and is not a folder; refusing to replace it")
     if folder.exists() and not overwrite:
         raise ModelError(f"{folder}: already exists (pass overwrite=True to replace it)")
     if folder.exists() and any(folder.iterdir()) and not (folder / SPEC_FILE).is_file():
         raise ModelError(f"{folder}: exists and is not a wsi-llava checkpoint; refusing to replace it")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
-    try:
+    with atomic_folder(folder, replace=overwrite) as tmp:
         spec = model.spec.model_copy(deep=True)
         save_file(_state(model.projector), str(tmp / PROJECTOR_FILE))
         if model.slide_encoder is not None:
@@ -91,12 +94,6 @@ def save_checkpoint(
         elif spec.llm.source == LLM_DIR and model.checkpoint_dir is not None:
             shutil.copytree(Path(model.checkpoint_dir) / LLM_DIR, tmp / LLM_DIR)
         spec.save(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("saved checkpoint %s", folder)
     return folder
 

@@ -6,13 +6,12 @@ CENTIMETER so OpenSlide (generic-tiff) and tifffile both read µm/px.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+from wsi_llava.atomic import atomic_path
 from wsi_llava.errors import WsiLlavaError
 
 TILE = 256
@@ -62,44 +61,39 @@ def write_pyramid(
                 on_strip(s + 1, n_strips)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     levels = 1
-    try:
-        with tifffile.TiffWriter(tmp, bigtiff=width * height * 3 > 3_500_000_000) as tw:
-            kw = dict(
-                tile=(TILE, TILE), photometric="rgb", compression="jpeg", compressionargs={"level": quality}
-            )
-            r = 1e4 / mpp
+    with (
+        atomic_path(path) as tmp,
+        tifffile.TiffWriter(tmp, bigtiff=width * height * 3 > 3_500_000_000) as tw,
+    ):
+        kw = dict(
+            tile=(TILE, TILE), photometric="rgb", compression="jpeg", compressionargs={"level": quality}
+        )
+        r = 1e4 / mpp
+        tw.write(
+            tiles(),
+            shape=(height, width, 3),
+            dtype=np.uint8,
+            resolution=(r, r),
+            resolutionunit="CENTIMETER",
+            subfiletype=0,
+            metadata=None,
+            **kw,
+        )
+        img = level1
+        ds = 2
+        while True:
             tw.write(
-                tiles(),
-                shape=(height, width, 3),
-                dtype=np.uint8,
-                resolution=(r, r),
+                img,
+                resolution=(r / ds, r / ds),
                 resolutionunit="CENTIMETER",
-                subfiletype=0,
+                subfiletype=1,
                 metadata=None,
                 **kw,
             )
-            img = level1
-            ds = 2
-            while True:
-                tw.write(
-                    img,
-                    resolution=(r / ds, r / ds),
-                    resolutionunit="CENTIMETER",
-                    subfiletype=1,
-                    metadata=None,
-                    **kw,
-                )
-                levels += 1
-                if max(img.shape[:2]) < 1024 or min(img.shape[:2]) < 2:
-                    break
-                img = _halve(img)
-                ds *= 2
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            levels += 1
+            if max(img.shape[:2]) < 1024 or min(img.shape[:2]) < 2:
+                break
+            img = _halve(img)
+            ds *= 2
     return levels

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 import uuid
 from collections import defaultdict
@@ -28,6 +26,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from wsi_llava.atomic import atomic_write_text
 from wsi_llava.errors import WsiLlavaError
 from wsi_llava.progress import CancelToken, ProgressCallback, no_progress
 from wsi_llava.slide.geojson import write_geojson
@@ -94,19 +93,6 @@ class WorldManifest(BaseModel):
     def same_parameters(self, other: WorldManifest) -> bool:
         keys = ("generator_version", "seed", "n_slides", "size", "mpp", "split")
         return all(getattr(self, k) == getattr(other, k) for k in keys)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _regions(layout: Layout, seed: int, stem: str) -> list[Region]:
@@ -271,9 +257,10 @@ def generate_world(
         if not rows[task]:
             continue
         rel = f"bench/{task}_{split}.json"
-        _atomic_text(out_dir / rel, json.dumps(rows[task], ensure_ascii=False, indent=1))
+        (out_dir / rel).parent.mkdir(exist_ok=True)
+        atomic_write_text(out_dir / rel, json.dumps(rows[task], ensure_ascii=False, indent=1))
         manifest.bench[task] = rel
-    _atomic_text(out_dir / "manifest.json", manifest.model_dump_json(indent=1))
+    atomic_write_text(out_dir / "manifest.json", manifest.model_dump_json(indent=1))
     return manifest
 
 
@@ -306,7 +293,8 @@ def _describe_slide(
     write_geojson(out_dir / ann_rel, regions)
     report = make_report(lab, rng)
     rep_rel = f"reports/{stem}.txt"
-    _atomic_text(out_dir / rep_rel, report + "\n")
+    (out_dir / rep_rel).parent.mkdir(exist_ok=True)
+    atomic_write_text(out_dir / rep_rel, report + "\n")
     infos = _region_infos(layout, regions, rng)
     counters: dict[str, int] = defaultdict(int)
 
