@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -197,26 +199,105 @@ def test_missing_file(tmp_path):
         read_geojson(tmp_path / "nope.geojson")
 
 
-def test_skip_unsupported_geometries(tmp_path):
-    path = _write(
-        tmp_path / "mixed.geojson",
-        [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]}}, QUPATH_FEATURE],
-    )
-    assert [r.id for r in read_geojson(path, skip_unsupported=True)] == [QUPATH_FEATURE["id"]]
+def test_skip_unsupported_geometries_in_one_summary_line(tmp_path, caplog):
+    point = {"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]}}
+    line = {"type": "Feature", "geometry": {"type": "LineString", "coordinates": [[1, 2], [3, 4]]}}
+    null = {"type": "Feature", "geometry": None, "properties": {}}
+    collection = {"type": "Feature", "geometry": {"type": "GeometryCollection", "geometries": []}}
+    path = _write(tmp_path / "mixed.geojson", [point] * 300 + [line, null, QUPATH_FEATURE, collection])
+    with caplog.at_level(logging.WARNING, logger="wsi_llava.slide.geojson"):
+        assert [r.id for r in read_geojson(path, skip_unsupported=True)] == [QUPATH_FEATURE["id"]]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: skipped 303 features that are not polygons "
+        "(300 Point, 1 GeometryCollection, 1 LineString, 1 no geometry)"
+    ]
 
 
 def test_find_region_by_id_or_name_and_lists_available(tmp_path):
     regions = read_geojson(_write(tmp_path / "f.geojson", [QUPATH_FEATURE, MULTI_FEATURE]))
     assert find_region(regions, "multi-1", "f.geojson").id == "multi-1"
     assert find_region(regions, "Tumor region 1", "f.geojson").id == QUPATH_FEATURE["id"]
-    with pytest.raises(
-        AnnotationError,
-        match=r"f\.geojson: no annotation with id or name 'x'; available: .*\(Tumor region 1\), multi-1",
-    ):
+    with pytest.raises(AnnotationError) as e:
         find_region(regions, "x", "f.geojson")
+    assert str(e.value) == (
+        "f.geojson: no annotation with id or name 'x'; choose one with --id or --index:\n"
+        f"  --index 0: id '{QUPATH_FEATURE['id']}', name 'Tumor region 1'\n"
+        "  --index 1: id 'multi-1', no name"
+    )
     twins = [
         Region.rectangle(0, 0, 1, 1, id="a", name="same"),
         Region.rectangle(0, 0, 1, 1, id="b", name="same"),
     ]
-    with pytest.raises(AnnotationError, match="2 annotations are named 'same'"):
+    with pytest.raises(AnnotationError, match="2 annotations have the name 'same'; choose one with --index"):
         find_region(twins, "same", "t.geojson")
+
+
+# --- QuPath's own writer: NaN, Infinity -------------------------------------------------------------
+QUPATH_NAN_TEXT = (
+    '{"type":"FeatureCollection","features":[{"type":"Feature","id":"5e1c3a4b-0f7d-4a8e-9c21-0d3b6f1e2a77",'
+    '"geometry":{"type":"Polygon","coordinates":[[[10,10],[90,10],[90,90],[10,90],[10,10]]]},'
+    '"properties":{"objectType":"annotation","classification":{"name":"Tumor","color":[200,0,0]},'
+    '"name":"T1","measurements":{"Area px^2":6400.0,"Mean: Red":NaN,"Max":Infinity,"Min":-Infinity}}}]}'
+)
+
+
+def test_reads_and_writes_nan_as_qupath_does(tmp_path):
+    src = tmp_path / "qupath.geojson"
+    src.write_text(QUPATH_NAN_TEXT)
+    (r,) = read_geojson(src)
+    m = r.properties["measurements"]
+    assert math.isnan(m["Mean: Red"]) and m["Max"] == math.inf and m["Min"] == -math.inf
+    out = tmp_path / "out.geojson"
+    write_geojson(out, [r])
+    text = out.read_text()
+    assert '"Mean: Red": NaN' in text and '"Max": Infinity' in text and '"Min": -Infinity' in text
+    (back,) = read_geojson(out)
+    assert math.isnan(back.properties["measurements"]["Mean: Red"]) and back.points == r.points
+
+
+# --- deeply nested input ------------------------------------------------------------------------------
+def test_deeply_nested_json_is_one_clear_error(tmp_path):
+    deep = tmp_path / "deep.geojson"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(AnnotationError, match=r"deep\.geojson: nested too deeply"):
+        read_geojson(deep)
+    # loads, but deeper than any QuPath export: refused before copies and writes overflow on it
+    feature = json.loads(json.dumps(QUPATH_FEATURE))
+    feature["properties"]["metadata"]["x"] = json.loads("[" * 600 + "]" * 600)
+    path = tmp_path / "deep_props.geojson"
+    path.write_text(json.dumps([feature]))
+    with pytest.raises(AnnotationError, match=r"deep_props\.geojson: feature 0: nested more than 100 levels"):
+        read_geojson(path)
+    # a position hiding a nested value is not a position
+    bad = {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1, 0, [[5]]], [1, 1]]]},
+    }
+    with pytest.raises(AnnotationError, match=r"feature 0: position \(a nested list\) is not a pair"):
+        read_geojson(_write(tmp_path / "pos.geojson", [bad]))
+
+
+# --- shape label ------------------------------------------------------------------------------------------
+def test_bow_tie_with_rectangle_corners_is_a_polygon(tmp_path):
+    def feat(ring):
+        return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring + ring[:1]]}}
+
+    square = [[0, 0], [10, 0], [10, 10], [0, 10]]
+    bow_tie = [[0, 0], [10, 10], [10, 0], [0, 10]]  # the same corners, visited crosswise
+    other_tie = [[0, 0], [10, 0], [0, 10], [10, 10]]
+    kinds = [
+        r.kind
+        for r in read_geojson(_write(tmp_path / "s.geojson", [feat(square), feat(bow_tie), feat(other_tie)]))
+    ]
+    assert kinds == ["rectangle", "polygon", "polygon"]
+
+
+def test_control_characters_in_names_are_escaped_in_messages(tmp_path):
+    feature = {
+        "type": "Feature",
+        "id": "\x1b[2J\x1b[31mred",
+        "geometry": {"type": "Polygon", "coordinates": [[[0, 0], ["a", 1]]]},
+    }
+    with pytest.raises(AnnotationError) as e:
+        read_geojson(_write(tmp_path / "c.geojson", [feature]))
+    assert "\x1b" not in str(e.value) and "(\\x1b[2J\\x1b[31mred)" in str(e.value)

@@ -8,7 +8,12 @@ command and loses nothing.
 from __future__ import annotations
 
 import copy
+import errno
 import json
+import logging
+import math
+import os
+import stat
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -377,3 +382,185 @@ def test_describe_command_help_and_cli_attachment():
 def _no_leftovers(tmp_path: Path):
     yield
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+# --- QuPath's own layout: NaN tokens, both measurement forms, other top-level members ------------------
+def _qupath_written_text() -> str:
+    """A FeatureCollection as QuPath's Gson writer emits it: bare NaN/Infinity, 0.3 and 0.4+ measurements."""
+    detections = ",".join(
+        json.dumps(
+            {
+                "type": "Feature",
+                "id": f"d{i:02d}",
+                "geometry": {
+                    "type": "Polygon",
+                    "coordinates": [[[20 + i, 20], [30 + i, 20], [30 + i, 30], [20 + i, 20]]],
+                },
+                "properties": {
+                    "objectType": "detection",
+                    "classification": {"name": "Tumor", "color": [200, 0, 0]},
+                    "measurements": {"Nucleus: Area": math.nan},
+                },
+            },
+            separators=(",", ":"),
+        )
+        for i in range(30)
+    )
+    assert '"Nucleus: Area":NaN' in detections  # the token Gson writes
+    return (
+        '{"type":"FeatureCollection","qupathVersion":"0.5.1","imageName":"slide_000.tif","features":['
+        '{"type":"Feature","id":"7f7a0c1e-7b7e-4c55-a0a5-6a0f5e8f4b01","geometry":{"type":"Polygon",'
+        '"coordinates":[[[100,100],[900,100],[900,900],[100,900],[100,100]]]},"properties":{'
+        '"objectType":"annotation","classification":{"name":"Tumor","color":[200,0,0]},"name":"Tumour",'
+        '"measurements":{"Area µm^2":160000.0,"Mean: Hematoxylin":NaN,"Max":Infinity}}},'
+        '{"type":"Feature","id":"PathAnnotationObject","geometry":{"type":"Polygon",'
+        '"coordinates":[[[1000,1000],[1600,1000],[1600,1600],[1000,1600],[1000,1000]]]},"properties":{'
+        '"classification":{"name":"Stroma","colorRGB":-16711936},"isLocked":false,'
+        '"measurements":[{"name":"Area","value":360000.0},{"name":"Mean","value":NaN}]}},'
+        + detections
+        + ',{"type":"Feature","id":"p","geometry":{"type":"Point","coordinates":[5,5]},'
+        '"properties":{"objectType":"annotation"}},'
+        '{"type":"Feature","id":"n","geometry":null,"properties":{"objectType":"annotation"}}]}'
+    )
+
+
+def test_describe_qupath_export_with_nan_loses_nothing(world, tiny_model, tmp_path, caplog):  # noqa: F811
+    inp = tmp_path / "export.geojson"
+    inp.write_text(_qupath_written_text(), encoding="utf-8")
+    out = tmp_path / "described.geojson"
+    slide = str(world / "slides" / "slide_000.tif")
+    args = ["--slide", slide, "--geojson", str(inp), "-o", str(out), "--model", tiny_model]
+    with caplog.at_level(logging.WARNING, logger="wsi_llava.describe"):
+        r = _invoke(*args, "--max-new-tokens", "3")
+    assert r.exit_code == 0, r.output
+    assert "described 2 of 2 annotations" in r.output
+    assert [rec.getMessage() for rec in caplog.records if rec.name == "wsi_llava.describe"] == [
+        f"{inp}: 32 features left unchanged, not polygon annotations (30 detection, 1 Point, 1 no geometry)"
+    ]
+    text = out.read_text(encoding="utf-8")
+    assert '"Mean: Hematoxylin": NaN' in text and '"Max": Infinity' in text
+    got, src = json.loads(text), json.loads(inp.read_text(encoding="utf-8"))
+    assert [k for k in got if k != "features"] == ["type", "qupathVersion", "imageName"]
+    assert got["qupathVersion"] == "0.5.1" and got["imageName"] == "slide_000.tif"
+    assert len(got["features"]) == len(src["features"])
+    assert json.dumps(got["features"][2:]) == json.dumps(src["features"][2:])  # NaN included
+    new_form, old_form = got["features"][0]["properties"], got["features"][1]["properties"]
+    assert isinstance(new_form["measurements"], dict) and new_form["measurements"]["WSI-LLaVA tiles"] >= 0
+    assert isinstance(old_form["measurements"], list)  # QuPath <= 0.3 wrote a list: it stays a list
+    assert old_form["measurements"][:2] == [{"name": "Area", "value": 360000.0}, old_form["measurements"][1]]
+    assert math.isnan(old_form["measurements"][1]["value"])
+    assert old_form["measurements"][-1]["name"] == "WSI-LLaVA tiles"
+    assert description_of(new_form) and description_of(old_form)
+
+
+def _one_annotation(path: Path) -> Path:
+    path.write_text(
+        json.dumps(
+            {
+                "type": "FeatureCollection",
+                "features": [
+                    {
+                        "type": "Feature",
+                        "id": "a1",
+                        "geometry": {
+                            "type": "Polygon",
+                            "coordinates": [[[100, 100], [700, 100], [700, 700], [100, 700], [100, 100]]],
+                        },
+                        "properties": {"objectType": "annotation", "name": "Tumour"},
+                    }
+                ],
+            }
+        )
+    )
+    return path
+
+
+def _describe(world, model, inp: Path, out: Path):
+    slide = str(world / "slides" / "slide_000.tif")
+    args = ["--slide", slide, "--geojson", str(inp), "-o", str(out), "--model", model]
+    return _invoke(*args, "--max-new-tokens", "5", "--question", "Describe this.")
+
+
+def test_describe_in_place_through_a_link_keeps_link_and_mode(world, tiny_model, tmp_path):  # noqa: F811
+    (tmp_path / "data").mkdir()
+    real = _one_annotation(tmp_path / "data" / "export.geojson")
+    real.chmod(0o644)
+    link = tmp_path / "link.geojson"
+    link.symlink_to(real)
+    r = _describe(world, tiny_model, link, link)
+    assert r.exit_code == 0, r.output
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert stat.S_IMODE(real.stat().st_mode) == 0o644
+    assert description_of(json.loads(real.read_text())["features"][0]["properties"])
+
+
+def test_describe_new_output_gets_the_umask_default(world, tiny_model, tmp_path):  # noqa: F811
+    inp = _one_annotation(tmp_path / "in.geojson")
+    old = os.umask(0o022)
+    try:
+        r = _describe(world, tiny_model, inp, tmp_path / "new.geojson")
+    finally:
+        os.umask(old)
+    assert r.exit_code == 0, r.output
+    assert stat.S_IMODE((tmp_path / "new.geojson").stat().st_mode) == 0o644
+
+
+def test_describe_checks_the_output_before_any_model_work(world, tiny_model, tmp_path):  # noqa: F811
+    inp = _one_annotation(tmp_path / "in.geojson")
+    for out, why in [
+        (tmp_path / "missing" / "out.geojson", "its folder does not exist"),
+        (tmp_path, "is a folder"),
+    ]:
+        r = _describe(world, tiny_model, inp, out)
+        assert r.exit_code == 1 and "Traceback" not in r.output
+        assert f"Error: {out}: cannot write the output GeoJSON: {why}" in r.output
+        assert "nothing was described" in r.output and "Tumour" not in r.output  # no answer computed
+    assert [p.name for p in tmp_path.iterdir()] == ["in.geojson"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_describe_read_only_folder_is_refused_first(world, tiny_model, tmp_path):  # noqa: F811
+    inp = _one_annotation(tmp_path / "in.geojson")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        r = _describe(world, tiny_model, inp, ro / "out.geojson")
+    finally:
+        ro.chmod(0o755)
+    assert r.exit_code == 1 and "cannot write the output GeoJSON" in r.output and "Tumour" not in r.output
+
+
+def test_describe_failing_write_leaves_output_and_no_temp(world, tiny_model, tmp_path, monkeypatch):  # noqa: F811
+    inp = _one_annotation(tmp_path / "in.geojson")
+    out = tmp_path / "out.geojson"
+    out.write_text("previous result")
+
+    def disk_full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    r = _describe(world, tiny_model, inp, out)
+    monkeypatch.undo()
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert f"{out}: cannot write GeoJSON" in r.output and "No space left" in r.output
+    assert out.read_text() == "previous result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.geojson", "out.geojson"]
+
+
+def test_describe_deeply_nested_input_is_one_clear_error(world, tiny_model, tmp_path):  # noqa: F811
+    inp = tmp_path / "deep.geojson"
+    inp.write_text('{"type":"FeatureCollection","features":' + "[" * 50_000 + "]" * 50_000 + "}")
+    r = _describe(world, tiny_model, inp, tmp_path / "out.geojson")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert f"Error: {inp}: nested too deeply" in r.output
+
+
+def test_describe_escapes_control_characters_in_labels(world, tiny_model, tmp_path):  # noqa: F811
+    inp = tmp_path / "in.geojson"
+    data = json.loads(_one_annotation(inp).read_text())
+    data["features"][0]["properties"]["name"] = "\x1b]0;pwned\x07Tumour"
+    inp.write_text(json.dumps(data))
+    r = _describe(world, tiny_model, inp, tmp_path / "out.geojson")
+    assert r.exit_code == 0, r.output
+    assert "\x1b" not in r.output and "\x07" not in r.output and "\\x1b]0;pwned\\x07Tumour: " in r.output

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from wsi_llava.errors import RegionError
-from wsi_llava.slide.region import Region
+from wsi_llava.slide.region import Region, shape_kind
 
 
 def test_parse_rect_and_bounds():
@@ -43,3 +43,11 @@ def test_check_within_slide():
     Region.rectangle(10, 10, 5, 5).check_within(100, 100)
     with pytest.raises(RegionError, match="outside the slide"):
         Region.rectangle(200, 200, 5, 5).check_within(100, 100, source="--region")
+
+
+def test_shape_kind_needs_axis_aligned_edges_in_order():
+    square = [(0, 0), (10, 0), (10, 10), (0, 10)]
+    assert shape_kind(square) == "rectangle" and shape_kind(square + square[:1]) == "rectangle"
+    assert shape_kind([(0, 0), (10, 10), (10, 0), (0, 10)]) == "polygon"  # bow-tie on the same corners
+    assert shape_kind(square, holes=[[(2, 2), (3, 2), (3, 3)]]) == "polygon"
+    assert shape_kind([(0, 0), (10, 0), (12, 10), (0, 10)]) == "polygon"

@@ -156,6 +156,12 @@ def extract(
 @click.option("--geojson", type=click.Path(path_type=Path), help="QuPath GeoJSON with annotations.")
 @click.option("--id", "annotation_id", help="Annotation id or name in --geojson.")
 @click.option(
+    "--index",
+    "annotation_index",
+    type=click.IntRange(min=0),
+    help="Annotation by its feature position in --geojson (0 = first), for files without ids or names.",
+)
+@click.option(
     "--features",
     type=click.Path(path_type=Path),
     help="Ask about precomputed visual tokens (a released WSI-Bench .pt, 576 x 1024) instead of a slide.",
@@ -172,6 +178,7 @@ def ask(
     region: str | None,
     geojson: Path | None,
     annotation_id: str | None,
+    annotation_index: int | None,
     features: Path | None,
     model: str,
     model_base: Path | None,
@@ -183,7 +190,7 @@ def ask(
     max_new_tokens: int | None,
     temperature: float | None,
 ) -> None:
-    """Ask QUESTION about SLIDE: the whole slide, a rectangle (--region) or an annotation (--geojson/--id).
+    """Ask QUESTION about SLIDE: the whole slide, a rectangle (--region) or an annotation (--geojson/--id/--index).
 
     With --features FILE.pt the question is asked about precomputed visual tokens: `ask --features F.pt "..."`.
     """
@@ -197,7 +204,7 @@ def ask(
         raise WsiLlavaError("question is empty: type a question about the slide or region")
     kw = {"max_new_tokens": max_new_tokens, "temperature": temperature}
     if features is not None:
-        if region or geojson or annotation_id:
+        if region or geojson or annotation_id or annotation_index is not None:
             raise WsiLlavaError(
                 "--region / --geojson need a slide: precomputed tokens have no tile positions"
             )
@@ -206,7 +213,7 @@ def ask(
         answer = _ask_slide(
             Path(slide),
             question,
-            _region_from_options(region, geojson, annotation_id),
+            _region_from_options(region, geojson, annotation_id, annotation_index),
             model,
             model_base,
             device,
@@ -252,7 +259,9 @@ def _ask_features(features, question, model, model_base, device, dtype, as_json,
     return ask_tokens(m, visual, question, source=str(features), on_chunk=show, **kw)
 
 
-def _region_from_options(region: str | None, geojson: Path | None, annotation_id: str | None):
+def _region_from_options(
+    region: str | None, geojson: Path | None, annotation_id: str | None, annotation_index: int | None
+):
     from wsi_llava.slide.region import Region
 
     if region and geojson:
@@ -260,16 +269,11 @@ def _region_from_options(region: str | None, geojson: Path | None, annotation_id
     if region:
         return Region.parse_rect(region)
     if geojson:
-        from wsi_llava.slide.geojson import find_region, read_geojson
+        from wsi_llava.slide.geojson import select_region
 
-        regions = read_geojson(geojson)
-        if annotation_id is None:
-            if len(regions) == 1:
-                return regions[0]
-            raise WsiLlavaError(f"{geojson}: holds {len(regions)} annotations; choose one with --id")
-        return find_region(regions, annotation_id, source=str(geojson))
-    if annotation_id:
-        raise WsiLlavaError("--id needs --geojson")
+        return select_region(geojson, annotation_id, annotation_index)
+    if annotation_id or annotation_index is not None:
+        raise WsiLlavaError("--id and --index need --geojson")
     return None
 
 

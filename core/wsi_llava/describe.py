@@ -2,13 +2,13 @@
 
 Each region is asked the same question; a region that fails (outside the slide, no tissue, ...) is
 reported and left unchanged while the others continue. The command reads a QuPath GeoJSON export
-and writes one that QuPath imports with the answers in place; every feature and property it came
-with is preserved, features that are not polygons (points, lines) are passed through untouched.
+and writes one that QuPath imports with the answers in place; every feature, property and top-level
+member it came with is preserved, features that are not polygon annotations (points, lines,
+detections) are passed through untouched.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,9 +19,19 @@ from pydantic import BaseModel, ConfigDict
 
 from wsi_llava.annotate import annotate_region, update_from_answer
 from wsi_llava.answer import Answer
+from wsi_llava.atomic import check_writable
 from wsi_llava.clickutil import model_options
 from wsi_llava.errors import AnnotationError, Cancelled, WsiLlavaError
 from wsi_llava.progress import CancelToken, ProgressCallback, no_progress
+from wsi_llava.slide.geojson import (
+    GeoJSONFile,
+    dump_geojson,
+    load_geojson,
+    polygon_regions,
+    printable,
+    region_to_feature,
+    summarise,
+)
 from wsi_llava.slide.region import Region
 
 logger = logging.getLogger(__name__)
@@ -139,26 +149,6 @@ def describe_regions(
 
 
 # --- GeoJSON files ---------------------------------------------------------------------------------
-def _raw_features(path: Path) -> list[Any]:
-    """The features of a GeoJSON file as parsed JSON (read_geojson has validated the file already)."""
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if isinstance(data, dict) and data.get("crs") is not None:
-        raise AnnotationError(
-            f"{path}: has a coordinate reference system ('crs'): a map GeoJSON, not a QuPath export "
-            "in slide pixels"
-        )
-    if isinstance(data, list):
-        return data
-    if data.get("type") == "FeatureCollection":
-        return data["features"]
-    return [data]
-
-
-def _geometry_type(feature: Any) -> str | None:
-    geometry = feature.get("geometry") if isinstance(feature, dict) else None
-    return geometry.get("type") if isinstance(geometry, dict) else None
-
-
 def _object_type(feature: Any) -> str | None:
     props = feature.get("properties") if isinstance(feature, dict) else None
     if not isinstance(props, dict):
@@ -167,55 +157,54 @@ def _object_type(feature: Any) -> str | None:
     return value.lower() if isinstance(value, str) and value.isupper() else value
 
 
-def load_features(path: Path) -> tuple[list[Any], list[int], list[Region]]:
-    """The raw features of a QuPath GeoJSON file, the indices of those to describe, and their Regions.
+def load_features(path: Path) -> tuple[GeoJSONFile, list[int], list[Region]]:
+    """A QuPath GeoJSON file as parsed, the indices of the features to describe, and their Regions.
 
-    Points, lines and non-annotation objects are reported and left out of the describe list.
+    Points, lines, features without geometry and objects that are not annotations (detections,
+    cells) are left out and reported in one warning that counts them per kind.
     """
-    from wsi_llava.slide.geojson import read_geojson
-
-    regions = read_geojson(path, skip_unsupported=True)
-    raw = _raw_features(path)
-    polygon_idx = [i for i, f in enumerate(raw) if _geometry_type(f) in ("Polygon", "MultiPolygon")]
-    if len(polygon_idx) != len(regions):  # pragma: no cover - read_geojson keeps exactly the polygons
-        raise AnnotationError(f"{path}: could not match the polygon features to annotations")
+    gj = load_geojson(path)
+    if isinstance(gj.data, dict) and gj.data.get("crs") is not None:
+        raise AnnotationError(
+            f"{path}: has a coordinate reference system ('crs'): a map GeoJSON, not a QuPath export "
+            "in slide pixels"
+        )
+    entries, left_out = polygon_regions(gj, skip_unsupported=True)
     keep_idx, keep_regions = [], []
-    for i, region in zip(polygon_idx, regions, strict=True):
-        otype = _object_type(raw[i])
+    for i, region in entries:
+        otype = _object_type(gj.features[i])
         if otype in DESCRIBED_TYPES:
             keep_idx.append(i)
             keep_regions.append(region)
         else:
-            logger.warning(
-                "%s: feature %d (%s) is a %s, not an annotation: left unchanged",
-                path,
-                i,
-                region_label(region, i),
-                otype,
-            )
-    skipped = len(raw) - len(polygon_idx)
-    if skipped:
-        logger.warning("%s: %d point/line feature(s) skipped (only polygons are described)", path, skipped)
-    return raw, keep_idx, keep_regions
+            left_out[printable(otype)] += 1
+    if left_out:
+        n = sum(left_out.values())
+        logger.warning(
+            "%s: %d feature%s left unchanged, not polygon annotations (%s)",
+            path,
+            n,
+            "s" * (n != 1),
+            summarise(left_out),
+        )
+    return gj, keep_idx, keep_regions
 
 
-def write_features(path: Path, raw: list[Any], replaced: dict[int, Region]) -> None:
-    """Write ``raw`` as a FeatureCollection with the features at ``replaced``'s indices re-encoded."""
-    import os
-    import tempfile
+def write_features(path: Path, gj: GeoJSONFile, replaced: dict[int, Region]) -> None:
+    """Write ``gj`` as a FeatureCollection with the features at ``replaced``'s indices re-encoded."""
+    features = [region_to_feature(replaced[i]) if i in replaced else f for i, f in enumerate(gj.features)]
+    dump_geojson(path, gj.collection(features))
 
-    from wsi_llava.slide.geojson import region_to_feature
 
-    features = [region_to_feature(replaced[i]) if i in replaced else f for i, f in enumerate(raw)]
-    data = {"type": "FeatureCollection", "features": features}
-    directory = path.parent if str(path.parent) else Path(".")
+def check_output(output: Path) -> None:
+    """Raise ``AnnotationError`` unless ``output`` can be written, so no answer is computed in vain."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, allow_nan=False)
-        os.replace(tmp, path)
-    except (OSError, ValueError) as e:
-        raise AnnotationError(f"{path}: cannot write GeoJSON: {e}") from None
+        check_writable(output)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename and str(e.filename) != str(output) else ""
+        raise AnnotationError(
+            f"{output}: cannot write the output GeoJSON: {e.strerror or e}{where}; nothing was described"
+        ) from None
 
 
 def describe_geojson(
@@ -228,18 +217,20 @@ def describe_geojson(
 ) -> DescribeReport:
     """Describe the annotations of a QuPath GeoJSON export and write the result to ``output``.
 
-    Raises when nothing could be described (nothing is written then); otherwise writes every
-    feature, the described ones with their answers.
+    ``output`` is checked for writability before any model work. Raises when nothing could be
+    described (nothing is written then); otherwise writes every feature, the described ones with
+    their answers.
     """
-    raw, idx, regions = load_features(Path(geojson))
+    gj, idx, regions = load_features(Path(geojson))
     if not regions:
         raise AnnotationError(f"{geojson}: no polygon annotations to describe")
+    check_output(Path(output))
     report = describe_regions(slide, regions, question, model, **kw)
     if report.n_ok == 0:
-        reasons = "; ".join(f"{r.label}: {r.error}" for r in report.failures)
+        reasons = "; ".join(f"{printable(r.label)}: {r.error}" for r in report.failures)
         raise WsiLlavaError(f"no annotation was described, {output} not written ({reasons})")
     replaced = {idx[r.index]: r.region for r in report.results if r.ok}
-    write_features(Path(output), raw, replaced)
+    write_features(Path(output), gj, replaced)
     return report
 
 
@@ -277,11 +268,12 @@ def describe_command(
     from wsi_llava.progress import TerminalProgress
 
     def show(result: RegionResult) -> None:
+        label = printable(result.label)
         if result.ok:
             assert result.answer is not None
-            click.echo(f"{result.label}: {result.answer.answer}")
+            click.echo(f"{label}: {result.answer.answer}")
         else:
-            click.echo(f"{result.label}: FAILED: {result.error}", err=True)
+            click.echo(f"{label}: FAILED: {result.error}", err=True)
 
     try:
         report = describe_geojson(

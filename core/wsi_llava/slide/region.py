@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from wsi_llava.errors import RegionError
+
+Shape = Literal["rectangle", "polygon"]
+
+
+def shape_kind(points: Sequence[Sequence[float]], holes: Sequence[Any] = ()) -> Shape:
+    """``"rectangle"`` for an axis-aligned rectangle without holes walked around its edge, else ``"polygon"``.
+
+    The four corners must follow each other along axis-aligned edges: the same corners visited
+    crosswise (a bow-tie) are a self-intersecting polygon, not a rectangle.
+    """
+    pts = [(float(p[0]), float(p[1])) for p in points]
+    if len(pts) >= 2 and pts[0] == pts[-1]:
+        pts = pts[:-1]
+    if holes or len(pts) != 4:
+        return "polygon"
+    if len({x for x, _ in pts}) != 2 or len({y for _, y in pts}) != 2 or len(set(pts)) != 4:
+        return "polygon"
+    edges = zip(pts, pts[1:] + pts[:1], strict=True)
+    if all((a[0] == b[0]) != (a[1] == b[1]) for a, b in edges):
+        return "rectangle"
+    return "polygon"
 
 
 class Region(BaseModel):
@@ -16,7 +38,7 @@ class Region(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     points: list[tuple[float, float]] = Field(description="polygon vertices, level-0 px, (x, y)")
-    kind: Literal["rectangle", "polygon"] = "polygon"
+    kind: Shape = "polygon"
     id: str | None = None
     name: str | None = None
     properties: dict[str, Any] = Field(default_factory=dict)
