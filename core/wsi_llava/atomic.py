@@ -26,10 +26,19 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
 
-def _umask_mode(base: int) -> int:
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (setting it races other threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0)
     os.umask(mask)
-    return base & ~mask
+    return mask
+
+
+def _umask_mode(base: int) -> int:
+    return base & ~_umask()
 
 
 def _destination(path: str | Path) -> Path:
