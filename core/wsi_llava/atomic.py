@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -15,10 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def _umask_mode() -> int:
+def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def _umask_mode() -> int:
+    return 0o666 & ~_umask()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = True) -> Path:
@@ -55,12 +60,27 @@ def atomic_write_text(path: str | Path, text: str, *, fsync: bool = True) -> Pat
     return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
 
 
+#: the temporary names :func:`atomic_folder` uses beside its target (``tempfile.mkdtemp`` adds 8 characters)
+_FOLDER_LEFTOVER = re.compile(r"\.(?P<target>.+)\.(?:tmp|old)-[a-z0-9_]{8}")
+
+
+def folder_leftover_target(name: str) -> str | None:
+    """The target name whose :func:`atomic_folder` temporary (new or moved-aside) folder is called ``name``.
+
+    What a killed writer leaves behind; only the holder of the target's lock may remove it while another
+    writer could still be filling it.
+    """
+    m = _FOLDER_LEFTOVER.fullmatch(name)
+    return m.group("target") if m else None
+
+
 @contextlib.contextmanager
 def atomic_folder(target: str | Path, *, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success it becomes ``target``, on failure it is removed.
 
     With ``replace``, an existing ``target`` is moved aside first and deleted only once the new folder is
-    in place, so a crash leaves the old folder or the new one, never neither.
+    in place, so a crash leaves the old folder or the new one, never neither. The folder gets the umask's
+    default mode, as ``mkdir`` would give it (not ``mkdtemp``'s owner-only one).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -68,6 +88,7 @@ def atomic_folder(target: str | Path, *, replace: bool = False) -> Iterator[Path
         raise FileExistsError(f"{target}: already exists")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         old = None
         if target.exists():
