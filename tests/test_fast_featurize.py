@@ -194,7 +194,7 @@ def test_fast_extract_cancel_leaves_no_cache(world_slide, encoder, tmp_path):
                 reader, grid, encoder, cache, fast=True, batch_size=8, progress=progress, cancel=token
             )
     assert cache.list() == []
-    assert not any(p.name.startswith(".tmp-") for p in cache.root.iterdir())
+    assert not any(".tmp-" in p.name for p in cache.root.iterdir())  # no temporary group left
 
 
 def test_jpeg_tiles_module_is_torch_free():

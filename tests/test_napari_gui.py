@@ -256,7 +256,7 @@ def test_cancel_mid_extraction_leaves_no_cache(
     _wait_idle(qtbot, widget)
     assert widget.history == [] and widget._ask_btn.isEnabled()
     assert widget._status.text() == "cancelled"
-    qtbot.waitUntil(lambda: not list(features.glob(".tmp-*")), timeout=30_000)  # the temp group is removed
+    qtbot.waitUntil(lambda: not list(features.glob(".*.tmp-*")), timeout=30_000)  # the temp group is removed
     after = {e.path for e in FeatureCache(features).list()}
     assert after == before  # nothing that looks complete was written for the cancelled slide
 

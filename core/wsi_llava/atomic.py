@@ -13,6 +13,7 @@ import ctypes
 import errno
 import logging
 import os
+import re
 import shutil
 import stat
 import sys
@@ -190,12 +191,27 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(folder))
 
 
+#: the temporary names :func:`atomic_folder` uses beside its target (``tempfile.mkdtemp`` adds 8 characters)
+_FOLDER_LEFTOVER = re.compile(r"\.(?P<target>.+)\.(?:tmp|old)-[a-z0-9_]{8}")
+
+
+def folder_leftover_target(name: str) -> str | None:
+    """The target name whose :func:`atomic_folder` temporary (new or moved-aside) folder is called ``name``.
+
+    What a killed writer leaves behind; only the holder of the target's lock may remove it while another
+    writer could still be filling it.
+    """
+    m = _FOLDER_LEFTOVER.fullmatch(name)
+    return m.group("target") if m else None
+
+
 @contextlib.contextmanager
 def atomic_folder(target: str | Path, *, replace: bool = False, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success it becomes ``target``, on failure it is removed.
 
     With ``replace``, an existing ``target`` is replaced so that at every moment the old or the new
-    complete folder is under its name (see :func:`_swap_in`).
+    complete folder is under its name (see :func:`_swap_in`). The folder gets the umask's
+    default mode, as ``mkdir`` would give it (not ``mkdtemp``'s owner-only one).
     """
     target = _destination(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -206,6 +222,7 @@ def atomic_folder(target: str | Path, *, replace: bool = False, fsync: bool = Tr
     mode = _mode_for(target, 0o777)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         if fsync:
             _fsync_tree(tmp)

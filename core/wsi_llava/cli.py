@@ -208,7 +208,7 @@ def ask(
             raise WsiLlavaError(
                 "--region / --geojson need a slide: precomputed tokens have no tile positions"
             )
-        answer = _ask_features(features, question, model, model_base, device, dtype, as_json, **kw)
+        answer = _ask_features(features, question, model, model_base, device, dtype, as_json, cache, **kw)
     else:
         answer = _ask_slide(
             Path(slide),
@@ -247,13 +247,14 @@ def _ask_slide(slide, question, reg, model, model_base, device, dtype, as_json, 
         return session.last_answer
 
 
-def _ask_features(features, question, model, model_base, device, dtype, as_json, **kw):
+def _ask_features(features, question, model, model_base, device, dtype, as_json, cache, **kw):
     from wsi_llava.model import load_model
     from wsi_llava.model.tokens_file import load_visual_tokens
     from wsi_llava.session import ask_tokens
-    from wsi_llava.settings import resolve_device
+    from wsi_llava.settings import resolve_device, using_cache_dir
 
-    m = load_model(model, device=resolve_device(device), dtype=dtype, model_base=model_base)
+    with using_cache_dir(cache):
+        m = load_model(model, device=resolve_device(device), dtype=dtype, model_base=model_base)
     visual = load_visual_tokens(features, m.spec.projector.in_dim)
     show = None if as_json else (lambda chunk: click.echo(chunk, nl=False))
     return ask_tokens(m, visual, question, source=str(features), on_chunk=show, **kw)

@@ -59,8 +59,10 @@ class SlideSession:
         self.reader = open_slide(slide, mpp=mpp, reader=reader)
         if isinstance(model, str | Path):
             from wsi_llava.model import load_model
+            from wsi_llava.settings import using_cache_dir
 
-            model = load_model(model, device=self.device, dtype=dtype, model_base=model_base)
+            with using_cache_dir(cache_dir):  # a packaged LLM is converted under the same cache root
+                model = load_model(model, device=self.device, dtype=dtype, model_base=model_base)
         model.require_slide_ready()  # a missing or random part fails here, before any featurization
         self.model = model
         model.warm_fast_decode()  # CUDA: compiles the decode step while the slide is featurized

@@ -2,19 +2,44 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+from collections.abc import Iterator
 from pathlib import Path
+
+_SCOPED_CACHE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("wsi_llava_cache", default=None)
 
 
 def cache_dir(override: str | Path | None = None) -> Path:
-    """Where features and converted LLM weights are cached: ``override``, ``$WSI_LLAVA_CACHE`` or ~/.cache."""
+    """Where features and converted LLM weights are cached: ``override``, the root of an enclosing
+    :func:`using_cache_dir`, ``$WSI_LLAVA_CACHE`` or ~/.cache/wsi-llava."""
     if override is not None:
         return Path(override).expanduser()
+    scoped = _SCOPED_CACHE.get()
+    if scoped is not None:
+        return scoped
     env = os.environ.get("WSI_LLAVA_CACHE")
     if env:
         return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "wsi-llava"
+
+
+@contextlib.contextmanager
+def using_cache_dir(override: str | Path | None) -> Iterator[Path]:
+    """Within the block every cache (features, converted LLMs, ...) lives under ``override`` (when given).
+
+    How a ``--cache`` option or a ``cache_dir`` argument reaches code that loads a model, which takes none.
+    """
+    if override is None:
+        yield cache_dir()
+        return
+    token = _SCOPED_CACHE.set(Path(override).expanduser())
+    try:
+        yield cache_dir()
+    finally:
+        _SCOPED_CACHE.reset(token)
 
 
 def resolve_device(device: str = "auto") -> str:

@@ -347,7 +347,6 @@ def _extract_one(
         with open_slide(path, mpp=mpp) as reader:
             grid = make_tile_grid(reader, target_mpp=target_mpp, tile_size=tile_size)
             key = cache_key_for(reader, grid, encoder)
-            hit = (cache.path_for(key) / "zarr.json").is_file()  # cheap; extract_features re-checks
             feats = extract_features(
                 reader,
                 grid,
@@ -368,7 +367,7 @@ def _extract_one(
             n_tiles=feats.n_tiles,
             dim=feats.dim,
             cache_path=str(feats.path) if feats.path is not None else None,
-            from_cache=hit,
+            from_cache=not feats.encoded,  # also when another process encoded it while this one waited
             seconds=time.perf_counter() - t0,
         )
     except Cancelled:

@@ -70,9 +70,10 @@ def extract_features(
     CUDA in a background thread while the first batches run eagerly, so the first slide of a process
     does not wait for it; True compiles before the first batch (every batch through the same kernels:
     features reproducible run to run, as cohorts want); False never compiles.
-    """
-    import torch
 
+    Several processes may extract the same slide into one cache: one encodes it while the others wait for
+    the entry's lock (cancellably), then read its result. ``encoded`` on the result says which happened.
+    """
     _check_encoder(encoder)
     progress = progress or no_progress
     key = cache_key_for(reader, grid, encoder)
@@ -84,6 +85,46 @@ def extract_features(
         return hit
     if n == 0:
         raise WsiLlavaError(f"{reader.path}: no tissue tiles to encode")
+    # One process encodes an entry; another extracting the same slide waits here, then reads its result.
+    with cache.lock(
+        key,
+        what=f"the features of {reader.path}",
+        cancel=cancel,
+        on_wait=lambda: progress(0, n, "waiting for another process extracting this slide"),
+    ):
+        hit = cache.get(key)
+        if hit is not None:
+            logger.info("%s: %d tile features cached by another process", reader.path, hit.n_tiles)
+            progress(hit.n_tiles, hit.n_tiles, "features from cache")
+            return hit
+        _encode_into(
+            reader, grid, encoder, cache, key, device, batch_size, progress, cancel, workers, fast, compile
+        )
+        out = cache.get(key)
+    if out is None:
+        raise CacheError(f"{cache.path_for(key)}: feature cache written but not readable")
+    out.encoded = True
+    return out
+
+
+def _encode_into(
+    reader: Any,
+    grid: Any,
+    encoder: Any,
+    cache: FeatureCache,
+    key: CacheKey,
+    device: Any,
+    batch_size: int | None,
+    progress: ProgressCallback,
+    cancel: CancelToken | None,
+    workers: int,
+    fast: bool | None,
+    compile: bool | None,
+) -> None:
+    """Encode every tile of ``grid`` into the cache entry ``key`` (the caller holds its lock)."""
+    import torch
+
+    n = len(grid.coords)
     if not getattr(encoder, "trained", True):
         logger.warning("%s: encoding with an untrained (randomly initialised) tile encoder", reader.path)
     dev = torch.device(device)
@@ -107,10 +148,6 @@ def extract_features(
             _extract_reference(reader, grid, encoder, writer, dev, batch_size, workers, cancel, progress)
         if cancel is not None:
             cancel.raise_if_cancelled()
-    out = cache.get(key)
-    if out is None:  # pragma: no cover - the writer just completed this group
-        raise CacheError(f"{cache.path_for(key)}: feature cache written but not readable")
-    return out
 
 
 def _extract_reference(

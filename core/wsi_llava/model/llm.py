@@ -1,7 +1,8 @@
 """Load the language model: a local Hugging Face folder or a package that ships it (SmolLM2 GGUF).
 
-Everything is offline. The GGUF is dequantised once (~15 s) and cached as safetensors under
-``$WSI_LLAVA_CACHE`` (default ``~/.cache/wsi-llava``) so later loads take well under a second.
+Everything is offline. The GGUF is dequantised once (~15 s) and cached as safetensors under the cache
+root (``--cache`` / ``cache_dir`` via :func:`~wsi_llava.settings.using_cache_dir`, else ``$WSI_LLAVA_CACHE``,
+default ``~/.cache/wsi-llava``) so later loads take well under a second.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import importlib.util
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from wsi_llava.atomic import atomic_folder, folder_leftover_target
 from wsi_llava.errors import ModelError
+from wsi_llava.locks import file_lock, holding
 from wsi_llava.settings import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -70,27 +72,33 @@ def _cache_from_gguf(package_id: str, target: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
+    with atomic_folder(target, replace=True) as tmp:  # replaces a folder left without its config.json
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("cached %s in %.1f s", package_id, time.perf_counter() - t0)
 
 
+def _remove_leftovers(target: Path) -> None:
+    """Delete the temporary folders of conversions into ``target`` that were killed (caller holds its lock)."""
+    for path in target.parent.iterdir():
+        if path.is_dir() and folder_leftover_target(path.name) == target.name:
+            logger.info("removing %s, left by an interrupted conversion", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def resolve_llm_source(source: str | Path) -> Path:
-    """A local HF folder for ``source`` (converting a packaged model into the cache if needed)."""
+    """A local HF folder for ``source`` (converting a packaged model into the cache if needed).
+
+    One process converts while any other that needs the same model waits for it, then loads its folder.
+    """
     if str(source) in PACKAGED_LLMS:
         target = cache_dir() / "llm" / str(source)
         if not (target / "config.json").is_file():
-            _cache_from_gguf(str(source), target)
+            lock = file_lock(target.parent / f".{target.name}.lock")
+            with holding(lock, f"the conversion of {source} into {target}", error=ModelError):
+                if not (target / "config.json").is_file():
+                    _remove_leftovers(target)
+                    _cache_from_gguf(str(source), target)
         return target
     path = Path(source).expanduser()
     if not path.is_dir():

@@ -149,10 +149,15 @@ class BaseSlideReader(ABC):
         return img
 
     def fingerprint(self) -> str:
-        """A short id that changes when the file's content changes (size, head, tail, geometry)."""
+        """A short id that changes when the file changes: size, modification time, head, tail, geometry.
+
+        The modification time is what catches an in-place edit of the middle of the file, which reading
+        only the first and last MB misses; hashing every byte would cost seconds per GB on every open.
+        A copy that does not keep the time therefore gets its features extracted once more.
+        """
         h = hashlib.sha256()
         st = self.path.stat()
-        h.update(str(st.st_size).encode())
+        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
         with open(self.path, "rb") as f:
             h.update(f.read(1 << 20))
             if st.st_size > 1 << 20:
