@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from wsi_bench_files import BENCH, SKIP_REASON, needs_bench
 
 from wsi_llava.errors import WsiLlavaError
 from wsi_llava.eval.bench import (
@@ -19,14 +20,11 @@ from wsi_llava.eval.bench import (
 )
 from wsi_llava.eval.tasks import DIAG, MORPH, REGION, REPORT, SYNTH, TREAT
 
-BENCH = Path(__file__).parents[2] / "shared/data/wsi-bench"
-needs_bench = pytest.mark.skipif(not BENCH.is_dir(), reason=f"WSI-Bench files not found at {BENCH}")
-
 
 @pytest.fixture(scope="module")
 def test_bench():
     if not BENCH.is_dir():
-        pytest.skip(f"WSI-Bench files not found at {BENCH}")
+        pytest.skip(SKIP_REASON)
     return load_bench(BENCH / "test")
 
 
@@ -239,3 +237,13 @@ def test_bad_jsonl_and_duplicates(tmp_path):
     assert len(load_bench(d, split="test").items) == 1
     with pytest.raises(WsiLlavaError, match="no such file"):
         load_bench(tmp_path / "missing")
+
+
+def test_bench_folder_from_the_environment(monkeypatch, tmp_path):
+    """A fresh clone without ``../shared`` beside it runs the WSI-Bench tests with $WSI_LLAVA_BENCH_DIR."""
+    from wsi_bench_files import bench_dir
+
+    monkeypatch.setenv("WSI_LLAVA_BENCH_DIR", str(tmp_path / "bench"))
+    assert bench_dir() == tmp_path / "bench"
+    monkeypatch.delenv("WSI_LLAVA_BENCH_DIR")
+    assert bench_dir() == Path(__file__).resolve().parents[2] / "shared/data/wsi-bench"

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from wsi_bench_files import BENCH, needs_bench
 
 from wsi_llava.eval.command import eval_command
 from wsi_llava.eval.runner import read_predictions, run_predictions
 
 DATA = Path(__file__).parent / "eval_data"
 MINI = DATA / "mini_bench"
-BENCH = Path(__file__).parents[2] / "shared/data/wsi-bench"
-needs_bench = pytest.mark.skipif(not BENCH.is_dir(), reason=f"WSI-Bench files not found at {BENCH}")
 
 
 @pytest.fixture(scope="module")
@@ -289,7 +288,7 @@ def test_runner_resumes_after_interruption(tmp_path):
         fh.write('{"task": "Grading", "id": "SLI')  # a line cut by the interruption
     calls.clear()
     answers = run_predictions(
-        bench.items, out, lambda it: calls.append(it.id) or f"answer to {it.task}/{it.id}", "m"
+        bench.items, out, lambda it: calls.append(it.id) or f"answer to {it.task}/{it.id}", "test-model"
     )
     assert len(calls) == 7 and len(answers) == 12
     assert all(a == f"answer to {t}/{i}" for (t, i), a in answers.items())
@@ -335,6 +334,17 @@ def test_features_and_text_only_with_demo_model(tmp_path):
     assert s["decoding"]["temperature"] == 0.0 and s["decoding"]["max_new_tokens"] == 4
     assert len(read_predictions(out / "predictions.jsonl")) == 4
     assert s["accuracy"]["per_task"]["Prognosis_TF_question"]["text_only"] is not None
+    # another run into the same folder does not reuse the model's answers as its own
+    before = (out / "predictions.jsonl").read_bytes()
+    for other in (
+        ["--baseline", "text-only"],
+        ["--temperature", "0.7", "--seed", "1"],
+        ["--max-new-tokens", "5"],
+    ):
+        r = run(*args, *other)
+        assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+        assert "holds answers of another run (model demo, visual tokens from features" in r.output
+        assert (out / "predictions.jsonl").read_bytes() == before
     shutil.rmtree(feats)
     r = run(*args)  # everything answered already: resumes without touching the (now missing) features
     assert r.exit_code == 0, r.output
@@ -385,3 +395,106 @@ def test_model_on_synthetic_slides(world, tmp_path):
     preds = read_predictions(out / "predictions.jsonl")
     assert len(preds) == 4
     assert scores(out)["decoding"] == {"temperature": 0.0, "max_new_tokens": 3, "seed": None}
+
+
+# --- one --out folder, one run ---------------------------------------------------------------------
+
+
+def test_baselines_and_predictions_never_replace_another_runs_predictions(tmp_path):
+    out = tmp_path / "o"
+    r = run("--bench", MINI, "--baseline", "majority", "--out", out, "--nlu", "none")
+    assert r.exit_code == 0, r.output
+    majority = (out / "predictions.jsonl").read_bytes()
+    r = run("--bench", MINI, "--baseline", "majority", "--out", out, "--nlu", "none")  # the same run again
+    assert r.exit_code == 0, r.output
+    r = run("--bench", MINI, "--predictions", DATA / "mini_predictions.jsonl", "--out", out, "--nlu", "none")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "holds answers of another run (majority baseline)" in r.output and "another --out" in r.output
+    assert (out / "predictions.jsonl").read_bytes() == majority
+    # the other way round: copied predictions are not replaced by the majority baseline
+    other = tmp_path / "p"
+    r = run(
+        "--bench", MINI, "--predictions", DATA / "mini_predictions.jsonl", "--out", other, "--nlu", "none"
+    )
+    assert r.exit_code == 0, r.output
+    copied = (other / "predictions.jsonl").read_bytes()
+    r = run("--bench", MINI, "--baseline", "majority", "--out", other, "--nlu", "none")
+    assert r.exit_code == 1 and "answers copied from --predictions" in r.output
+    assert (other / "predictions.jsonl").read_bytes() == copied
+    # scoring a run's own predictions file again into its folder is how a report is redone
+    r = run("--bench", MINI, "--predictions", out / "predictions.jsonl", "--out", out, "--nlu", "none")
+    assert r.exit_code == 0, r.output
+    assert (out / "predictions.jsonl").read_bytes() == majority
+
+
+def test_out_that_is_a_file(tmp_path):
+    f = tmp_path / "report.txt"
+    f.write_text("mine")
+    r = run("--bench", MINI, "--baseline", "majority", "--out", f)
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert f"--out {f}: is a file" in r.output and f.read_text() == "mine"
+    r = run("--bench", MINI, "--baseline", "majority", "--out", f / "sub")
+    assert r.exit_code == 1 and "cannot create the folder" in r.output and "Traceback" not in r.output
+
+
+def test_duplicate_prediction_rows_are_counted(tmp_path, caplog):
+    rows = (DATA / "mini_predictions.jsonl").read_text().splitlines()
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text("\n".join([*rows, rows[0], rows[2]]) + "\n")
+    out = tmp_path / "o"
+    with caplog.at_level("WARNING", logger="wsi_llava.eval.bench"):
+        r = run("--bench", MINI, "--predictions", dup, "--out", out, "--nlu", "none")
+    assert r.exit_code == 0, r.output
+    warned = [x for x in caplog.records if "earlier row already answered" in x.getMessage()]
+    assert len(warned) == 1 and ": 2 rows answer a question" in warned[0].getMessage()
+    assert scores(out)["predictions"]["duplicates"] == 2
+    assert "2 duplicate rows" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("model", ["garbage#all", "bools#all"])
+def test_a_judge_that_never_gives_a_score_fails_the_run(server, tmp_path, model):
+    out = tmp_path / "o"
+    r = run(
+        "--bench",
+        MINI,
+        "--predictions",
+        DATA / "mini_predictions.jsonl",
+        "--out",
+        out,
+        "--nlu",
+        "none",
+        "--judge",
+        f"openai:{model}",
+        "--judge-url",
+        server,
+        "--parse-retries",
+        "0",
+    )
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert f"judge openai:{model} at {server}/chat/completions gave no usable reply for WSI-P" in r.output
+    assert "all 5 questions failed; unparsable: 5" in r.output
+    s = scores(out)
+    assert s["status"].startswith("failed: ") and s["accuracy"]["pooled"]["n"] == 7
+
+
+def test_majority_report_rows_radar_promise_and_template_note(server, tmp_path):
+    out = tmp_path / "o"
+    r = run("--bench", MINI, "--baseline", "majority", "--out", out)
+    assert r.exit_code == 0, r.output
+    md = (out / "report.md").read_text()
+    table2 = md.split("## Table 2")[1].split("##")[0]
+    rows = [line for line in table2.splitlines() if line.startswith("| ") and "Model" not in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| majority class", "| WSI-LLaVA (paper)"]
+    assert "constant template answer" in md and "reward the template text" in md
+    assert not (out / "radar.png").exists() and "(radar.png needs --judge)" in r.output
+    helped = " ".join(CliRunner().invoke(eval_command, ["--help"]).output.split())
+    assert "OUT/radar.png (with --judge: per-task WSI-P / WSI-R)" in helped
+    # with a judge the radar is written; scored again without one, the stale chart goes
+    judged = tmp_path / "j"
+    args = ["--bench", MINI, "--predictions", DATA / "mini_predictions.jsonl", "--nlu", "none"]
+    r = run(*args, "--out", judged, "--judge", "openai:rules#radar", "--judge-url", server)
+    assert r.exit_code == 0, r.output
+    assert (judged / "radar.png").is_file() and "radar.png" in r.output
+    r = run("--bench", MINI, "--predictions", judged / "predictions.jsonl", "--out", judged, "--nlu", "none")
+    assert r.exit_code == 0, r.output
+    assert not (judged / "radar.png").exists()

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 import urllib.parse
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -259,3 +262,74 @@ def test_hf_judge_with_a_local_causal_lm():
     s = WsiScorer(j, parse_retries=1).score(item(0, GT), "apple, banana", "precision")
     assert s.attempts >= 2
     assert (s.score is not None and 0 <= s.score <= 1) or s.failure in ("unparsable", "no_claims")
+
+
+def test_boolean_scores_are_not_scores():
+    assert parse_scores('[{"claim": "a", "score": true}]') is None
+    assert parse_scores('[{"claim": "a", "score": 1}, {"claim": "b", "score": false}]') is None
+    assert [s.score for s in parse_scores('[{"claim": "a", "score": 1}, {"claim": "b", "score": 0}]')] == [
+        1,
+        0,
+    ]
+
+
+def test_a_reply_that_is_not_utf8_names_the_judge_and_its_url(server):
+    j = judge(server, "notutf8#u")
+    with pytest.raises(JudgeError) as e:
+        j.complete([{"role": "user", "content": "hi"}])
+    msg = str(e.value)
+    assert "judge openai:notutf8#u at http://127.0.0.1:" in msg and "/v1/chat/completions" in msg
+    assert "not UTF-8" in msg
+
+
+class _Drip(BaseHTTPRequestHandler):
+    """Answers a valid chat completion one byte per 0.5 s: the status line (``head``) or the body."""
+
+    body = json.dumps({"choices": [{"message": {"content": "[]"}}]}).encode()
+    head = b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+    sent: list[int] = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        head = self.head
+        drip_head = self.path.startswith("/head")
+        out = 0
+        try:
+            for chunk in (head, self.body):
+                if chunk is head and not drip_head:
+                    self.wfile.write(chunk)
+                    self.wfile.flush()
+                    continue
+                for i in range(len(chunk)):
+                    self.wfile.write(chunk[i : i + 1])
+                    self.wfile.flush()
+                    out += 1
+                    time.sleep(0.5)
+        except OSError:  # the client hung up
+            pass
+        finally:
+            type(self).sent.append(out)
+
+
+def test_timeout_is_a_total_deadline_not_a_per_read_one():
+    """A server that drips bytes (each read well within the time-out) is cut at the request's deadline."""
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Drip)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        port = srv.server_address[1]
+        for where, total in (("body", len(_Drip.body)), ("head", len(_Drip.head) + len(_Drip.body))):
+            j = OpenAIJudge("drip", url=f"http://127.0.0.1:{port}/{where}/v1", timeout=1.0, retries=0)
+            with pytest.raises(JudgeError, match=r"no answer within 1 s"):
+                j.complete([{"role": "user", "content": "hi"}])
+            deadline = time.monotonic() + 10
+            while len(_Drip.sent) < 1 and time.monotonic() < deadline:  # the server notices the hang-up
+                time.sleep(0.05)
+            sent = _Drip.sent.pop()
+            assert sent < total / 2  # cut long before the drip would have ended (it takes total / 2 s)
+    finally:
+        srv.shutdown()
+        srv.server_close()

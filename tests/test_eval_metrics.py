@@ -5,18 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from wsi_bench_files import BENCH, SKIP_REASON
 
 from wsi_llava.eval import nlu
 from wsi_llava.eval.accuracy import close_accuracy, majority_answers, parse_choice
 from wsi_llava.eval.bench import load_bench
 
-BENCH = Path(__file__).parents[2] / "shared/data/wsi-bench"
-
 
 @pytest.fixture(scope="module")
 def test_bench():
     if not BENCH.is_dir():
-        pytest.skip(f"WSI-Bench files not found at {BENCH}")
+        pytest.skip(SKIP_REASON)
     return load_bench(BENCH / "test")
 
 

@@ -12,9 +12,11 @@ import base64
 import json
 import logging
 import math
+import threading
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -27,6 +29,8 @@ from wsi_llava.slide.region import Region
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 25333
+CONNECT_TIMEOUT = 30.0  # seconds for the handshake; QuPath answers it at once when its gateway runs
+T = TypeVar("T")
 
 
 class QuPathError(WsiLlavaError):
@@ -80,27 +84,79 @@ def _local_path(uri: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def connect(port: int = DEFAULT_PORT, token: str | None = None) -> QuPathBridge:
-    """Connect to QuPath's py4j gateway with qubalab; a clear ``QuPathError`` when nothing listens."""
+def within(seconds: float, what: str, fn: Callable[[], T]) -> T:
+    """``fn()`` with a total deadline: a ``QuPathError`` naming ``what`` when it has not returned in time.
+
+    py4j waits for each reply without a limit; ``fn`` runs in a daemon thread left behind on time-out
+    (it ends when the socket closes, or with the process).
+    """
+    done: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            done["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            done["error"] = e
+
+    worker = threading.Thread(target=work, name=f"qupath: {what}", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise QuPathError(
+            f"{what}: no answer within {seconds:g} s. Is this port QuPath's Py4J gateway, and is QuPath "
+            "responsive (no open dialog, no long command running)?"
+        )
+    if "error" in done:
+        raise done["error"]
+    return done["value"]
+
+
+def connect(
+    port: int = DEFAULT_PORT, token: str | None = None, timeout: float = CONNECT_TIMEOUT
+) -> QuPathBridge:
+    """Connect to QuPath's py4j gateway with qubalab; a clear ``QuPathError`` when nothing listens or answers.
+
+    ``timeout`` bounds the handshake only (later calls, such as reading pixels, may take long).
+    """
     from qubalab.qupath.qupath_gateway import create_gateway
 
     if not 0 < port < 65536:
         raise QuPathError(f"--port {port}: expected a TCP port number (QuPath's default is {DEFAULT_PORT})")
-    py4j_logger = logging.getLogger("py4j")
-    level = py4j_logger.level
-    py4j_logger.setLevel(logging.CRITICAL)  # py4j logs a traceback for a refused connection; we say it once
-    try:
-        gateway = create_gateway(port=port, auth_token=token, set_as_default=False)
-    except Exception as e:  # RuntimeError from qubalab, Py4JError on a wrong token
-        raise QuPathError(
-            f"cannot connect to QuPath on port {port}: is QuPath running with its Python gateway started "
-            "(Extensions > Py4J > Start Py4J Gateway), on this port"
-            + (" and with this token" if token else "")
-            + f"? ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        ) from None
-    finally:
-        py4j_logger.setLevel(level)
+
+    def handshake() -> Any:
+        py4j_logger = logging.getLogger("py4j")
+        level = py4j_logger.level
+        py4j_logger.setLevel(
+            logging.CRITICAL
+        )  # py4j logs a traceback for a refused connection; we say it once
+        try:
+            return create_gateway(port=port, auth_token=token, set_as_default=False)
+        except Exception as e:  # RuntimeError from qubalab, Py4JError on a wrong token
+            raise QuPathError(
+                f"cannot connect to QuPath on port {port}: is QuPath running with its Python gateway started "
+                "(Extensions > Py4J > Start Py4J Gateway), on this port"
+                + (" and with this token" if token else "")
+                + f"? ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            ) from None
+        finally:
+            py4j_logger.setLevel(level)
+
+    gateway = within(timeout, f"connecting to QuPath on port {port}", handshake)
     return QuPathBridge(gateway, port)
+
+
+def status_within(port: int, token: str | None, timeout: float) -> QuPathStatus:
+    """Connect, read what ``qupath status`` shows and disconnect, all within ``timeout`` seconds."""
+    import qubalab.qupath.qupath_gateway  # noqa: F401 - imported before the clock starts (it is slow)
+
+    def read() -> QuPathStatus:
+        bridge = connect(port, token, timeout=timeout)
+        try:
+            return bridge.status()
+        finally:
+            bridge.close()
+
+    return within(timeout, f"QuPath on port {port}", read)
 
 
 class QuPathBridge:
@@ -272,6 +328,7 @@ def _feature_regions(features: list[dict[str, Any]]) -> list[Region]:
 
 
 __all__ = [
+    "CONNECT_TIMEOUT",
     "DEFAULT_PORT",
     "ImageInfo",
     "QuPathAnnotation",
@@ -279,4 +336,6 @@ __all__ = [
     "QuPathError",
     "QuPathStatus",
     "connect",
+    "status_within",
+    "within",
 ]

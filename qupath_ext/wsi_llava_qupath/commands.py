@@ -10,7 +10,15 @@ import click
 
 from wsi_llava.clickutil import UserErrorGroup, model_options
 from wsi_llava.errors import WsiLlavaError
-from wsi_llava_qupath.bridge import DEFAULT_PORT, QuPathAnnotation, QuPathBridge, QuPathError, connect
+from wsi_llava_qupath.bridge import (
+    CONNECT_TIMEOUT,
+    DEFAULT_PORT,
+    QuPathAnnotation,
+    QuPathBridge,
+    QuPathError,
+    connect,
+    status_within,
+)
 from wsi_llava_qupath.sink import write_answer
 
 logger = logging.getLogger(__name__)
@@ -57,14 +65,17 @@ def qupath() -> None:
 
 
 @qupath.command()
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=CONNECT_TIMEOUT,
+    show_default=True,
+    help="Seconds to wait in all for QuPath's answer.",
+)
 @_connection_options
-def status(port: int, token: str | None) -> None:
+def status(port: int, token: str | None, timeout: float) -> None:
     """Connected? Which image? How many annotations, how many selected?"""
-    bridge = connect(port, token)
-    try:
-        st = bridge.status()
-    finally:
-        bridge.close()
+    st = status_within(port, token, timeout)
     click.echo(f"connected to QuPath on port {st.port} (py4j extension {st.extension_version or 'unknown'})")
     if st.image is None:
         click.echo("image: none open")

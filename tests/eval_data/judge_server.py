@@ -9,7 +9,9 @@ The ``model`` field picks the behaviour (text after ``#`` only makes names uniqu
 - ``slow``: answers after 3 s (for time-outs);
 - ``429x2``: the first two requests of each conversation get HTTP 429 (Retry-After: 0), then ``rules``;
 - ``ok-then-500:N``: the first N requests answer by ``rules``, every later one gets HTTP 500;
-- ``notchat``: HTTP 200 with a body that is not a chat completion.
+- ``notchat``: HTTP 200 with a body that is not a chat completion;
+- ``notutf8``: HTTP 200 with a body that is not UTF-8 text;
+- ``bools``: claims c0, c1, scored ``true`` / ``false`` instead of numbers.
 ``GET /stats`` returns request counts per model and the largest number of requests in flight per model;
 ``GET /heal/<model>`` makes that model answer by ``rules`` from then on (a judge that came back).
 Prints ``PORT <n>`` on stdout once it listens.
@@ -77,8 +79,11 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):  # quiet
         pass
 
-    def _send(self, status: int, body: dict | str, headers: dict | None = None) -> None:
-        data = (body if isinstance(body, str) else json.dumps(body)).encode()
+    def _send(self, status: int, body: dict | str | bytes, headers: dict | None = None) -> None:
+        if isinstance(body, bytes):
+            data = body
+        else:
+            data = (body if isinstance(body, str) else json.dumps(body)).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -130,8 +135,13 @@ class Handler(BaseHTTPRequestHandler):
             if mode == "notchat":
                 self._send(200, {"unexpected": True})
                 return
+            if mode == "notutf8":
+                self._send(200, b'{"choices": [{"message": {"content": "caf\xe9"}}]}')
+                return
             if mode == "garbage" or (mode == "garbage-once" and len(messages) == 2):
                 text = "Sure! The claims are apple and banana, I think."
+            elif mode == "bools":
+                text = fixed(messages, [True, False])
             elif mode.startswith("fixed:"):
                 text = fixed(messages, [float(x) for x in mode.split(":")[1].split(",")])
             else:

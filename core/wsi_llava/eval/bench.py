@@ -392,6 +392,7 @@ class PredictionSet(BaseModel):
 
     answers: dict[tuple[str, str], str]
     unmatched: list[str] = Field(default_factory=list, description="question ids / keys that matched nothing")
+    duplicates: int = Field(0, description="rows for a question that already had one (the last row is used)")
     source: str = ""
 
 
@@ -420,11 +421,14 @@ def load_predictions(path: str | Path, bench: Bench) -> PredictionSet:
     index = question_index(bench.items)
     answers: dict[tuple[str, str], str] = {}
     unmatched: list[str] = []
+    duplicates: list[str] = []
 
     def add(key: tuple[str, str] | None, label: str, answer: str) -> None:
         if key is None or key not in keys:
             unmatched.append(label)
         else:
+            if key in answers:
+                duplicates.append(label)
             answers[key] = answer
 
     if path.suffix.lower() == ".csv":
@@ -460,4 +464,12 @@ def load_predictions(path: str | Path, bench: Bench) -> PredictionSet:
         logger.warning(
             "%s: %d prediction rows match no bench question (first: %s)", path, len(unmatched), unmatched[0]
         )
-    return PredictionSet(answers=answers, unmatched=unmatched, source=str(path))
+    if duplicates:
+        logger.warning(
+            "%s: %d rows answer a question that an earlier row already answered (first: %s); "
+            "the last row of each question is scored",
+            path,
+            len(duplicates),
+            duplicates[0],
+        )
+    return PredictionSet(answers=answers, unmatched=unmatched, duplicates=len(duplicates), source=str(path))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -61,7 +60,9 @@ logger = logging.getLogger(__name__)
     show_default=True,
     help="Environment variable that holds the judge's API key.",
 )
-@click.option("--judge-timeout", default=120.0, show_default=True, help="Seconds per judge request.")
+@click.option(
+    "--judge-timeout", default=120.0, show_default=True, help="Seconds in all per judge request (a deadline)."
+)
 @click.option("--judge-retries", default=5, show_default=True, help="Retries on 429 / 5xx / time-outs.")
 @click.option("--judge-backoff", default=1.0, show_default=True, help="First back-off in seconds (doubles).")
 @click.option("--judge-concurrency", default=4, show_default=True, help="Judge requests in flight at once.")
@@ -107,7 +108,9 @@ logger = logging.getLogger(__name__)
 def eval_command(**kw) -> None:
     """Evaluate on WSI-Bench: accuracy, WSI-Precision / WSI-Relevance, NLU metrics, paper-style report.
 
-    Writes OUT/scores.json, OUT/predictions.jsonl, OUT/report.md and OUT/radar.png.
+    Writes OUT/scores.json, OUT/predictions.jsonl, OUT/report.md and OUT/radar.png (with --judge: per-task
+    WSI-P / WSI-R). One OUT holds one run: a model run resumes there with the same model and decoding
+    settings only, and no run replaces another run's predictions.jsonl (give another --out).
     """
     bar = TerminalProgress()
     try:
@@ -122,9 +125,20 @@ def eval_command(**kw) -> None:
 
 def _run(progress, **kw) -> None:  # noqa: C901 - one linear recipe
     from wsi_llava.eval.bench import load_bench, load_predictions
-    from wsi_llava.eval.runner import Decoding, majority_predictions, prediction_row
+    from wsi_llava.eval.runner import (
+        Decoding,
+        RunInfo,
+        check_run,
+        majority_predictions,
+        prediction_row,
+        write_predictions,
+    )
 
     out: Path = kw["out"]
+    if out.exists() and not out.is_dir():
+        raise WsiLlavaError(
+            f"--out {out}: is a file; give a folder for the report (it is created if missing)"
+        )
     bench = load_bench(kw["bench_path"], split=kw["split"])
     if kw["tasks"]:
         wanted = {t.strip() for t in kw["tasks"].split(",") if t.strip()}
@@ -161,7 +175,7 @@ def _run(progress, **kw) -> None:  # noqa: C901 - one linear recipe
             "--model needs --slides DIR (our pipeline) or --features DIR (official .pt files)"
         )
 
-    out.mkdir(parents=True, exist_ok=True)
+    _make_out(out)
     pred_file = out / "predictions.jsonl"
     decoding = Decoding(temperature=kw["temperature"], max_new_tokens=kw["max_new_tokens"], seed=kw["seed"])
     info: dict = {}
@@ -170,32 +184,48 @@ def _run(progress, **kw) -> None:  # noqa: C901 - one linear recipe
     if kw["predictions"]:
         preds = load_predictions(kw["predictions"], bench)
         answers = preds.answers
-        info = {"source": str(kw["predictions"]), "unmatched": preds.unmatched}
+        info = {
+            "source": str(kw["predictions"]),
+            "unmatched": preds.unmatched,
+            "duplicates": preds.duplicates,
+        }
         if pred_file.resolve() != Path(kw["predictions"]).resolve():
+            run = RunInfo(source="predictions", predictions=str(Path(kw["predictions"]).resolve()))
             by_key = bench.by_key()
-            pred_file.write_text(
-                "".join(
-                    json.dumps(prediction_row(by_key[k], a, "predictions"), ensure_ascii=False) + "\n"
-                    for k, a in answers.items()
-                ),
-                encoding="utf-8",
+            write_predictions(
+                pred_file, (prediction_row(by_key[k], a, "predictions") for k, a in answers.items()), run
             )
+            info["run"] = run.model_dump(mode="json")
     elif baseline == "majority":
+        run = RunInfo(source="majority", baseline="majority")
         answers = majority_predictions(bench.items)
         info = {"source": "majority baseline (each task's most frequent ground-truth answer)"}
-        model_name = None
-        pred_file.write_text(
-            "".join(
-                json.dumps(prediction_row(it, answers[it.key], "majority"), ensure_ascii=False) + "\n"
-                for it in bench.items
-            ),
-            encoding="utf-8",
+        info["run"] = run.model_dump(mode="json")
+        write_predictions(
+            pred_file, (prediction_row(it, answers[it.key], "majority") for it in bench.items), run
         )
     else:
         from wsi_llava.eval.runner import feature_answerer, run_predictions, slide_answerer
         from wsi_llava.model import load_model
         from wsi_llava.settings import resolve_device
 
+        given = Path(kw["model"]).expanduser()
+        common = {
+            "source": "model",
+            "model": str(given.resolve()) if given.exists() else kw["model"],
+            "model_base": str(Path(kw["model_base"]).expanduser().resolve()) if kw["model_base"] else None,
+            "dtype": kw["dtype"],
+            "decoding": decoding,
+        }
+        if baseline == "text-only":
+            run = RunInfo(**common, baseline="text-only", visual="zero")
+        else:
+            run = RunInfo(**common, visual="features" if kw["features"] else "slides")
+        zero_run = RunInfo(**common, baseline="text-only", visual="zero")
+        text_only_file = out / "text_only_predictions.jsonl"
+        check_run(pred_file, run)  # before loading the model: a refusal costs nothing
+        if kw["text_only_column"] and baseline != "text-only":
+            check_run(text_only_file, zero_run)
         kw["device"] = resolve_device(kw["device"])
         model = load_model(kw["model"], device=kw["device"], dtype=kw["dtype"], model_base=kw["model_base"])
         model_name = model.spec.name + (" (text-only)" if baseline == "text-only" else "")
@@ -207,16 +237,17 @@ def _run(progress, **kw) -> None:  # noqa: C901 - one linear recipe
             fn = slide_answerer(
                 model, bench, kw["slides"], decoding, cache_dir=kw["cache_dir"], device=kw["device"]
             )
-        answers = run_predictions(bench.items, pred_file, fn, model_name, progress=progress)
-        info = {"source": f"model {model_name}"}
+        answers = run_predictions(bench.items, pred_file, fn, model_name, progress=progress, run=run)
+        info = {"source": f"model {model_name}", "run": run.model_dump(mode="json")}
         if kw["text_only_column"] and baseline != "text-only":
             zero = feature_answerer(model, ".", decoding, zero_visual=True)
             text_only = run_predictions(
                 [it for it in bench.items if it.close],
-                out / "text_only_predictions.jsonl",
+                text_only_file,
                 zero,
                 model_name + " (text-only)",
                 progress=progress,
+                run=zero_run,
             )
 
     scorer = None
@@ -264,10 +295,19 @@ def _run(progress, **kw) -> None:  # noqa: C901 - one linear recipe
     click.echo(_summary(scores, out))
 
 
+def _make_out(out: Path) -> None:
+    """Create the output folder, or say in one line why it cannot be."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WsiLlavaError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
+
+
 def _summary(s, out: Path) -> str:
     lines = [
         f"wrote {out / 'scores.json'}, {out / 'report.md'}"
         + (f", {out / 'radar.png'}" if (out / "radar.png").exists() else "")
+        + (" (radar.png needs --judge)" if s.judge is None else "")
     ]
     if s.accuracy and s.accuracy.pooled:
         p = s.accuracy.pooled

@@ -8,12 +8,20 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from wsi_llava.atomic import atomic_write_text
 from wsi_llava.eval.accuracy import close_accuracy
 from wsi_llava.eval.bench import Bench, BenchItem, load_train_slides
-from wsi_llava.eval.judges.base import CachedJudge
+from wsi_llava.eval.judges.base import CachedJudge, JudgeError
 from wsi_llava.eval.nlu import NluScores, nlu_scores
 from wsi_llava.eval.report import EvalScores, SubsetScores, table2, table3, write_report
-from wsi_llava.eval.wsi_metrics import PartialScores, QuestionScore, WsiScorer, aggregate, score_open
+from wsi_llava.eval.wsi_metrics import (
+    MetricAggregate,
+    PartialScores,
+    QuestionScore,
+    WsiScorer,
+    aggregate,
+    score_open,
+)
 from wsi_llava.progress import CancelToken, ProgressCallback, no_progress
 
 logger = logging.getLogger(__name__)
@@ -81,7 +89,7 @@ def evaluate(
     acc.parsed = {}
     s.accuracy = acc if acc.pooled else None
     s.nlu = nlu_per_task(items, answers, nlu_tasks)
-    error: PartialScores | None = None
+    error: JudgeError | None = None
     qscores: list[QuestionScore] = []
     if scorer is not None:
         judge = scorer.judge
@@ -102,6 +110,11 @@ def evaluate(
         if open_answered:
             s.wsi_precision = aggregate(qscores, open_answered, "precision")
             s.wsi_relevance = aggregate(qscores, open_answered, "relevance")
+        if error is None:
+            unscored = _unscored(judge, s.wsi_precision, s.wsi_relevance)
+            if unscored is not None:
+                error = JudgeError(unscored)
+                s.status = f"failed: {unscored}"
     s.table2 = table2(s.accuracy, s.wsi_precision, s.wsi_relevance)
     s.table3 = table3(s.nlu, s.wsi_precision, s.wsi_relevance)
     train = [str(t) for t in train]
@@ -114,6 +127,24 @@ def evaluate(
     if error is not None:
         raise error
     return s
+
+
+def _unscored(judge: Any, p: MetricAggregate | None, r: MetricAggregate | None) -> str | None:
+    """Why WSI-P or WSI-R has no value although questions were judged (None: each has one)."""
+    names = []
+    for name, agg in (("WSI-P", p), ("WSI-R", r)):
+        if agg is not None and agg.overall.n == 0 and agg.overall.failures > 0:
+            kinds = ", ".join(f"{k}: {v}" for k, v in agg.failures.items())
+            names.append(f"{name} (all {agg.overall.failures} questions failed; {kinds})")
+    if not names:
+        return None
+    url = getattr(getattr(judge, "judge", judge), "url", None)
+    cache = getattr(getattr(judge, "cache", None), "folder", None)
+    return (
+        f"judge {judge.name}" + (f" at {url}" if url else "") + f" gave no usable reply for "
+        f"{' and '.join(names)}" + (f"; its replies are in {cache}" if cache else "") + ". Use a judge that "
+        "follows the prompts' JSON format, or adapt the prompts with --prompts"
+    )
 
 
 def slide_disjoint(
@@ -150,7 +181,7 @@ def slide_disjoint(
 
 
 def _write_judgements(path: Path, qscores: list[QuestionScore]) -> None:
-    path.write_text(
+    atomic_write_text(
+        path,
         "".join(q.model_dump_json() + "\n" for q in sorted(qscores, key=lambda q: (q.task, q.id, q.metric))),
-        encoding="utf-8",
     )

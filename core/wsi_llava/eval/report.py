@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
+from wsi_llava.atomic import atomic_write_bytes, atomic_write_text
 from wsi_llava.eval import paper
 from wsi_llava.eval.accuracy import AccuracyCell, AccuracyReport
 from wsi_llava.eval.nlu import NluScores
@@ -83,13 +83,6 @@ def table3(nlu: dict[str, NluScores], p: MetricAggregate | None, r: MetricAggreg
     return out
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".part")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def _f(v: float | None, digits: int = 3) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
@@ -105,7 +98,7 @@ def _acc_rows(name: str, cell: AccuracyCell) -> str:
 
 def render_markdown(s: EvalScores) -> str:
     """The human-readable report: paper-style tables with the paper's WSI-LLaVA row beside ours."""
-    ours = s.model or s.baseline or "predictions"
+    ours = "majority class" if s.baseline == "majority" else s.model or s.baseline or "predictions"
     judge = s.judge["name"] if s.judge else None
     lines = [
         "# WSI-Bench evaluation",
@@ -115,7 +108,13 @@ def render_markdown(s: EvalScores) -> str:
         f"{s.bench.get('n_open')} open, {s.bench.get('n_close')} close-ended)",
         f"- predictions: {s.predictions.get('source')} ({s.predictions.get('n')} answered, "
         f"{s.predictions.get('missing')} questions without an answer, {len(s.predictions.get('unmatched', []))} "
-        "rows matching no question)",
+        "rows matching no question"
+        + (
+            f", {s.predictions['duplicates']} duplicate rows: the last one of each question is scored"
+            if s.predictions.get("duplicates")
+            else ""
+        )
+        + ")",
         f"- model: {s.model or '–'}" + (f" (baseline: {s.baseline})" if s.baseline else ""),
         f"- decoding: {json.dumps(s.decoding) if s.decoding else '–'}",
         f"- judge: {judge or 'none (WSI-P / WSI-R not computed)'}"
@@ -140,8 +139,9 @@ def render_markdown(s: EvalScores) -> str:
         row = t2.get(cap, {})
         cells += [_f(row.get("wsi_p")), _f(row.get("wsi_r")), _f(row.get("acc"))]
     lines.append(f"| {ours} | " + " | ".join(cells) + f" | {_f(t2.get('average'))} |")
-    maj = [_f(t2.get(cap, {}).get("acc_majority")) for cap in CAPABILITIES]
-    lines.append(f"| majority class | – | – | {maj[0]} | – | – | {maj[1]} | – | – | {maj[2]} | – |")
+    if s.baseline != "majority":  # the majority baseline's own row already is the majority class
+        maj = [_f(t2.get(cap, {}).get("acc_majority")) for cap in CAPABILITIES]
+        lines.append(f"| majority class | – | – | {maj[0]} | – | – | {maj[1]} | – | – | {maj[2]} | – |")
     pc = []
     for cap in CAPABILITIES:
         pc += [_f(v) for v in paper.TABLE2[cap]]
@@ -190,6 +190,12 @@ def render_markdown(s: EvalScores) -> str:
             f"METEOR: {variant}. BLEU: sentence-level, cumulative, smoothing method 4, mean over samples.",
             "",
         ]
+    lines += [
+        "A constant template answer (the majority baseline's one report for every slide) outscores the "
+        "paper's row on BLEU / ROUGE-L / METEOR, because these n-gram metrics reward the template text "
+        "that all reports share; WSI-P / WSI-R score the findings.",
+        "",
+    ]
     if s.wsi_precision or s.wsi_relevance:
         lines += [
             "## WSI-Precision / WSI-Relevance per task",
@@ -331,19 +337,23 @@ def plot_radar(s: EvalScores, path: Path) -> bool:
     judge = s.judge["name"] if s.judge else "no judge"
     fig.suptitle(f"Per-task WSI-P / WSI-R (judge: {judge})", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
     return True
 
 
 def write_report(s: EvalScores, out: str | Path) -> dict[str, Path]:
-    """Write ``scores.json``, ``report.md`` and (when WSI-P/R exist) ``radar.png`` into ``out``."""
+    """Write ``scores.json``, ``report.md`` and (when a judge gave per-task WSI-P/R) ``radar.png`` into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"scores": out / "scores.json", "report": out / "report.md"}
-    _atomic_write(paths["scores"], s.model_dump_json(indent=1))
-    _atomic_write(paths["report"], render_markdown(s))
+    atomic_write_text(paths["scores"], s.model_dump_json(indent=1))
+    atomic_write_text(paths["report"], render_markdown(s))
     radar = out / "radar.png"
     if plot_radar(s, radar):
         paths["radar"] = radar
+    elif radar.is_file():  # an earlier scoring's chart would sit beside scores that lack its numbers
+        radar.unlink()
     return paths

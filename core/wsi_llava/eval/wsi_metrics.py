@@ -147,7 +147,7 @@ def _as_bool(v: Any) -> bool:
 
 
 def parse_scores(text: str) -> list[ClaimScore] | None:
-    """A list of ``{claim, explanation, score[, addressed]}`` objects with scores in [0, 1]."""
+    """A list of ``{claim, explanation, score[, addressed]}`` objects with numeric scores in [0, 1]."""
     value = _load_list(text)
     if not value:
         return None
@@ -160,6 +160,8 @@ def parse_scores(text: str) -> list[ClaimScore] | None:
         if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("n/a", "na", "none", "")):
             out.append(ClaimScore(claim=str(v.get("claim", "")), score=0.0, addressed=False))
             continue
+        if isinstance(raw, bool):  # true/false is no score on the 1 / 0.7 / 0.3 / 0 scale
+            return None
         try:
             score = float(raw)
         except (TypeError, ValueError):

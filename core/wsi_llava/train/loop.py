@@ -17,11 +17,15 @@ optimizer state of a checkpoint go to ``step_NNNNNNN/dcp/`` (sharded, one file p
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 import logging
 import math
 import os
+import pickle
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -98,7 +102,19 @@ def lr_lambda(step: int, total: int, warmup_ratio: float, kind: str) -> float:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every RNG state as tensors and plain values only, so a checkpoint loads with ``weights_only=True``."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -107,9 +123,84 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    npy = state["numpy"]
+    np.random.set_state(
+        (
+            npy["name"],
+            npy["keys"].numpy().astype(np.uint32),
+            npy["pos"],
+            npy["has_gauss"],
+            npy["cached_gaussian"],
+        )
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's ``state.pt`` read with ``weights_only=True``: tensors and plain values, never code.
+
+    A pickle that names any other Python object (which could run code while loading) is refused.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found is None:
+            raise TrainError(
+                f"{path}: cannot read the checkpoint (damaged, or not written by wsi-llava train); not loaded"
+            ) from None
+        raise TrainError(
+            f"{path}: refused to load: it holds Python objects other than tensors and plain values "
+            f"(it asks for {found.group(1)}), and loading those can run code. Resume only from checkpoints "
+            "written by this version of wsi-llava train; otherwise start without --resume in another --out"
+        ) from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise TrainError(f"{path}: cannot read the checkpoint ({e}); not loaded") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise TrainError(f"{path}: not a wsi-llava training checkpoint (no 'step')")
+    return state
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Reads a DCP ``.metadata`` pickle with only the types it is made of; any other global is refused."""
+
+    _PLAIN = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
+    _MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._PLAIN:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module in self._MODULES:
+            obj = super().find_class(module, name)
+            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
+                return obj  # plain records (fields only) and enums: nothing that runs code
+        raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not part of a checkpoint's metadata")
+
+
+def check_dcp_metadata(path: Path) -> None:
+    """Refuse a sharded checkpoint whose ``.metadata`` pickle names anything but DCP's own records.
+
+    ``torch.distributed.checkpoint`` reads that file with plain ``pickle``, so it is read here first
+    with an allowlist, before DCP loads it.
+    """
+    try:
+        with Path(path).open("rb") as fh:
+            _MetadataUnpickler(fh).load()
+    except FileNotFoundError:
+        raise TrainError(f"{path}: missing; the sharded checkpoint is incomplete") from None
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found is None:
+            raise TrainError(f"{path}: cannot read the checkpoint metadata ({e}); not loaded") from None
+        raise TrainError(
+            f"{path}: refused to load: it asks for {found.group(1)}, which is not part of a checkpoint's "
+            "metadata, and loading it could run code. Resume only from checkpoints written by wsi-llava train"
+        ) from None
+    except (EOFError, AttributeError, ImportError, TypeError, ValueError) as e:
+        raise TrainError(f"{path}: cannot read the checkpoint metadata ({e}); not loaded") from None
 
 
 def seed_everything(seed: int) -> None:
@@ -226,15 +317,16 @@ def train_loop(
     start = 0
     if resume and existing:
         ck = existing[-1]
-        state = torch.load(ck / STATE_FILE, map_location="cpu", weights_only=False)
+        state = load_state(ck / STATE_FILE)
         saved_with = state.get("strategy", "ddp")
         if saved_with != loop.strategy:
             raise TrainError(
                 f"{ck}: saved with train.strategy {saved_with}, now {loop.strategy}; resume with {saved_with}"
             )
         if task.fsdp is not None:
-            from wsi_llava.train.sharding import load_sharded
+            from wsi_llava.train.sharding import DCP_DIR, load_sharded
 
+            check_dcp_metadata(ck / DCP_DIR / ".metadata")
             load_sharded(ck, task.fsdp, opt)
         else:
             missing = set(task.trainable) - set(state["params"])

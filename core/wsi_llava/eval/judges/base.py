@@ -5,12 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from wsi_llava.atomic import atomic_write_text
 from wsi_llava.errors import WsiLlavaError
 
 logger = logging.getLogger(__name__)
@@ -88,7 +87,7 @@ class JudgeCache:
         p = self._path(self.key(name, messages))
         try:
             text = json.loads(p.read_text(encoding="utf-8"))["response"]
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
             with self._lock:
                 self.misses += 1
             return None
@@ -99,10 +98,12 @@ class JudgeCache:
     def put(self, name: str, messages: Messages, response: str) -> None:
         p = self._path(self.key(name, messages))
         p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".part")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump({"judge": name, "messages": messages, "response": response}, fh, ensure_ascii=False)
-        os.replace(tmp, p)
+        # no fsync: an entry lost in a crash is only asked again (a damaged one reads as a miss)
+        atomic_write_text(
+            p,
+            json.dumps({"judge": name, "messages": messages, "response": response}, ensure_ascii=False),
+            fsync=False,
+        )
 
 
 class CachedJudge:

@@ -2,11 +2,15 @@
 
 Standard library only (``urllib``). The API key is read from an environment variable (never from
 the command line); 429, 5xx, time-outs and refused connections are retried with exponential
-back-off (``Retry-After`` is honoured); a semaphore limits concurrent requests.
+back-off (``Retry-After`` is honoured); a semaphore limits concurrent requests. The time-out is a
+total deadline per request (connect, headers and body together): a server that sends a byte now and
+then cannot stretch it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import logging
 import os
@@ -22,6 +26,77 @@ from wsi_llava.eval.judges.base import JudgeError, Messages
 logger = logging.getLogger(__name__)
 
 DEFAULT_URL = "https://api.openai.com/v1"
+
+
+class _Deadline:
+    """Shuts down every socket of one request when its total time is up (unblocking any read)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = False
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+    def create_connection(self, *args: Any, **kwargs: Any) -> socket.socket:
+        sock = socket.create_connection(*args, **kwargs)
+        with self._lock:
+            self._socks.append(sock)
+            if self.expired:
+                _shutdown(sock)
+        return sock
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._socks:
+                _shutdown(sock)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the raw socket, under TLS too
+
+
+class _DeadlineOpen:
+    """Mixed into urllib's HTTP(S) handlers: their connections open sockets through a ``_Deadline``."""
+
+    deadline: _Deadline
+
+    def do_open(self, http_class: Any, req: Any, **kwargs: Any) -> Any:
+        deadline = self.deadline
+
+        def connection(*args: Any, **kw: Any) -> Any:
+            conn = http_class(*args, **kw)
+            conn._create_connection = deadline.create_connection
+            return conn
+
+        return super().do_open(connection, req, **kwargs)  # type: ignore[misc]
+
+
+class _HTTPHandler(_DeadlineOpen, urllib.request.HTTPHandler):
+    pass
+
+
+class _HTTPSHandler(_DeadlineOpen, urllib.request.HTTPSHandler):
+    pass
+
+
+def _opener(deadline: _Deadline) -> urllib.request.OpenerDirector:
+    """urllib's usual opener (proxies, redirects, HTTPError), its sockets bound to ``deadline``."""
+    handlers = []
+    for cls in (_HTTPHandler, _HTTPSHandler):
+        h = cls()
+        h.deadline = deadline
+        handlers.append(h)
+    return urllib.request.build_opener(*handlers)
 
 
 class OpenAIJudge:
@@ -49,6 +124,8 @@ class OpenAIJudge:
         if self.key is None and "api.openai.com" in self.url:
             raise JudgeError(f"judge openai:{model}: set the API key in the environment variable {key_env}")
         self.timeout = float(timeout)
+        if not self.timeout > 0:
+            raise JudgeError(f"--judge-timeout {timeout}: expected seconds > 0 (a deadline per request)")
         self.retries = int(retries)
         self.backoff = float(backoff)
         self.max_backoff = float(max_backoff)
@@ -74,11 +151,20 @@ class OpenAIJudge:
         req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
         with self._slots:
             self.requests += 1
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    return resp.status, dict(resp.headers), resp.read()
-            except urllib.error.HTTPError as e:
-                return e.code, dict(e.headers or {}), e.read() or b""
+            with _Deadline(self.timeout) as deadline:
+                try:
+                    try:
+                        with _opener(deadline).open(req, timeout=self.timeout) as resp:
+                            got = resp.status, dict(resp.headers), resp.read()
+                    except urllib.error.HTTPError as e:
+                        got = e.code, dict(e.headers or {}), e.read() or b""
+                except (OSError, http.client.HTTPException):
+                    if deadline.expired:
+                        raise TimeoutError from None
+                    raise
+            if deadline.expired:  # a body cut at the deadline may read as complete
+                raise TimeoutError
+            return got
 
     def complete(self, messages: Messages) -> str:
         data = self._body(messages)
@@ -96,8 +182,8 @@ class OpenAIJudge:
                     if isinstance(reason, TimeoutError | socket.timeout)
                     else f"cannot connect ({reason})"
                 )
-            except (ConnectionError, OSError) as e:
-                last = f"connection failed ({e})"
+            except (ConnectionError, OSError, http.client.HTTPException) as e:
+                last = f"connection failed ({e or type(e).__name__})"
             else:
                 if status == 200:
                     return self._text(raw)
@@ -121,7 +207,14 @@ class OpenAIJudge:
 
     def _text(self, raw: bytes) -> str:
         try:
-            content = json.loads(raw)["choices"][0]["message"]["content"]
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise JudgeError(
+                f"judge {self.name} at {self.url}: the reply is not UTF-8 text ({e.reason} at byte {e.start}): "
+                f"{raw[:200]!r}"
+            ) from None
+        try:
+            content = json.loads(text)["choices"][0]["message"]["content"]
         except (json.JSONDecodeError, KeyError, IndexError, TypeError):
             raise JudgeError(
                 f"judge {self.name} at {self.url}: the reply is not a chat completion "
