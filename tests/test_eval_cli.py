@@ -498,3 +498,22 @@ def test_majority_report_rows_radar_promise_and_template_note(server, tmp_path):
     r = run("--bench", MINI, "--predictions", judged / "predictions.jsonl", "--out", judged, "--nlu", "none")
     assert r.exit_code == 0, r.output
     assert not (judged / "radar.png").exists()
+
+
+def test_model_loads_under_the_cache_dir(tmp_path, monkeypatch):
+    """``--cache-dir`` covers what loading the model writes (a converted LLM), not only the features."""
+    import wsi_llava.model as model_pkg
+    from wsi_llava.errors import WsiLlavaError
+    from wsi_llava.settings import cache_dir
+
+    seen = []
+
+    def load_model(*_a, **_k):
+        seen.append(cache_dir())
+        raise WsiLlavaError("stop after recording where the model would cache")
+
+    monkeypatch.setattr(model_pkg, "load_model", load_model)
+    out, cache = tmp_path / "o", tmp_path / "cache"
+    r = run("--bench", MINI, "--model", "demo", "--features", tmp_path, "--out", out, "--cache-dir", cache)
+    assert r.exit_code != 0 and "stop after recording" in r.output
+    assert seen == [cache]

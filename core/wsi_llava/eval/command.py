@@ -207,7 +207,7 @@ def _run(progress, **kw) -> None:  # noqa: C901 - one linear recipe
     else:
         from wsi_llava.eval.runner import feature_answerer, run_predictions, slide_answerer
         from wsi_llava.model import load_model
-        from wsi_llava.settings import resolve_device
+        from wsi_llava.settings import resolve_device, using_cache_dir
 
         given = Path(kw["model"]).expanduser()
         common = {
@@ -227,7 +227,10 @@ def _run(progress, **kw) -> None:  # noqa: C901 - one linear recipe
         if kw["text_only_column"] and baseline != "text-only":
             check_run(text_only_file, zero_run)
         kw["device"] = resolve_device(kw["device"])
-        model = load_model(kw["model"], device=kw["device"], dtype=kw["dtype"], model_base=kw["model_base"])
+        with using_cache_dir(kw["cache_dir"]):  # a converted LLM lands under --cache-dir too
+            model = load_model(
+                kw["model"], device=kw["device"], dtype=kw["dtype"], model_base=kw["model_base"]
+            )
         model_name = model.spec.name + (" (text-only)" if baseline == "text-only" else "")
         if baseline == "text-only":
             fn = feature_answerer(model, kw["features"] or ".", decoding, zero_visual=True)
