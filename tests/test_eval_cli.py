@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import subprocess
-import sys
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -21,20 +19,6 @@ DATA = Path(__file__).parent / "eval_data"
 MINI = DATA / "mini_bench"
 BENCH = Path(__file__).parents[2] / "shared/data/wsi-bench"
 needs_bench = pytest.mark.skipif(not BENCH.is_dir(), reason=f"WSI-Bench files not found at {BENCH}")
-
-
-@pytest.fixture(scope="module")
-def server():
-    proc = subprocess.Popen(
-        [sys.executable, str(DATA / "judge_server.py")], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("PORT "), line
-        yield f"http://127.0.0.1:{int(line.split()[1])}/v1"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.fixture(autouse=True)

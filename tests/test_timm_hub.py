@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from model_parts_kit import (
+from kits.parts import (
     make_gigapath_folder,
     make_slide_encoder_pth,
     make_uni_folder,

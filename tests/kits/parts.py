@@ -5,8 +5,6 @@
 * Prov-GigaPath's ``slide_encoder.pth`` (``{"model": state_dict}`` of the LongNet slide encoder);
 * a merged LLaVA-1.5 folder (``LlavaLlamaForCausalLM`` config, sharded safetensors + index);
 * the Hugging Face hub cache (``models--ORG--NAME/{blobs,refs,snapshots}``) as ``huggingface_hub`` writes it.
-
-No tests here; ``test_registry.py``, ``test_napari_models.py`` and others import it.
 """
 
 from __future__ import annotations
@@ -160,8 +158,9 @@ def make_llava_merged(folder: Path, mm_hidden: int = 1024, seed: int = 5) -> Pat
     """A merged LLaVA-1.5 folder: ``LlavaLlamaForCausalLM`` config, two safetensors shards + index, tokenizer."""
     import torch
     from safetensors.torch import save_file
-    from test_llava_import import llava_config
-    from test_model_kit import make_tiny_llama, make_tiny_tokenizer
+
+    from kits.llava import llava_config
+    from kits.llm import make_tiny_llama, make_tiny_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     tok = make_tiny_tokenizer()
