@@ -27,9 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _tissue_tiles import BACKGROUND, TILE, downsampled, tile_pool  # noqa: E402
+
 logger = logging.getLogger("bench_cohort")
 
-TILE = 256
 MPP = 0.5
 LEVEL_DOWNSAMPLES = (4, 16, 64)
 #: tiles per side of each slide; a 2-tile white margin is background, the rest tissue. An uneven mix:
@@ -40,37 +43,12 @@ QUICK_SIDES = (12, 10, 8, 7, 6)
 DEFAULT_ENCODER = "prov-gigapath"
 
 
-def _tile_pool(seed: int, n: int = 24) -> np.ndarray:
-    """``n`` tissue-like 256-px tiles (pink/purple with noise and dark nuclei), uint8."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:TILE, 0:TILE]
-    tiles = np.empty((n, TILE, TILE, 3), np.uint8)
-    for i in range(n):
-        base = rng.uniform([150, 80, 150], [235, 160, 200])
-        coarse = rng.normal(0, 10, (TILE // 16, TILE // 16, 3))
-        img = base + np.kron(coarse, np.ones((16, 16, 1))) + rng.normal(0, 4, (TILE, TILE, 3))
-        for cx, cy, r in zip(
-            rng.integers(0, TILE, 30), rng.integers(0, TILE, 30), rng.integers(3, 8, 30), strict=True
-        ):
-            img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = (80, 40, 110)
-        tiles[i] = np.clip(img, 0, 255).astype(np.uint8)
-    return tiles
-
-
 def _layout(side: int, seed: int) -> np.ndarray:
     """Pool index per tile cell, -1 for background (a 2-tile margin)."""
     rng = np.random.default_rng(seed + 1000)
     idx = rng.integers(0, 24, (side, side))
     idx[:2], idx[-2:], idx[:, :2], idx[:, -2:] = -1, -1, -1, -1
     return idx
-
-
-def _level(pool: np.ndarray, layout: np.ndarray, ds: int) -> np.ndarray:
-    t = TILE // ds
-    small = pool.reshape(len(pool), t, ds, t, ds, 3).mean(axis=(2, 4)).astype(np.uint8)
-    white = np.full((t, t, 3), 242, np.uint8)
-    rows = [np.concatenate([small[i] if i >= 0 else white for i in row], axis=1) for row in layout]
-    return np.ascontiguousarray(np.concatenate(rows, axis=0))
 
 
 def write_slide(path: str, side: int, seed: int, compression: str = "none") -> int:
@@ -81,9 +59,9 @@ def write_slide(path: str, side: int, seed: int, compression: str = "none") -> i
     """
     import tifffile
 
-    pool = _tile_pool(seed)
+    pool = tile_pool(seed)
     layout = _layout(side, seed)
-    white = np.full((TILE, TILE, 3), 242, np.uint8)
+    white = np.full((TILE, TILE, 3), BACKGROUND, np.uint8)
     kw: dict = dict(tile=(TILE, TILE), photometric="rgb")
     if compression == "deflate":
         kw.update(compression="zlib", compressionargs={"level": 1})
@@ -102,7 +80,7 @@ def write_slide(path: str, side: int, seed: int, compression: str = "none") -> i
         )
         for ds in LEVEL_DOWNSAMPLES:
             tw.write(
-                _level(pool, layout, ds),
+                downsampled(pool, layout, ds),
                 resolution=(r / ds, r / ds),
                 resolutionunit="CENTIMETER",
                 subfiletype=1,

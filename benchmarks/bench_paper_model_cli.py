@@ -61,16 +61,18 @@ from typing import Any
 
 import numpy as np
 
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _tissue_tiles import BACKGROUND, TILE, downsampled, tile_pool  # noqa: E402
+
 log = logging.getLogger("bench_paper_model_cli")
 
-HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SUMMARY = RESULTS / "summary.json"
-TILE = 256
 MPP = 0.5
 MARGIN = 2  #: background tiles around the tissue block
 LEVEL_DOWNSAMPLES = (4, 16, 64)
-BACKGROUND = 242
 GIB = 1024**3
 MODEL = "wsi-llava-7b"
 QUESTION_SLIDE = "What is the diagnosis of this whole slide image? Describe the key findings."
@@ -125,32 +127,6 @@ def tissue_grid(n: int) -> tuple[int, int]:
     return cols, n // cols
 
 
-def _tile_pool(seed: int, n: int = 24) -> np.ndarray:
-    """``n`` tissue-like 256-px tiles (pink/purple with noise and dark nuclei), uint8."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:TILE, 0:TILE]
-    tiles = np.empty((n, TILE, TILE, 3), np.uint8)
-    for i in range(n):
-        base = rng.uniform([150, 80, 150], [235, 160, 200])
-        coarse = rng.normal(0, 10, (TILE // 16, TILE // 16, 3))
-        img = base + np.kron(coarse, np.ones((16, 16, 1))) + rng.normal(0, 4, (TILE, TILE, 3))
-        for cx, cy, r in zip(
-            rng.integers(0, TILE, 30), rng.integers(0, TILE, 30), rng.integers(3, 8, 30), strict=True
-        ):
-            img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = (80, 40, 110)
-        tiles[i] = np.clip(img, 0, 255).astype(np.uint8)
-    return tiles
-
-
-def _downsampled(pool: np.ndarray, layout: np.ndarray, ds: int) -> np.ndarray:
-    """The whole slide at downsample ``ds`` (each tile's mean over ds x ds blocks)."""
-    t = TILE // ds
-    small = pool.reshape(len(pool), t, ds, t, ds, 3).mean(axis=(2, 4)).astype(np.uint8)
-    white = np.full((t, t, 3), BACKGROUND, np.uint8)
-    rows = [np.concatenate([small[i] if i >= 0 else white for i in row], axis=1) for row in layout]
-    return np.ascontiguousarray(np.concatenate(rows, axis=0))
-
-
 def write_slide(path: Path, n_tiles: int, seed: int = 0) -> dict[str, Any]:
     """A pyramidal TIFF whose tissue block holds exactly ``n_tiles`` 256-px tiles (0.5 µm/px, uncompressed)."""
     import tifffile
@@ -160,7 +136,7 @@ def write_slide(path: Path, n_tiles: int, seed: int = 0) -> dict[str, Any]:
     rng = np.random.default_rng(seed + 1000)
     layout = np.full((rows + 2 * MARGIN, cols + 2 * MARGIN), -1, np.int64)
     layout[MARGIN:-MARGIN, MARGIN:-MARGIN] = rng.integers(0, 24, (rows, cols))
-    pool = _tile_pool(seed)
+    pool = tile_pool(seed)
     white = np.full((TILE, TILE, 3), BACKGROUND, np.uint8)
     h, w = layout.shape[0] * TILE, layout.shape[1] * TILE
     res = 1e4 / MPP  # px per cm
@@ -179,7 +155,7 @@ def write_slide(path: Path, n_tiles: int, seed: int = 0) -> dict[str, Any]:
             **kw,
         )
         for ds in LEVEL_DOWNSAMPLES:
-            tw.write(_downsampled(pool, layout, ds), resolution=(res / ds, res / ds), subfiletype=1, **kw)
+            tw.write(downsampled(pool, layout, ds), resolution=(res / ds, res / ds), subfiletype=1, **kw)
     os.replace(tmp, path)
     return {
         "path": str(path),
@@ -746,7 +722,13 @@ def main(argv: list[str] | None = None) -> int:
     model_opts = ["--device", args.device] + (["--dtype", args.dtype] if args.dtype else [])
     x, y, w, h = region_box(args.tiles)
     lora_name = f"{MODEL}-lora"
-    ask = ["wsi-llava", "ask", str(slide)]
+
+    def ask(question: str, model: str, region: bool = False) -> list[str]:
+        """``wsi-llava ask`` of the slide (or of the region box) with the run's model options, as JSON."""
+        where = ["--region", f"{x},{y},{w},{h}"] if region else []
+        tail = ["--max-new-tokens", str(args.ask_tokens), "--json"]
+        return ["wsi-llava", "ask", str(slide), question, *where, "--model", model, *model_opts, *tail]
+
     stages: list[tuple[str, list[str], float]] = [
         # name, argv, the least time it needs (skipped when less is left)
         (
@@ -762,26 +744,8 @@ def main(argv: list[str] | None = None) -> int:
         ),
         ("models_check", ["wsi-llava", "models", "check", MODEL], 8),
         ("models_check_lora", ["wsi-llava", "models", "check", lora_name], 8),
-        (
-            "ask_slide",
-            [
-                *ask,
-                QUESTION_SLIDE,
-                "--model",
-                MODEL,
-                *model_opts,
-                "--max-new-tokens",
-                str(args.ask_tokens),
-                "--json",
-            ],
-            60,
-        ),
-        (
-            "ask_region",
-            [*ask, QUESTION_REGION, "--region", f"{x},{y},{w},{h}", "--model", MODEL, *model_opts]
-            + ["--max-new-tokens", str(args.ask_tokens), "--json"],
-            30,
-        ),
+        ("ask_slide", ask(QUESTION_SLIDE, MODEL), 60),
+        ("ask_region", ask(QUESTION_REGION, MODEL, region=True), 30),
         (
             "describe",
             [
@@ -797,26 +761,8 @@ def main(argv: list[str] | None = None) -> int:
             + ["--model", MODEL, *model_opts, "--max-new-tokens", str(args.describe_tokens)],
             40,
         ),
-        (
-            "ask_slide_warm",
-            [
-                *ask,
-                QUESTION_SLIDE,
-                "--model",
-                MODEL,
-                *model_opts,
-                "--max-new-tokens",
-                str(args.ask_tokens),
-                "--json",
-            ],
-            30,
-        ),
-        (
-            "ask_region_lora",
-            [*ask, QUESTION_REGION, "--region", f"{x},{y},{w},{h}", "--model", lora_name, *model_opts]
-            + ["--max-new-tokens", str(args.ask_tokens), "--json"],
-            40,
-        ),
+        ("ask_slide_warm", ask(QUESTION_SLIDE, MODEL), 30),
+        ("ask_region_lora", ask(QUESTION_REGION, lora_name, region=True), 40),
     ]
     ctx = {"geojson_in": str(geojson_in), "geojson_out": str(geojson_out), "annotations": args.annotations}
     failed = False

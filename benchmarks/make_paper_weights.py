@@ -44,6 +44,7 @@ import logging
 import sys
 import sysconfig
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -361,10 +362,49 @@ def _shards(shapes: dict[str, tuple[int, ...]], max_bytes: int, itemsize: int) -
     return shards
 
 
-def train_tokenizer(folder: Path, vocab_size: int = VOCAB) -> dict[str, Any]:
-    """A SentencePiece BPE ``tokenizer.model`` in Llama's layout, trained on the standard library's text."""
+#: SentencePiece trainer settings of Llama's ``tokenizer.model``: BPE with byte fallback, digits split,
+#: ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, no pad piece, text kept as it is
+LLAMA_SENTENCEPIECE = {
+    "model_type": "bpe",
+    "byte_fallback": True,
+    "split_digits": True,
+    "unk_id": 0,
+    "bos_id": 1,
+    "eos_id": 2,
+    "pad_id": -1,
+    "add_dummy_prefix": True,
+    "remove_extra_whitespaces": False,
+    "allow_whitespace_only_pieces": True,
+    "normalization_rule_name": "identity",
+    "minloglevel": 2,
+}
+
+
+def write_llava_tokenizer(folder: Path, lines: Iterable[str], vocab_size: int, **trainer: Any) -> int:
+    """llava-v1.5-7b's SentencePiece-only tokenizer folder, its model trained on ``lines``; the piece count.
+
+    ``tokenizer.model`` (``LLAMA_SENTENCEPIECE`` + ``trainer``), ``tokenizer_config.json`` naming
+    ``LlamaTokenizer`` and ``special_tokens_map.json``; no ``tokenizer.json``, as that folder ships.
+    """
     import sentencepiece as spm
 
+    folder.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        **LLAMA_SENTENCEPIECE,
+        **trainer,
+    )
+    (folder / "tokenizer.model").write_bytes(buf.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps(SPECIAL_TOKENS_MAP, indent=2) + "\n")
+    return spm.SentencePieceProcessor(model_proto=buf.getvalue()).get_piece_size()
+
+
+def train_tokenizer(folder: Path, vocab_size: int = VOCAB) -> dict[str, Any]:
+    """A SentencePiece BPE ``tokenizer.model`` in Llama's layout, trained on the standard library's text."""
     t0 = time.perf_counter()
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     lines = [
@@ -373,32 +413,11 @@ def train_tokenizer(folder: Path, vocab_size: int = VOCAB) -> dict[str, Any]:
         for ln in f.read_text(encoding="utf-8", errors="ignore").splitlines()
         if ln.strip()
     ]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=buf,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        split_digits=True,
-        character_coverage=1.0,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        add_dummy_prefix=True,
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        normalization_rule_name="identity",
-        max_sentence_length=8192,
-        num_threads=4,
-        minloglevel=2,
+    pieces = write_llava_tokenizer(
+        folder, lines, vocab_size, character_coverage=1.0, max_sentence_length=8192, num_threads=4
     )
-    (folder / "tokenizer.model").write_bytes(buf.getvalue())
-    (folder / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
-    (folder / "special_tokens_map.json").write_text(json.dumps(SPECIAL_TOKENS_MAP, indent=2) + "\n")
     return {
-        "pieces": spm.SentencePieceProcessor(model_proto=buf.getvalue()).get_piece_size(),
+        "pieces": pieces,
         "trained_on": f"{len(lines)} non-empty lines of {stdlib}/*.py",
         "seconds": round(time.perf_counter() - t0, 2),
     }

@@ -11,7 +11,6 @@ import logging
 from pathlib import Path
 
 from click.testing import CliRunner
-from test_qupath_kit import tiny_model  # noqa: F401 (fixture)
 
 from wsi_llava.cli import cli
 from wsi_llava.slide.geojson import select_region

@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from test_model_kit import make_tiny_wsi_llava, tiny_llm_dir  # noqa: F401 (fixture)
+from kits.llm import make_tiny_wsi_llava
 
 from wsi_llava import atomic
 from wsi_llava.errors import ModelError

@@ -165,7 +165,9 @@ def cohort(world: Path, tmp_path_factory) -> list[Path]:
     return [s1 / "slide_000.tif", extra / "slides" / "slide_000.tif", bad, s1 / "slide_001.tif"]
 
 
-def test_torchrun_ranks_claim_dynamically_and_fill_the_same_cache_as_one(cohort: list[Path], tmp_path: Path):
+def test_torchrun_ranks_claim_dynamically_and_fill_the_same_cache_as_one(
+    cohort: list[Path], tmp_path: Path, spawn
+):
     import torch
 
     from wsi_llava.encoders.cache import FeatureCache
@@ -180,12 +182,13 @@ def test_torchrun_ranks_claim_dynamically_and_fill_the_same_cache_as_one(cohort:
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     shared = tmp_path / "two"
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
-    proc = subprocess.Popen(
+    proc = spawn(  # stopped, ranks included (its own session), however the test ends
         [*run, json.dumps([str(p) for p in cohort]), str(shared), str(tmp_path)],
         env=env,
         text=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
 
     # meanwhile the one-process reference, in this process

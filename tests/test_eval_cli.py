@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import subprocess
-import sys
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -20,20 +18,6 @@ from wsi_llava.eval.runner import read_predictions, run_predictions
 
 DATA = Path(__file__).parent / "eval_data"
 MINI = DATA / "mini_bench"
-
-
-@pytest.fixture(scope="module")
-def server():
-    proc = subprocess.Popen(
-        [sys.executable, str(DATA / "judge_server.py")], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("PORT "), line
-        yield f"http://127.0.0.1:{int(line.split()[1])}/v1"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.fixture(autouse=True)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -28,20 +26,6 @@ from wsi_llava.eval.wsi_metrics import (
     parse_scores,
     score_open,
 )
-
-SERVER = Path(__file__).parent / "eval_data" / "judge_server.py"
-
-
-@pytest.fixture(scope="module")
-def server():
-    proc = subprocess.Popen([sys.executable, str(SERVER)], stdout=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("PORT "), line
-        yield f"http://127.0.0.1:{int(line.split()[1])}/v1"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def stats(url: str) -> dict:

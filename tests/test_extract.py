@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tifffile
 import torch
+from kits.slides import write_pyramid
 from skimage import data
 
 from wsi_llava.encoders.cache import FeatureCache
@@ -22,26 +22,7 @@ from wsi_llava.slide.tiling import make_tile_grid, read_tiles
 def pyramid(tmp_path_factory):
     """A 1024x768 three-level pyramid with real IHC texture, 0.5 µm/px (environment.md §2.1)."""
     img = np.ascontiguousarray(np.tile(data.immunohistochemistry(), (2, 2, 1))[:768, :1024])
-    levels = [img]
-    for _ in range(2):
-        p = levels[-1]
-        h, w = p.shape[:2]
-        levels.append(p.reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3)).astype(np.uint8))
-    path = tmp_path_factory.mktemp("slides") / "ihc.tif"
-    with tifffile.TiffWriter(path) as tw:
-        for i, lv in enumerate(levels):
-            r = 1e4 / (0.5 * 2**i)
-            tw.write(
-                lv,
-                tile=(256, 256),
-                photometric="rgb",
-                compression="zlib",
-                resolution=(r, r),
-                resolutionunit="CENTIMETER",
-                subfiletype=0 if i == 0 else 1,
-                metadata=None,
-            )
-    return path
+    return write_pyramid(tmp_path_factory.mktemp("slides") / "ihc.tif", img, 0.5, compression="zlib")
 
 
 @pytest.fixture(scope="module")

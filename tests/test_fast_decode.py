@@ -11,7 +11,7 @@ import logging
 
 import pytest
 import torch
-from test_model_kit import make_tiny_wsi_llava, tiny_llm_dir  # noqa: F401 (fixture)
+from kits.llm import make_tiny_wsi_llava
 
 from wsi_llava.errors import ModelError
 from wsi_llava.model import fast_decode
@@ -22,7 +22,7 @@ Q = "What is shown in this slide?"
 
 
 @pytest.fixture(scope="module")
-def model(tiny_llm_dir):  # noqa: F811
+def model(tiny_llm_dir):
     return make_tiny_wsi_llava(tiny_llm_dir)
 
 
@@ -153,7 +153,7 @@ def test_buffers_grow_between_answers(model, vis, monkeypatch):
     assert model._fast is None
 
 
-def test_peft_model_falls_back_to_eager(tiny_llm_dir, vis, caplog):  # noqa: F811
+def test_peft_model_falls_back_to_eager(tiny_llm_dir, vis, caplog):
     from peft import LoraConfig, get_peft_model
 
     m = make_tiny_wsi_llava(tiny_llm_dir)

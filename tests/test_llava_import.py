@@ -1,6 +1,6 @@
 """Import of official LLaVA-format WSI-LLaVA checkpoints, checked against a plain-torch computation.
 
-Tiny checkpoints are written in exactly the upstream key layout (``test_llava_kit``): merged
+Tiny checkpoints are written in exactly the upstream key layout (``kits.llava``): merged
 (``pytorch_model-*.bin`` or ``model-*.safetensors`` shards with an index) and LoRA (peft adapter +
 ``non_lora_trainables.bin`` on a merged base); the other layouts are in ``test_llava_layouts.py``. Logits for a prompt with ``<image>`` + random 576x1024 features must match a direct
 computation: a ``LlamaForCausalLM`` built from the raw state dict, a manual LoRA merge, the projector as
@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from test_llava_kit import (
+from kits.llava import (
     MM_HIDDEN,
     N_VIS,
     Q,

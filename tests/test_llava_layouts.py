@@ -1,6 +1,6 @@
 """LoRA and projector-only LLaVA checkpoints over a plain Vicuna or a merged LLaVA base, and the base LLM alone.
 
-Each layout is written as upstream LLaVA writes it (``test_llava_kit``); logits for a prompt with
+Each layout is written as upstream LLaVA writes it (``kits.llava``); logits for a prompt with
 ``<image>`` + random 576x1024 features must match a plain-torch reference; ``inspect_llava`` must report
 what ``read_llava`` builds.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_llava_kit import (
+from kits.llava import (
     HIDDEN,
     MM_HIDDEN,
     half_round,
@@ -18,6 +18,7 @@ from test_llava_kit import (
     merged_with_lora,
     our_logits,
     random_projector,
+    reference_llama,
     reference_logits,
     write_lora,
     write_merged,
@@ -150,22 +151,9 @@ def test_read_llava_dtype_and_config(world):
 @pytest.mark.parametrize("name", ["merged", "vicuna-bin", "vicuna-hf"])
 def test_load_base_llm(world, name):
     """The LLM of a merged LLaVA folder (projector and vision tower dropped) or of a plain HF folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     llm, tok = load_base_llm(world["dirs"][name], dtype="float32")
     raw = world["llm"] if name == "merged" else world["vicuna"]
-    cfg = LlamaConfig(
-        vocab_size=len(world["tok"]),
-        hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-    )
-    ref = LlamaForCausalLM(cfg).eval()
-    ref.load_state_dict(half_round(raw), strict=True)
+    ref = reference_llama(len(world["tok"]), half_round(raw))
     ids = torch.tensor([tok("The tissue is invasive carcinoma.")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(llm(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)

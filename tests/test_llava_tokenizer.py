@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_llava_kit import (
+from kits.llava import (
     half_round,
     lora_projector,
     merged_with_lora,
@@ -25,7 +25,7 @@ from test_llava_kit import (
     write_sentencepiece_folder,
     write_shards,
 )
-from test_model_kit import make_tiny_llama
+from kits.llm import make_tiny_llama
 
 from wsi_llava.errors import ModelError
 from wsi_llava.model import llava_import

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_longnet import _naive_dilated, _qkv
+from kits.attention import naive_dilated as _naive_dilated
+from kits.attention import random_qkv as _qkv
 
 from wsi_llava.encoders.longnet import _pieces, dilated_attention
 

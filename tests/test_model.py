@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_model_kit import make_tiny_wsi_llava, tiny_llm_dir  # noqa: F401 (fixture)
+from kits.llm import make_tiny_wsi_llava
 
 from wsi_llava.errors import ModelError, WsiLlavaError
 from wsi_llava.model import load_model
@@ -21,7 +21,7 @@ Q = "What is shown in this slide?"
 
 
 @pytest.fixture(scope="module")
-def model(tiny_llm_dir):  # noqa: F811
+def model(tiny_llm_dir):
     return make_tiny_wsi_llava(tiny_llm_dir)
 
 
@@ -233,7 +233,7 @@ def test_checkpoint_round_trip(model, vis, tmp_path):
         torch.testing.assert_close(again(ids, vis[None]).logits, model(ids, vis[None]).logits)
 
 
-def test_checkpoint_with_lora_round_trip(tiny_llm_dir, vis, tmp_path):  # noqa: F811
+def test_checkpoint_with_lora_round_trip(tiny_llm_dir, vis, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     m = make_tiny_wsi_llava(tiny_llm_dir)

@@ -21,19 +21,6 @@ SCREENSHOT = ROOT / "artifacts" / "napari_screenshot.png"
 WAIT_MS = 300_000
 
 
-@pytest.fixture
-def notes():
-    """Notifications shown during the test (napari's notification manager records them)."""
-    from napari.utils.notifications import notification_manager
-
-    start = len(notification_manager.records)
-
-    def messages() -> list[str]:
-        return [str(n.message) for n in notification_manager.records[start:]]
-
-    return messages
-
-
 def _widget(viewer):
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "WSI-LLaVA")
     return widget

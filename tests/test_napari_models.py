@@ -27,7 +27,7 @@ WAIT_MS = 120_000
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory) -> dict[str, Path]:
     """Paper-model parts, plus a slide encoder made for 64-d tiles (the tile encoder gives 96-d)."""
-    from model_parts_kit import make_paper_parts, make_slide_encoder_pth
+    from kits.parts import make_paper_parts, make_slide_encoder_pth
 
     root = tmp_path_factory.mktemp("parts")
     out = make_paper_parts(root)
@@ -43,7 +43,7 @@ def parts(tmp_path_factory) -> dict[str, Path]:
 def home(tmp_path, monkeypatch, parts) -> Path:
     """A fresh ``$WSI_LLAVA_HOME`` and a hub cache holding the Prov-GigaPath folder as ``REPO_ID``."""
     import huggingface_hub.constants as hf_constants
-    from model_parts_kit import put_in_hub_cache
+    from kits.parts import put_in_hub_cache
 
     home = tmp_path / "home"
     cache = tmp_path / "hub"
@@ -52,19 +52,6 @@ def home(tmp_path, monkeypatch, parts) -> Path:
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
     return home
-
-
-@pytest.fixture
-def notes():
-    """Notifications shown during the test (napari's notification manager records them)."""
-    from napari.utils.notifications import notification_manager
-
-    start = len(notification_manager.records)
-
-    def messages() -> list[str]:
-        return [str(n.message) for n in notification_manager.records[start:]]
-
-    return messages
 
 
 def _widget(viewer):

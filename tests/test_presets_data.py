@@ -144,33 +144,15 @@ def _adapter(folder: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def tiny_stage1(tmp_path_factory) -> tuple[Path, Path]:
     """A feature pack of a 2-slide world and a stage-1 checkpoint on a 2-layer Llama (CPU-fast)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from kits.llm import save_tiny_llm, smollm2_tokenizer
 
-    from wsi_llava.model.llm import resolve_llm_source
     from wsi_llava.synth import generate_world
     from wsi_llava.train.data import prepare_pack
 
     d = tmp_path_factory.mktemp("from_base")
     generate_world(d / "world", 2, seed=5, size=(2048, 2048), split="train")
     pack = prepare_pack([d / "world"], d / "pack.pt", cache_dir=d / "cache")
-    tok = AutoTokenizer.from_pretrained(
-        str(resolve_llm_source("smollm2-135m-instruct")), local_files_only=True
-    )
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(d / "llm")
-    tok.save_pretrained(d / "llm")
+    save_tiny_llm(d / "llm", smollm2_tokenizer(), tie_word_embeddings=True)
     (d / "s1.yaml").write_text(
         f"data: {{packs: [{pack}]}}\nmodel: {{base: demo, llm: {d / 'llm'}, slide_encoder: {{n_tokens: 8}}}}\n"
         "optim: {lr: 1.0e-3, warmup_ratio: 0.0}\ntrain: {max_steps: 1, batch_size: 2, bf16: false}\n"

@@ -13,13 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_qupath_kit import (  # noqa: F401 (fixtures)
-    FakeQuPath,
-    fake_qupath,
-    fake_qupath_build,
-    free_port,
-    tiny_model,
-)
+from kits.qupath import FakeQuPath, free_port
 
 from wsi_llava.annotate import DESCRIPTION_KEY
 from wsi_llava_qupath.bridge import connect
@@ -62,7 +56,7 @@ def _by_name(fq: FakeQuPath) -> dict[str, dict]:
     return {f["properties"].get("name"): f for f in fq.objects()}
 
 
-def test_status(fake_qupath, world_png):  # noqa: F811
+def test_status(fake_qupath, world_png):
     fq = fake_qupath
     r = _run(fq, "status")
     assert r.exit_code == 0, r.output
@@ -80,7 +74,7 @@ def test_status(fake_qupath, world_png):  # noqa: F811
     assert "annotations: 2, selected: 1" in r.output
 
 
-def test_describe_selected_writes_back(fake_qupath, world_png, tiny_model):  # noqa: F811
+def test_describe_selected_writes_back(fake_qupath, world_png, tiny_model):
     fq = fake_qupath
     slide, png = world_png
     fq.open_image(slide.as_uri(), png, 2048, 2048, 0.5)
@@ -149,7 +143,7 @@ def test_describe_selected_writes_back(fake_qupath, world_png, tiny_model):  # n
     assert _by_name(fq)["not selected"]["properties"]["metadata"][DESCRIPTION_KEY].strip()
 
 
-def test_ask_whole_slide_through_qupath_pixels(fake_qupath, world_png, tiny_model, tmp_path):  # noqa: F811
+def test_ask_whole_slide_through_qupath_pixels(fake_qupath, world_png, tiny_model, tmp_path):
     """The file is not reachable here: pixels come from QuPath's server (PNG over the gateway)."""
     fq = fake_qupath
     _, png = world_png
@@ -179,7 +173,7 @@ def test_ask_whole_slide_through_qupath_pixels(fake_qupath, world_png, tiny_mode
     assert list(tmp_path.glob("qupath/*.qupath-image"))  # the session read QuPath's pixels
 
 
-def test_qupath_reader_pixels_match_the_file(fake_qupath, world_png, tmp_path):  # noqa: F811
+def test_qupath_reader_pixels_match_the_file(fake_qupath, world_png, tmp_path):
     from wsi_llava.slide import open_slide
     from wsi_llava_qupath.reader import write_pointer
 
@@ -202,7 +196,7 @@ def test_qupath_reader_pixels_match_the_file(fake_qupath, world_png, tmp_path): 
     bridge.close()
 
 
-def test_bad_input(fake_qupath, world_png, fake_qupath_build, tiny_model):  # noqa: F811
+def test_bad_input(fake_qupath, world_png, fake_qupath_build, tiny_model):
     fq = fake_qupath
     # nothing listens on the port
     r = CliRunner().invoke(qupath, ["status", "--port", str(free_port())])
@@ -234,7 +228,7 @@ def test_bad_input(fake_qupath, world_png, fake_qupath_build, tiny_model):  # no
     assert r.exit_code == 1 and "question is empty" in r.output
 
 
-def test_wrong_token(fake_qupath_build):  # noqa: F811
+def test_wrong_token(fake_qupath_build):
     fq = FakeQuPath(fake_qupath_build[0], token="s3cret")
     try:
         r = CliRunner().invoke(qupath, ["status", "--port", str(fq.port), "--token", "wrong"])
@@ -245,7 +239,7 @@ def test_wrong_token(fake_qupath_build):  # noqa: F811
         fq.close()
 
 
-def test_sink(fake_qupath, world_png):  # noqa: F811
+def test_sink(fake_qupath, world_png):
     from wsi_llava.answer import Answer
 
     fq = fake_qupath
@@ -265,10 +259,10 @@ def test_sink(fake_qupath, world_png):  # noqa: F811
     bridge.close()
 
 
-def test_describe_and_ask_with_a_registered_user_model(fake_qupath, world_png, tmp_path, monkeypatch):  # noqa: F811
+def test_describe_and_ask_with_a_registered_user_model(fake_qupath, world_png, tmp_path, monkeypatch):
     """A model registered with ``wsi-llava models add`` (Prov-GigaPath + merged LLaVA layouts) is named in
     ``wsi-llava qupath describe|ask --model NAME``; an unknown name lists the registered ones."""
-    from model_parts_kit import make_paper_parts
+    from kits.parts import make_paper_parts
 
     from wsi_llava import registry
 

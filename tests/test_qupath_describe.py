@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from test_qupath_kit import tiny_model  # noqa: F401 (fixture)
 
 from wsi_llava.annotate import (
     DESCRIPTION_KEY,
@@ -110,7 +109,7 @@ def test_update_from_answer():
 
 
 # --- batch -----------------------------------------------------------------------------------------
-def test_describe_regions_reports_one_failure_and_continues(world, tiny_model):  # noqa: F811
+def test_describe_regions_reports_one_failure_and_continues(world, tiny_model):
     from wsi_llava.session import SlideSession
 
     inside = Region.rectangle(200, 200, 600, 600, name="in")
@@ -210,7 +209,7 @@ def _invoke(*args: str):
     return CliRunner().invoke(describe_command, list(args), catch_exceptions=False)
 
 
-def test_describe_command_round_trip_loses_nothing(world, tiny_model, tmp_path):  # noqa: F811
+def test_describe_command_round_trip_loses_nothing(world, tiny_model, tmp_path):
     src = _qupath_export()
     inp = tmp_path / "exported.geojson"
     inp.write_text(json.dumps(src))
@@ -301,7 +300,7 @@ def test_describe_command_round_trip_loses_nothing(world, tiny_model, tmp_path):
     assert r.exit_code == 0 and "Pathologist note." not in d3
 
 
-def test_describe_command_bad_input(world, tiny_model, tmp_path):  # noqa: F811
+def test_describe_command_bad_input(world, tiny_model, tmp_path):
     slide = str(world / "slides" / "slide_000.tif")
     out = tmp_path / "out.geojson"
 

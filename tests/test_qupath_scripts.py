@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_qupath_kit import TINY_MODEL
+from kits.qupath import TINY_MODEL
 
 from wsi_llava.annotate import DESCRIPTION_KEY
 from wsi_llava.describe import describe_command
@@ -106,7 +106,7 @@ def _launcher(tmp_path: Path, fail: bool = False) -> Path:
         f"sys.path.insert(0, {str(tests)!r})\n"
         "open(os.environ['ARGV_LOG'], 'w').write(json.dumps(sys.argv[1:]))\n"
         + ("sys.exit('Error: the slide cannot be read')\n" if fail else "")
-        + "from test_qupath_kit import TinyModelPlugin\n"
+        + "from kits.qupath import TinyModelPlugin\n"
         "from wsi_llava import plugins\n"
         "plugins.register_plugin(TinyModelPlugin(), name='tiny')\n"
         "from wsi_llava.describe import describe_command\n"

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_parts_kit import (
+from kits.cli import assert_user_error, run_cli
+from kits.parts import (
     make_gigapath_folder,
     make_paper_parts,
     make_slide_encoder_pth,
     put_in_hub_cache,
 )
-from test_cli import assert_user_error, run_cli
 
 from wsi_llava.errors import ModelError
 from wsi_llava.sources import canonical_source, resolve_source

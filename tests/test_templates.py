@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_model_kit import make_tiny_tokenizer
+from kits.llm import make_tiny_tokenizer
 
 from wsi_llava.errors import ModelError, WsiLlavaError
 from wsi_llava.model.templates import (

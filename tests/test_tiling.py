@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from kits.slides import write_pyramid
 from PIL import Image
 from skimage import data
 
@@ -25,26 +26,7 @@ def _write_half_tissue(path: Path, mpp: float = 0.25) -> Path:
     ihc = data.immunohistochemistry()
     img = np.full((H, W, 3), 244, np.uint8)
     img[:, : W // 2] = np.tile(ihc, (3, 2, 1))[:H, : W // 2]
-    levels = [img]
-    for _ in range(2):
-        p = levels[-1]
-        h, w = p.shape[:2]
-        levels.append(p.reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3)).astype(np.uint8))
-    with tifffile.TiffWriter(path) as tw:
-        for i, lv in enumerate(levels):
-            r = 1e4 / (mpp * 2**i)
-            tw.write(
-                lv,
-                tile=(256, 256),
-                photometric="rgb",
-                compression="jpeg",
-                compressionargs={"level": 90},
-                resolution=(r, r),
-                resolutionunit="CENTIMETER",
-                subfiletype=0 if i == 0 else 1,
-                metadata=None,
-            )
-    return path
+    return write_pyramid(path, img, mpp, compression="jpeg", compressionargs={"level": 90})
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from model_parts_kit import (
+from kits.parts import (
     make_gigapath_folder,
     make_slide_encoder_pth,
+    make_timm_folder,
     make_uni_folder,
     make_virchow_folder,
     put_in_hub_cache,
@@ -86,6 +87,70 @@ def test_virchow_folder_token_output_needs_its_model_card_arguments(tmp_path):
     expected = torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], dim=-1)
     with torch.no_grad():
         assert torch.allclose(enc.encode(tiles), expected, atol=1e-4, rtol=1e-4)
+
+
+# architectures with buffers no checkpoint holds: EVA-02's rotary embeddings, Swin's relative-position index
+NON_PERSISTENT = {
+    "eva02_tiny_patch14_224": {"img_size": 56, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 0},
+    "swin_tiny_patch4_window7_224": {
+        "img_size": 56,
+        "embed_dim": 16,
+        "depths": [1, 1],
+        "num_heads": [1, 2],
+        "num_classes": 0,
+    },
+}
+
+
+@pytest.mark.parametrize("arch", ["gigapath", *NON_PERSISTENT])
+def test_built_without_random_init_as_timm_builds_it(tmp_path, arch):
+    """No random initialisation, yet the same weights, computed buffers and features as timm's own build."""
+    import timm
+
+    from wsi_llava.encoders.no_init import build_without_init
+    from wsi_llava.encoders.timm_hub import build_model
+
+    if arch == "gigapath":
+        folder, size = make_gigapath_folder(tmp_path / arch), 224
+    else:
+        folder, size = make_timm_folder(tmp_path / arch, arch, NON_PERSISTENT[arch]), 56
+    ref = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    lazy = build_without_init(lambda: timm.create_model(f"local-dir:{folder}", pretrained=True))
+    assert lazy is not None  # not the fallback: built on the meta device, checkpoint tensors assigned
+    ours = build_model(folder)
+    for model in (lazy, ours):
+        tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+        expected = dict(ref.named_parameters()) | dict(ref.named_buffers())
+        assert tensors.keys() == expected.keys()
+        for name, t in tensors.items():
+            assert t.device.type == "cpu" and t.dtype == expected[name].dtype, name
+            assert torch.equal(t, expected[name]), name
+        assert all(p.requires_grad for p in model.parameters())
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ours(x), ref(x))
+
+
+def test_a_parameter_the_checkpoint_lacks_is_initialised_as_timm_does(tmp_path):
+    """A new classifier head (num_classes differs from the checkpoint's) keeps timm's random init: built normally."""
+    import timm
+
+    from wsi_llava.encoders.no_init import build_without_init
+    from wsi_llava.encoders.timm_hub import build_model
+
+    folder = make_gigapath_folder(tmp_path / "gp")
+    assert (
+        build_without_init(lambda: timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=3))
+        is None
+    )
+    torch.manual_seed(7)
+    ref = timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=3).eval()
+    torch.manual_seed(7)
+    ours = build_model(folder, {"num_classes": 3})
+    assert ours.head.weight.shape == (3, 96) and torch.equal(ours.head.weight, ref.head.weight)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(ours(x), ref(x))
 
 
 def test_broken_folders_name_the_problem(tmp_path):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from kits.llm import save_tiny_llm, smollm2_tokenizer
 
 from wsi_llava.train.command import train_command
 from wsi_llava.train.config import TrainError
@@ -29,30 +30,7 @@ def pack(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_llm(tmp_path_factory) -> Path:
     """A 2-layer Llama with SmolLM2's tokenizer and chat template (real model code, CPU-fast)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from wsi_llava.model.llm import resolve_llm_source
-
-    tok = AutoTokenizer.from_pretrained(
-        str(resolve_llm_source("smollm2-135m-instruct")), local_files_only=True
-    )
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny_llm")
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return save_tiny_llm(tmp_path_factory.mktemp("tiny_llm"), smollm2_tokenizer(), tie_word_embeddings=True)
 
 
 def _cfg(path: Path, text: str) -> Path:

@@ -28,8 +28,8 @@ def base(tmp_path_factory) -> tuple[Path, Path]:
     import json
 
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from kits.llm import save_tiny_llm, train_bpe
+    from transformers import PreTrainedTokenizerFast
 
     from wsi_llava.model.checkpoint import save_checkpoint
     from wsi_llava.model.projector import build_projector
@@ -49,35 +49,12 @@ def base(tmp_path_factory) -> tuple[Path, Path]:
                      "T-answer": a, "metadata": "description"})  # fmt: skip
         texts += [q, a]
     (root / "bench" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tk = Tokenizer(models.BPE(unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(
-        texts * 4,
-        trainers.BpeTrainer(
-            vocab_size=400,
-            special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
+    tk = train_bpe(texts * 4, ["<unk>", "<s>", "</s>", "<pad>"])
     tok = PreTrainedTokenizerFast(
         tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
-    llm_cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,  # the shared table must sit in one FSDP unit
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(llm_cfg).save_pretrained(root / "llm")
-    tok.save_pretrained(root / "llm")
+    # the shared (tied) table must sit in one FSDP unit
+    save_tiny_llm(root / "llm", tok, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
     spec = ModelSpec(
         llm=LLMSpec(source=str(root / "llm")),
         projector=ProjectorSpec(in_dim=16, out_dim=64),

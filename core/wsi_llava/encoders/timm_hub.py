@@ -2,11 +2,12 @@
 
 Such a folder holds ``config.json`` (``architecture``, ``model_args``, ``pretrained_cfg``) and
 ``model.safetensors`` or ``pytorch_model.bin``. The model is built by timm's own local-folder loading
-(``timm.create_model("local-dir:FOLDER", pretrained=True)``); the preprocessing (resize, centre crop,
-interpolation, mean/std) comes from the folder's ``pretrained_cfg`` through timm's data config, and is
-applied on tensors by :class:`~wsi_llava.encoders.tile.TileEncoder` on the CPU and GPU paths alike.
-Models whose forward returns tokens (``global_pool: ""``, as Virchow) are pooled by
-:class:`~wsi_llava.encoders.tile.TokenPooled` (class token ⊕ mean patch token, Virchow's model card).
+(``timm.create_model("local-dir:FOLDER", pretrained=True)``, without a random initialisation first); the
+preprocessing (resize, centre crop, interpolation, mean/std) comes from the folder's ``pretrained_cfg``
+through timm's data config, and is applied on tensors by :class:`~wsi_llava.encoders.tile.TileEncoder`
+on the CPU and GPU paths alike. Models whose forward returns tokens (``global_pool: ""``, as Virchow)
+are pooled by :class:`~wsi_llava.encoders.tile.TokenPooled` (class token ⊕ mean patch token, Virchow's
+model card).
 """
 
 from __future__ import annotations
@@ -209,8 +210,18 @@ def inspect_folder(folder: Path, kwargs: dict[str, Any] | None = None) -> TimmFo
 
 
 def build_model(folder: Path, kwargs: dict[str, Any] | None = None) -> Any:
-    """The timm model with the folder's weights, built by timm's own local-dir loading."""
+    """The timm model with the folder's weights, built by timm's own local-dir loading.
+
+    It runs without a random initialisation first (``no_init``): a giant ViT is not initialised in full
+    only to be overwritten, and its weights are not held twice; an architecture that cannot be built that
+    way is built normally.
+    """
+    from wsi_llava.encoders.no_init import build_without_init
+
     folder = Path(folder)
     read_config(folder)
     weights_file(folder)
-    return _create(folder, kwargs or {}, pretrained=True).eval()
+    model = build_without_init(lambda: _create(folder, kwargs or {}, pretrained=True))
+    if model is None:
+        model = _create(folder, kwargs or {}, pretrained=True)
+    return model.eval()

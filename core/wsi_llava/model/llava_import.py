@@ -152,6 +152,11 @@ def is_llava_checkpoint(folder: str | Path) -> bool:
         return False
 
 
+def _is_timm_config(cfg: dict[str, Any]) -> bool:
+    """Whether ``cfg`` is a timm hub config.json (an image model such as Prov-GigaPath, not an LLM)."""
+    return "architecture" in cfg and ("model_args" in cfg or "pretrained_cfg" in cfg)
+
+
 def _describe(cfg: dict[str, Any]) -> str:
     archs = ", ".join(cfg.get("architectures") or []) or "no architectures"
     return f"model_type {cfg.get('model_type')!r} ({archs})"
@@ -159,7 +164,7 @@ def _describe(cfg: dict[str, Any]) -> str:
 
 def _check_llava_config(cfg: dict[str, Any], path: Path) -> None:
     """Refuse configs of other architectures with a message that says what the folder is instead."""
-    if "architecture" in cfg and ("model_args" in cfg or "pretrained_cfg" in cfg):
+    if _is_timm_config(cfg):
         raise ModelError(
             f"{path}: a timm image-model folder (architecture {cfg['architecture']!r}), not a LLaVA "
             "checkpoint; give it as the tile encoder"
@@ -187,7 +192,7 @@ def _check_llava_config(cfg: dict[str, Any], path: Path) -> None:
 
 def _check_llama_like(cfg: dict[str, Any], path: Path, role: str) -> None:
     """A Llama (Vicuna) config, plain or LLaVA; other architectures are named and refused."""
-    if "architecture" in cfg and ("model_args" in cfg or "pretrained_cfg" in cfg):
+    if _is_timm_config(cfg):
         raise ModelError(
             f"{path}: a timm image-model folder (architecture {cfg['architecture']!r}); the {role} must be "
             "a Llama (Vicuna) or merged LLaVA-Llama folder"
@@ -438,17 +443,30 @@ class _Layout:
     tokenizer_folders: tuple[Path, ...]
 
 
+def _full_llm_config(folder: Path, role: str, *, missing: str, partial: str, expected: str) -> dict[str, Any]:
+    """``config.json`` of a folder that must hold a whole LLM, not a LoRA or projector-only checkpoint.
+
+    Messages start with ``role`` and the folder; ``missing`` follows "no such folder", ``partial`` says why a
+    LoRA / projector-only folder does not do, ``expected`` what a folder without config.json should have been.
+    """
+    if not folder.is_dir():
+        raise ModelError(f"{role} {folder}: no such folder{missing}")
+    if is_lora_checkpoint(folder) or is_projector_checkpoint(folder):
+        raise ModelError(f"{role} {folder}: {partial}")
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{role} {folder}: no config.json (expected {expected})")
+    return _read_json(folder / "config.json")
+
+
 def _base_config(base: Path, folder: Path, kind: str) -> dict[str, Any]:
-    if not base.is_dir():
-        raise ModelError(f"base {base}: no such folder (the base LLM of the {kind} checkpoint {folder})")
-    if is_lora_checkpoint(base) or is_projector_checkpoint(base):
-        raise ModelError(
-            f"base {base}: itself a LoRA or projector-only checkpoint; the base must hold full weights "
-            "(a merged LLaVA folder such as llava-v1.5-7b, or a Vicuna folder)"
-        )
-    if not (base / "config.json").is_file():
-        raise ModelError(f"base {base}: no config.json (expected a Vicuna or merged LLaVA folder)")
-    cfg = _read_json(base / "config.json")
+    cfg = _full_llm_config(
+        base,
+        "base",
+        missing=f" (the base LLM of the {kind} checkpoint {folder})",
+        partial="itself a LoRA or projector-only checkpoint; the base must hold full weights "
+        "(a merged LLaVA folder such as llava-v1.5-7b, or a Vicuna folder)",
+        expected="a Vicuna or merged LLaVA folder",
+    )
     _check_llama_like(cfg, base / "config.json", "base")
     return cfg
 
@@ -963,16 +981,14 @@ def load_base_llm(folder: str | Path, *, device: str = "cpu", dtype: Any = None)
     and vision-tower keys; a LoRA or projector-only folder is refused (it has no full LLM of its own).
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise ModelError(f"LLM {folder}: no such folder")
-    if is_lora_checkpoint(folder) or is_projector_checkpoint(folder):
-        raise ModelError(
-            f"LLM {folder}: a LoRA or projector-only LLaVA checkpoint holds no full LLM; give its base "
-            "(e.g. llava-v1.5-7b) or load it with its base as a LLaVA source"
-        )
-    if not (folder / "config.json").is_file():
-        raise ModelError(f"LLM {folder}: no config.json (expected a Hugging Face model folder)")
-    cfg = _read_json(folder / "config.json")
+    cfg = _full_llm_config(
+        folder,
+        "LLM",
+        missing="",
+        partial="a LoRA or projector-only LLaVA checkpoint holds no full LLM; give its base "
+        "(e.g. llava-v1.5-7b) or load it with its base as a LLaVA source",
+        expected="a Hugging Face model folder",
+    )
     tdtype = _torch_dtype(dtype, device)
     if _is_llava_config(cfg):
         _check_llava_config(cfg, folder / "config.json")
@@ -996,7 +1012,7 @@ def _auto_causal_lm(folder: Path, cfg: dict[str, Any], dtype: Any, device: str) 
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    if "architecture" in cfg and ("model_args" in cfg or "pretrained_cfg" in cfg):
+    if _is_timm_config(cfg):
         raise ModelError(
             f"LLM {folder}: a timm image-model folder (architecture {cfg['architecture']!r}), not a language model"
         )

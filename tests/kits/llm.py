@@ -1,13 +1,13 @@
-"""Shared helpers for the model tests: a tiny LLaMA-style tokenizer and a tiny random Llama.
+"""Tiny language models for the tests: byte-level BPE tokenizers trained in milliseconds, random 2-layer Llamas.
 
-No tests here; ``test_model*.py``, ``test_templates.py`` and ``test_llava_import.py`` import it.
+Real tokenizer and model code throughout (``tokenizers``, transformers' ``LlamaForCausalLM``); nothing is
+downloaded. ``smollm2_tokenizer`` is the demo model's tokenizer, from its local files.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import pytest
+from typing import Any
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -28,19 +28,26 @@ CORPUS = [
 ]
 
 
-def make_tiny_tokenizer(add_bos: bool = True, chat_template: bool = True):
-    """A byte-level BPE tokenizer trained in milliseconds, LLaMA-like: ``<s>`` BOS added, ``</s>`` EOS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+def train_bpe(texts: list[str], specials: list[str], vocab_size: int = 400):
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained on ``texts``; ``specials`` take the first ids, in order."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def make_tiny_tokenizer(add_bos: bool = True, chat_template: bool = True):
+    """A byte-level BPE tokenizer trained in milliseconds, LLaMA-like: ``<s>`` BOS added, ``</s>`` EOS."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = train_bpe(CORPUS * 4, ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"])
     if add_bos:
         bos = tok.token_to_id("<s>")
         tok.post_processor = processors.TemplateProcessing(
@@ -55,21 +62,32 @@ def make_tiny_tokenizer(add_bos: bool = True, chat_template: bool = True):
     return fast
 
 
+def tiny_llama_config(tokenizer, hidden: int = 64, **overrides: Any):
+    """A 2-layer ``LlamaConfig`` (4 heads, 2 KV heads) over ``tokenizer``'s vocabulary, BOS and EOS."""
+    from transformers import LlamaConfig
+
+    sizes = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
+    return LlamaConfig(
+        **sizes, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **overrides
+    )
+
+
 def make_tiny_llama(tokenizer, seed: int = 0, hidden: int = 64):
     """A random 2-layer Llama over ``tokenizer``'s vocabulary (real transformers code)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    cfg = tiny_llama_config(
+        tokenizer,
+        hidden,
         max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
@@ -78,6 +96,37 @@ def make_tiny_llama(tokenizer, seed: int = 0, hidden: int = 64):
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def save_tiny_chat_llm(folder: Path, seed: int = 0) -> Path:
+    """``make_tiny_llama`` over ``make_tiny_tokenizer``, both saved at ``folder`` (a model folder to load)."""
+    tok = make_tiny_tokenizer()
+    make_tiny_llama(tok, seed=seed).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def save_tiny_llm(folder: Path, tokenizer, seed: int = 0, **config: Any) -> Path:
+    """A random 2-layer Llama (``tiny_llama_config`` + ``config``) saved with ``tokenizer`` at ``folder``."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    cfg = tiny_llama_config(tokenizer, **config)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer and chat template (the demo model's, from its local files)."""
+    from transformers import AutoTokenizer
+
+    from wsi_llava.model.llm import resolve_llm_source
+
+    return AutoTokenizer.from_pretrained(
+        str(resolve_llm_source("smollm2-135m-instruct")), local_files_only=True
+    )
 
 
 def make_tiny_wsi_llava(
@@ -92,9 +141,7 @@ def make_tiny_wsi_llava(
     from wsi_llava.model.wsi_llava import WSILlava
 
     if not (llm_dir / "config.json").is_file():
-        tok = make_tiny_tokenizer()
-        make_tiny_llama(tok, seed=seed).save_pretrained(llm_dir)
-        tok.save_pretrained(llm_dir)
+        save_tiny_chat_llm(llm_dir, seed=seed)
     llm, tok = load_llm(llm_dir)
     hidden = llm.config.hidden_size
     torch.manual_seed(seed + 1)
@@ -107,12 +154,3 @@ def make_tiny_wsi_llava(
         n_visual_tokens=n_vis,
     )
     return WSILlava(llm, tok, projector, spec)
-
-
-@pytest.fixture(scope="session")
-def tiny_llm_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny_llm")
-    tok = make_tiny_tokenizer()
-    make_tiny_llama(tok).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d

@@ -1,12 +1,11 @@
 """Small model parts in the layouts their real producers publish, built at test time.
 
 * timm hub folders as Prov-GigaPath, UNI and Virchow publish them (``config.json`` with ``architecture``,
-  ``model_args``, ``pretrained_cfg``; ``pytorch_model.bin`` or ``model.safetensors``), tiny widths;
+  ``model_args``, ``pretrained_cfg``; ``pytorch_model.bin`` or ``model.safetensors``), tiny widths, and of
+  any other timm architecture;
 * Prov-GigaPath's ``slide_encoder.pth`` (``{"model": state_dict}`` of the LongNet slide encoder);
 * a merged LLaVA-1.5 folder (``LlavaLlamaForCausalLM`` config, sharded safetensors + index);
 * the Hugging Face hub cache (``models--ORG--NAME/{blobs,refs,snapshots}``) as ``huggingface_hub`` writes it.
-
-No tests here; ``test_registry.py``, ``test_napari_models.py`` and others import it.
 """
 
 from __future__ import annotations
@@ -59,6 +58,12 @@ def _save_timm(
         json.dumps({"architecture": arch, **cfg, "model_args": model_args}, indent=2)
     )
     return folder
+
+
+def make_timm_folder(folder: Path, arch: str, model_args: dict, seed: int = 4, weights: str = "bin") -> Path:
+    """A timm hub folder of any architecture (``model_args`` as its config.json holds them), bicubic, crop 1."""
+    cfg = {"num_classes": 0, "pretrained_cfg": _pretrained_cfg("bicubic", 1.0)}
+    return _save_timm(folder, arch, model_args, cfg, weights, seed)
 
 
 def make_gigapath_folder(
@@ -160,8 +165,9 @@ def make_llava_merged(folder: Path, mm_hidden: int = 1024, seed: int = 5) -> Pat
     """A merged LLaVA-1.5 folder: ``LlavaLlamaForCausalLM`` config, two safetensors shards + index, tokenizer."""
     import torch
     from safetensors.torch import save_file
-    from test_llava_import import llava_config
-    from test_model_kit import make_tiny_llama, make_tiny_tokenizer
+
+    from kits.llava import llava_config
+    from kits.llm import make_tiny_llama, make_tiny_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     tok = make_tiny_tokenizer()

@@ -1,6 +1,6 @@
 """Tiny LLaVA-1.5 checkpoints in the exact upstream layouts, and the plain-torch reference they must match.
 
-No tests here; ``test_llava_*.py`` import it. Layouts, as LLaVA's ``train.py`` writes them:
+Layouts, as LLaVA's ``train.py`` writes them:
 
 * merged: ``config.json`` (``LlavaLlamaForCausalLM``) + ``pytorch_model-*.bin`` or ``model-*.safetensors``
   shards with an index, Llama keys + ``model.mm_projector.*`` (+ vision tower keys, to be ignored);
@@ -9,7 +9,8 @@ No tests here; ``test_llava_*.py`` import it. Layouts, as LLaVA's ``train.py`` w
 * projector only: ``config.json``, ``mm_projector.bin`` (``model.mm_projector.*``, from
   ``get_mm_adapter_state_maybe_zero_3``), ``trainer_state.json``;
 * a SentencePiece-only tokenizer folder (``tokenizer.model`` + configs, no ``tokenizer.json``) as
-  llava-v1.5-7b ships it, the SentencePiece model trained here as Llama's was;
+  llava-v1.5-7b ships it, the SentencePiece model trained here as Llama's was (by the writer of
+  ``benchmarks/make_paper_weights.py``, which writes the full-size one);
 * plain Vicuna: ``config.json`` (``LlamaForCausalLM``, as vicuna-7b-v1.5 ships it) + ``.bin`` shards with an
   index, or what ``save_pretrained`` writes today.
 """
@@ -21,8 +22,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from test_model_kit import CORPUS, make_tiny_llama, make_tiny_tokenizer
 
+from kits import benchmark_module
+from kits.llm import CORPUS, make_tiny_llama, make_tiny_tokenizer
 from wsi_llava.model.templates import IMAGE_TOKEN_INDEX, build_prompt
 
 HIDDEN, MM_HIDDEN, N_VIS = 64, 1024, 576
@@ -261,23 +263,31 @@ def merged_with_lora(world, r: int = 8, alpha: int = 16, base_llm: dict | None =
     return merged
 
 
-def reference_logits(world, llm_sd: dict, proj: dict, template: str = "llava_v1") -> torch.Tensor:
-    """Plain torch: Llama from the raw state dict, projector as matmuls, splice by hand."""
+def reference_llama(vocab: int, state: dict, **config):
+    """Plain transformers: the Vicuna-shaped tiny ``LlamaForCausalLM`` holding ``state`` (strictly), in eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=len(world["tok"]),
+        vocab_size=vocab,
         hidden_size=HIDDEN,
         intermediate_size=2 * HIDDEN,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         rms_norm_eps=1e-5,
-        max_position_embeddings=4096,
         tie_word_embeddings=False,
+        **config,
     )
     ref = LlamaForCausalLM(cfg).eval()
-    ref.load_state_dict({k: v.float() for k, v in llm_sd.items()}, strict=True)
+    ref.load_state_dict(state, strict=True)
+    return ref
+
+
+def reference_logits(world, llm_sd: dict, proj: dict, template: str = "llava_v1") -> torch.Tensor:
+    """Plain torch: Llama from the raw state dict, projector as matmuls, splice by hand."""
+    ref = reference_llama(
+        len(world["tok"]), {k: v.float() for k, v in llm_sd.items()}, max_position_embeddings=4096
+    )
     p = {k: v.float() for k, v in proj.items()}
     h = F.gelu(world["vis"] @ p["0.weight"].T + p["0.bias"]) @ p["2.weight"].T + p["2.bias"]
     ids = build_prompt(template, world["tok"], Q).input_ids
@@ -298,63 +308,9 @@ def half_round(sd: dict) -> dict:
     return {k: v.half().float() for k, v in sd.items()}
 
 
-def _added(content: str, with_type: bool) -> dict:
-    token = {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-    return {"__type": "AddedToken", **token} if with_type else token
-
-
 def write_sentencepiece_folder(folder: Path) -> Path:
     """tokenizer.model + tokenizer_config.json + special_tokens_map.json with llava-v1.5-7b's settings."""
-    import sentencepiece as spm
-
-    folder.mkdir(parents=True, exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 20),
-        model_prefix=str(folder / "tokenizer"),
-        model_type="bpe",
-        vocab_size=420,
-        byte_fallback=True,
-        split_digits=True,
-        add_dummy_prefix=True,
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        normalization_rule_name="identity",
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        hard_vocab_limit=False,
-        minloglevel=2,
-    )
-    (folder / "tokenizer.vocab").unlink()
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "add_bos_token": True,
-                "add_eos_token": False,
-                "bos_token": _added("<s>", True),
-                "clean_up_tokenization_spaces": False,
-                "eos_token": _added("</s>", True),
-                "legacy": False,
-                "model_max_length": 2048,
-                "pad_token": None,
-                "padding_side": "right",
-                "sp_model_kwargs": {},
-                "tokenizer_class": "LlamaTokenizer",
-                "unk_token": _added("<unk>", True),
-            },
-            indent=2,
-        )
-    )
-    (folder / "special_tokens_map.json").write_text(
-        json.dumps(
-            {
-                "bos_token": _added("<s>", False),
-                "eos_token": _added("</s>", False),
-                "pad_token": "<unk>",
-                "unk_token": _added("<unk>", False),
-            },
-            indent=2,
-        )
+    benchmark_module("make_paper_weights").write_llava_tokenizer(
+        folder, CORPUS * 20, 420, hard_vocab_limit=False
     )
     return folder

@@ -1,7 +1,8 @@
-"""Shared helpers for the QuPath bridge tests: a tiny registered model and the Java test double.
+"""The QuPath bridge tests' parts: a tiny registered model and the Java test double of QuPath's py4j entry point.
 
-No tests here; ``test_qupath*.py`` import it. The tiny model is real model code (a 2-layer Llama, the
-demo tile encoder and a small LongNet) so that answers are generated, quickly, on CPU.
+The tiny model is real model code (a 2-layer Llama, the demo tile encoder and a small LongNet) so that
+answers are generated, quickly, on CPU. The fixtures over them (``tiny_model``, ``fake_qupath``) are in
+``conftest.py``.
 """
 
 from __future__ import annotations
@@ -10,25 +11,26 @@ import base64
 import json
 import os
 import select
-import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
-from wsi_llava import hookimpl, plugins
+from kits import ROOT
+from kits.processes import stop
+from wsi_llava import hookimpl
 
 TINY_MODEL = "tiny-qupath"
-TESTDOUBLE_SRC = Path(__file__).resolve().parents[1] / "qupath_ext" / "testdouble" / "FakeQuPath.java"
+TESTDOUBLE_SRC = ROOT / "qupath_ext" / "testdouble" / "FakeQuPath.java"
+#: the name the tiny model's plugin is registered under for the test session
+PLUGIN_NAME = "qupath-test-tiny-model"
 
 
 def load_tiny(device: str = "cpu", dtype: str | None = None):
     """A tiny WSILlava over the demo tile encoder (192-d): real code, random weights, milliseconds a token."""
     import torch
-    from test_model_kit import make_tiny_llama, make_tiny_tokenizer
 
+    from kits.llm import make_tiny_llama, make_tiny_tokenizer
     from wsi_llava.encoders.config import SlideEncoderConfig
     from wsi_llava.encoders.slide_encoder import SlideEncoder
     from wsi_llava.model.projector import build_projector
@@ -60,18 +62,6 @@ class TinyModelPlugin:
         register(TINY_MODEL, load_tiny, description="tiny random model for the QuPath bridge tests")
 
 
-@pytest.fixture(scope="session")
-def tiny_model() -> str:
-    """Registers the tiny model for the test session; returns its name."""
-    name = "qupath-test-tiny-model"
-    if plugins.get_plugin_manager().get_plugin(name) is not None:  # imported by several test modules
-        yield TINY_MODEL
-        return
-    plugins.register_plugin(TinyModelPlugin(), name=name)
-    yield TINY_MODEL
-    plugins.unregister_plugin(name)
-
-
 # --- the Java test double of QuPath's py4j entry point ---------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:
@@ -79,29 +69,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def fake_qupath_build(tmp_path_factory) -> tuple[str, Path]:
-    """Compile the test double with javac against the jar the py4j package ships: (classpath, dir)."""
+def build_fake_qupath(build: Path) -> str:
+    """Compile the test double into ``build`` with javac against the jar the py4j package ships; its classpath."""
     from py4j.java_gateway import find_jar_path
 
-    if shutil.which("javac") is None or shutil.which("java") is None:
-        pytest.fail("javac/java not found: the QuPath bridge tests need a JDK (17+)")
     jar = find_jar_path()
-    build = tmp_path_factory.mktemp("fake_qupath")
     subprocess.run(["javac", "-cp", jar, "-d", str(build), str(TESTDOUBLE_SRC)], check=True, timeout=120)
-    return f"{jar}{os.pathsep}{build}", build
+    return f"{jar}{os.pathsep}{build}"
 
 
 class FakeQuPath:
     """A running test double: ``port``, ``token`` and a Python gateway to set it up and inspect it."""
 
     def __init__(self, classpath: str, token: str | None = None) -> None:
-        from py4j.java_gateway import GatewayParameters, JavaGateway
-
         self.port = free_port()
         self.token = token
         cmd = ["java", "-cp", classpath, "FakeQuPath", str(self.port)] + ([token] if token else [])
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.gateway = None
+        try:
+            self._connect(token)
+        except BaseException:
+            stop(self.proc)  # never leave the JVM behind when it did not come up
+            raise
+
+    def _connect(self, token: str | None) -> None:
+        from py4j.java_gateway import GatewayParameters, JavaGateway
+
         deadline = time.monotonic() + 30
         line = ""
         while time.monotonic() < deadline:
@@ -111,7 +105,6 @@ class FakeQuPath:
                 if line.startswith("GATEWAY_STARTED") or not line:
                     break
         if not line.startswith("GATEWAY_STARTED"):
-            self.proc.kill()
             raise RuntimeError(f"the QuPath test double did not start: {line!r}")
         params = (
             GatewayParameters(port=self.port, auth_token=token)
@@ -134,20 +127,13 @@ class FakeQuPath:
         return [json.loads(s) for s in self.ep.toGeoJsonFeatureList(objs)]
 
     def close(self) -> None:
-        self.gateway.close()
-        self.gateway._gateway_client.is_connected = False  # no reconnects to a stopped JVM from GC
-        self.proc.terminate()
+        """Disconnect and stop the JVM; the JVM is stopped even when disconnecting fails."""
         try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-@pytest.fixture
-def fake_qupath(fake_qupath_build):
-    fq = FakeQuPath(fake_qupath_build[0])
-    yield fq
-    fq.close()
+            if self.gateway is not None:
+                self.gateway.close()
+                self.gateway._gateway_client.is_connected = False  # no reconnects to a stopped JVM from GC
+        finally:
+            stop(self.proc)
 
 
 def png_b64_size(text: str) -> tuple[int, int]:
