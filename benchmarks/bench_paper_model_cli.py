@@ -591,6 +591,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda", help="--device of every command")
     ap.add_argument("--dtype", default="bfloat16", help="--dtype of every command ('' for the default)")
     ap.add_argument("--tiles", type=int, default=20000, help="tissue tiles of the slide")
+    ap.add_argument(
+        "--skip-lora", action="store_true", help="leave out the LoRA model's add, check and ask stages"
+    )
     ap.add_argument("--annotations", type=int, default=20)
     ap.add_argument("--ask-tokens", type=int, default=256, help="--max-new-tokens of ask")
     ap.add_argument("--describe-tokens", type=int, default=128, help="--max-new-tokens of describe")
@@ -764,6 +767,8 @@ def main(argv: list[str] | None = None) -> int:
         ("ask_slide_warm", ask(QUESTION_SLIDE, MODEL), 30),
         ("ask_region_lora", ask(QUESTION_REGION, lora_name, region=True), 40),
     ]
+    if args.skip_lora:
+        stages = [st for st in stages if "lora" not in st[0]]
     ctx = {"geojson_in": str(geojson_in), "geojson_out": str(geojson_out), "annotations": args.annotations}
     failed = False
     for name, cmd, least in stages:
