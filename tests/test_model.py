@@ -298,3 +298,100 @@ def _env():
     import os
 
     return dict(os.environ)
+
+
+def test_prompt_longer_than_the_context_is_refused_before_the_llm_runs(model, vis):
+    """The tiny Llama has 512 positions: text + visual tokens + an explicit answer length must fit."""
+    calls = []
+    hook = model.llm.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        long_q = "Describe the tissue in detail. " * 200  # thousands of tokens
+        with pytest.raises(
+            ModelError,
+            match=r"question too long for model 'tiny': \d+ text tokens \+ 8 visual tokens \+ 4 answer "
+            r"tokens \(max_new_tokens\) exceed its context of 512 tokens \(max_position_embeddings\); "
+            r"shorten the question$",
+        ):
+            model.generate_text(long_q, vis, max_new_tokens=4)
+        n_text = len(model.prompt(Q).input_ids) - 1
+        fits = 512 - n_text - 8
+        with pytest.raises(
+            ModelError,
+            match=rf"\+ {fits + 1} answer tokens \(max_new_tokens\) exceed its "
+            "context of 512 tokens.*lower max_new_tokens",
+        ):
+            model.generate_text(Q, vis, max_new_tokens=fits + 1)
+        assert calls == []
+    finally:
+        hook.remove()
+    _, gen = model.check_request(Q, n_visual=8)  # the default answer length (512) shrinks to what fits
+    assert gen.max_new_tokens == fits
+    _, gen = model.check_request(Q, n_visual=8, max_new_tokens=fits)
+    assert gen.max_new_tokens == fits
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "match"),
+    [
+        ("temperature", float("inf"), r"temperature must be a finite number >= 0 \(0 = greedy\), got inf"),
+        ("temperature", float("nan"), r"temperature must be a finite number >= 0"),
+        ("temperature", -0.5, r"temperature must be a finite number >= 0"),
+        ("top_p", 0.0, r"top_p must be a number in \(0, 1\], got 0.0"),
+        ("top_p", 1.5, r"top_p must be a number in \(0, 1\]"),
+        ("top_p", float("nan"), r"top_p must be a number in \(0, 1\]"),
+        ("max_new_tokens", 0, r"max_new_tokens must be a whole number >= 1, got 0"),
+        ("max_new_tokens", -3, r"max_new_tokens must be a whole number >= 1"),
+    ],
+)
+def test_decoding_settings_out_of_range_are_refused(model, vis, setting, value, match):
+    with pytest.raises(ModelError, match=match):
+        model.generate_text(Q, vis, **{setting: value})
+
+
+def test_wsi_llava_json_that_is_not_utf8_names_the_file(tmp_path):
+    (tmp_path / "wsi_llava.json").write_bytes(b'{"name": "caf\xe9", "llm": {"source": "x"}}')
+    with pytest.raises(ModelError, match=r"wsi_llava\.json: not UTF-8 text \(byte 0xe9 at offset 13\)"):
+        load_model(tmp_path)
+
+
+@pytest.fixture
+def lora_checkpoint(tiny_llm_dir, tmp_path):  # noqa: F811
+    from peft import LoraConfig, get_peft_model
+
+    from wsi_llava.model.checkpoint import peft_quietly
+
+    m = make_tiny_wsi_llava(tiny_llm_dir)
+    with peft_quietly():
+        m.llm = get_peft_model(m.llm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    return save_checkpoint(m, tmp_path / "ckpt")
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_truncated_projector_or_lora_names_the_file(lora_checkpoint):
+    projector = lora_checkpoint / "projector.safetensors"
+    saved = projector.read_bytes()
+    _truncate(projector)
+    with pytest.raises(
+        ModelError,
+        match=r"projector\.safetensors: cannot read the projector weights, the file is "
+        r"truncated or corrupt \(SafetensorError",
+    ):
+        load_checkpoint(lora_checkpoint)
+    projector.write_bytes(saved)
+    _truncate(lora_checkpoint / "lora" / "adapter_model.safetensors")
+    with pytest.raises(
+        ModelError, match=r"ckpt/lora: cannot load the LoRA adapter, a file is truncated, corrupt"
+    ):
+        load_checkpoint(lora_checkpoint)
+
+
+def test_loading_a_lora_checkpoint_emits_no_future_warning(lora_checkpoint):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        load_checkpoint(lora_checkpoint)

@@ -22,6 +22,14 @@ def test_parse_rect_rejects_bad_input(text):
         Region.parse_rect(text)
 
 
+@pytest.mark.parametrize(
+    "text", ["nan,0,10,10", "0,0,inf,10", "0,-inf,10,10", "1e308,0,1e308,10", "0,0,3e9,10"]
+)
+def test_parse_rect_refuses_non_finite_and_huge_numbers_naming_the_option(text):
+    with pytest.raises(RegionError, match=r"--region .*finite level-0 pixel numbers"):
+        Region.parse_rect(text)
+
+
 def test_contains_respects_holes():
     r = Region(
         points=[(0, 0), (100, 0), (100, 100), (0, 100)], holes=[[(40, 40), (60, 40), (60, 60), (40, 60)]]

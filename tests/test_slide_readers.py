@@ -202,6 +202,59 @@ def test_inch_resolution_and_anisotropic_mpp_warning(tmp_path, caplog):
         assert not s.has_mpp
 
 
+@pytest.mark.parametrize(
+    ("xres", "read", "source"),
+    [
+        (72 / 2.54, "352.8", r"the TIFF XResolution/ResolutionUnit tags \(28.3465 px per centimetre\)"),
+        (0.01, "1e\\+06", r"the TIFF XResolution/ResolutionUnit tags \(0.01 px per centimetre\)"),
+    ],
+)
+def test_implausible_mpp_from_the_file_is_refused_naming_the_tags(tmp_path, xres, read, source):
+    """A 72-dpi image stored in centimetres reads as 352.8 µm/px: a screen default, not a scan."""
+    p = tmp_path / "screen.tif"
+    tifffile.imwrite(
+        p, _levels(1)[0][:250, :300], photometric="rgb", resolution=(xres, xres), resolutionunit="CENTIMETER"
+    )
+    with open_slide(p) as s:
+        with pytest.raises(
+            SlideError,
+            match=rf"screen\.tif: {read} µm/px read from {source} is outside the "
+            r"0\.05–50 µm/px of a slide scan.*--mpp",
+        ):
+            _ = s.mpp
+        assert not s.has_mpp
+    with open_slide(p, mpp=0.5) as s:  # the user's value replaces the file's
+        assert s.mpp == 0.5
+
+
+def test_implausible_ome_mpp_names_the_ome_field(tmp_path):
+    p = tmp_path / "metres.ome.tif"
+    tifffile.imwrite(
+        p,
+        _levels(1)[0][:256, :256],
+        photometric="rgb",
+        metadata={"axes": "YXS", "PhysicalSizeX": 1.0, "PhysicalSizeXUnit": "m"},
+    )
+    with (
+        open_slide(p) as s,
+        pytest.raises(SlideError, match=r"1e\+06 µm/px read from the OME-XML PhysicalSizeX"),
+    ):
+        _ = s.mpp
+
+
+def test_explicit_mpp_outside_the_plausible_range_is_used_with_a_warning_within_hard_limits(tmp_path, caplog):
+    p = tmp_path / "nompp.tif"
+    tifffile.imwrite(p, _levels(1)[0][:256, :256], photometric="rgb")
+    with caplog.at_level(logging.WARNING), open_slide(p, mpp=352.8) as s:  # the user insists
+        assert s.mpp == 352.8
+    assert "--mpp 352.8 µm/px is outside the 0.05–50 µm/px of slide scans; using it as given" in caplog.text
+    for bad in (1e6, 1e-4, float("inf"), float("nan"), 0, -1, "0.5"):
+        with pytest.raises(SlideError, match=r"nompp\.tif: --mpp"):
+            open_slide(p, mpp=bad)
+        with pytest.raises(SlideError, match=r"nompp\.tif: --mpp"):
+            TiffReader(p, mpp=bad)
+
+
 def test_rgba_planar_and_grey_tiffs_become_rgb(tmp_path):
     img = _levels(1)[0][:256, :256]
     rgba = np.concatenate([img, np.full((256, 256, 1), 255, np.uint8)], axis=-1)

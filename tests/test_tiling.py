@@ -219,3 +219,36 @@ def test_tissue_fractions_counts_partial_edge_tiles_as_background():
     coords = np.array([[0, 0], [80, 80]])
     frac = tiling.tissue_fractions(mask, coords, 40, (100, 100))  # the second tile is half outside
     assert frac[0] == 1.0 and frac[1] == pytest.approx(0.25)
+
+
+def test_a_grid_of_more_than_two_million_tiles_is_refused(tmp_path):
+    """--mpp 1000 (within the hard range, so accepted) makes 1-px tiles: 2.25 M of them on 1500 x 1500 px."""
+    p = tmp_path / "coarse.tif"
+    tifffile.imwrite(
+        p, np.full((1500, 1500, 3), 240, np.uint8), photometric="rgb", tile=(256, 256), compression="zlib"
+    )
+    with (
+        open_slide(p, mpp=1000) as s,
+        pytest.raises(
+            SlideError,
+            match=r"coarse\.tif: 1500x1500 px at 1000 µm/px would make 2,250,000 "
+            r"tiles .* over the limit of 2,000,000: check the slide's µm/px \(--mpp\)",
+        ),
+    ):
+        make_tile_grid(s, min_tissue=0)
+    with open_slide(p, mpp=0.5) as s:
+        assert len(make_tile_grid(s, min_tissue=0)) == 36
+
+
+@pytest.mark.parametrize(
+    ("target_mpp", "tile_size", "match"),
+    [
+        (1e6, 256, r"--target-mpp\) must lie in 0\.05–50"),
+        (1e-9, 256, r"--target-mpp\) must lie in 0\.05–50"),
+        (0.5, 10**6, r"tile size must be 1\.\.4096 pixels \(--tile-size\)"),
+    ],
+)
+def test_target_resolution_and_tile_size_out_of_range_are_refused(tmp_path, target_mpp, tile_size, match):
+    p = _write_half_tissue(tmp_path / "s.tif")
+    with open_slide(p) as s, pytest.raises(SlideError, match=match):
+        make_tile_grid(s, target_mpp=target_mpp, tile_size=tile_size, min_tissue=0)

@@ -9,11 +9,16 @@ from pathlib import Path
 
 import click
 
-from wsi_llava.clickutil import UserErrorGroup, model_options
+from wsi_llava.clickutil import UserErrorGroup, generation_options, generation_setting, model_options
 from wsi_llava.errors import WsiLlavaError
 from wsi_llava.progress import TerminalProgress
 
 logger = logging.getLogger("wsi_llava")
+
+MPP_HELP = (
+    "µm/px of level 0, for files that record none or an implausible one (outside 0.05–50): "
+    "0.001–1000 accepted, with a warning outside 0.05–50."
+)
 
 
 @click.group(cls=UserErrorGroup)
@@ -66,14 +71,25 @@ def synth(
     type=click.Path(path_type=Path),
     help="Text file of slide paths, one a line (relative to the file; # comments).",
 )
-@click.option("--encoder", default="demo-vit", show_default=True, help="Registered tile encoder.")
-@click.option("--weights", type=click.Path(path_type=Path), help="Local weights file for the encoder.")
+@click.option(
+    "--model",
+    help="Featurize as this model does (its tile encoder and tiling): the features `ask --model` reads. "
+    "Built-in or registered name, or a checkpoint folder. Default: demo (unless --encoder).",
+)
+@click.option(
+    "--encoder",
+    help="Instead of a model's, a bare registered tile encoder (e.g. demo-vit: random unless --weights), "
+    "for features of your own; `ask` does not read them.",
+)
+@click.option("--weights", type=click.Path(path_type=Path), help="Local weights file for --encoder.")
 @click.option(
     "--cache", "cache", type=click.Path(path_type=Path), help="Cache folder (default ~/.cache/wsi-llava)."
 )
-@click.option("--target-mpp", default=0.5, show_default=True, help="Tile resolution in µm/px.")
-@click.option("--tile-size", default=256, show_default=True, help="Tile edge in pixels at --target-mpp.")
-@click.option("--mpp", type=float, help="µm/px of level 0 for files that record none.")
+@click.option("--target-mpp", type=float, help="Tile resolution in µm/px with --encoder (default 0.5).")
+@click.option(
+    "--tile-size", type=int, help="Tile edge in pixels at --target-mpp with --encoder (default 256)."
+)
+@click.option("--mpp", type=float, help=MPP_HELP)
 @click.option(
     "--device", default="auto", show_default=True, help="auto, cpu, cuda (cuda:LOCAL_RANK under torchrun)."
 )
@@ -92,11 +108,12 @@ def synth(
 def extract(
     slides: tuple[Path, ...],
     list_file: Path | None,
-    encoder: str,
+    model: str | None,
+    encoder: str | None,
     weights: Path | None,
     cache: Path | None,
-    target_mpp: float,
-    tile_size: int,
+    target_mpp: float | None,
+    tile_size: int | None,
     mpp: float | None,
     device: str,
     batch_size: int | None,
@@ -110,14 +127,13 @@ def extract(
     """
     from wsi_llava.encoders.cache import FeatureCache
     from wsi_llava.encoders.cohort import DistEnv, extract_cohort, list_slides
-    from wsi_llava.encoders.tile import build_tile_encoder
     from wsi_llava.settings import cache_dir
 
     if not slides and list_file is None:
         raise click.UsageError("give slide files, folders of slides, or --list FILE")
     env = DistEnv.from_env()
     paths = list_slides(slides, list_file)
-    enc = build_tile_encoder(encoder, weights=weights).eval()
+    enc, target_mpp, tile_size = _extract_encoder(model, encoder, weights, target_mpp, tile_size, device)
     store = FeatureCache(cache_dir(cache) / "features")
     report = extract_cohort(
         paths,
@@ -149,6 +165,45 @@ def extract(
         raise WsiLlavaError(report.error_summary())
 
 
+def _extract_encoder(
+    model: str | None,
+    encoder: str | None,
+    weights: Path | None,
+    target_mpp: float | None,
+    tile_size: int | None,
+    device: str,
+):
+    """``(tile encoder, target µm/px, tile size)`` for ``extract``: a model's own (default: demo), or a bare
+    ``--encoder``. A model's features are keyed as ``ask`` looks them up, so its answers read them."""
+    if encoder is None:
+        if weights is not None:
+            raise click.UsageError("--weights goes with --encoder (a model brings its own weights)")
+        from wsi_llava.model import load_tile_encoder
+        from wsi_llava.model.checkpoint import TILE_ENCODER_FILE
+        from wsi_llava.session import inference_tile_encoder
+        from wsi_llava.settings import resolve_device
+
+        enc, spec = load_tile_encoder(model or "demo")
+        for option, value, own in (
+            ("--target-mpp", target_mpp, spec.tiling.target_mpp),
+            ("--tile-size", tile_size, spec.tiling.tile_size),
+        ):
+            if value is not None and value != own:
+                raise click.UsageError(
+                    f"{option} {value:g}: model {model or 'demo'!r} tiles at {own:g}, and `ask` reads only its "
+                    f"own tiling; leave {option} out (or featurize with a bare --encoder)"
+                )
+        separate = spec.tile_encoder.weights != TILE_ENCODER_FILE  # as load_checkpoint builds it in
+        enc = inference_tile_encoder(enc, resolve_device(device), separate=separate)
+        return enc.eval(), spec.tiling.target_mpp, spec.tiling.tile_size
+    if model is not None:
+        raise click.UsageError("use either --model (a model's tile encoder) or --encoder (a bare one)")
+    from wsi_llava.encoders.tile import build_tile_encoder
+
+    enc = build_tile_encoder(encoder, weights=weights).eval()
+    return enc, 0.5 if target_mpp is None else target_mpp, 256 if tile_size is None else tile_size
+
+
 @cli.command()
 @click.argument("slide", required=False)
 @click.argument("question", required=False)
@@ -169,9 +224,8 @@ def extract(
 @model_options()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @click.option("--cache", type=click.Path(path_type=Path), help="Cache folder (default ~/.cache/wsi-llava).")
-@click.option("--mpp", type=float, help="µm/px of level 0 for files that record none.")
-@click.option("--max-new-tokens", type=int, help="Longest answer in tokens.")
-@click.option("--temperature", type=float, help="0 = greedy (default), >0 samples.")
+@click.option("--mpp", type=float, help=MPP_HELP)
+@generation_options
 def ask(
     slide: str | None,
     question: str | None,
@@ -200,7 +254,9 @@ def ask(
         question, slide = slide, None
     if question is None or slide is None and features is None:
         raise click.UsageError("give a SLIDE and a QUESTION (or --features FILE.pt and a QUESTION)")
-    if not question.strip():
+    from wsi_llava.model.templates import check_text
+
+    if not check_text(question).strip():
         raise WsiLlavaError("question is empty: type a question about the slide or region")
     kw = {"max_new_tokens": max_new_tokens, "temperature": temperature}
     if features is not None:
@@ -238,6 +294,7 @@ def _ask_slide(slide, question, reg, model, model_base, device, dtype, as_json, 
     with SlideSession(
         slide, model, mpp=mpp, cache_dir=cache, device=device, dtype=dtype, model_base=model_base
     ) as session:
+        session.check_question(question, **kw)  # a bad question fails here, before any featurization
         session.extract(progress=TerminalProgress())
         if as_json:
             return session.ask(question, reg, **kw)
@@ -442,7 +499,7 @@ def models_remove(name: str) -> None:
 @cli.command()
 @click.option("--out", type=click.Path(path_type=Path), help="Where the demo slide lives (default: cache).")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--max-new-tokens", default=64, show_default=True, callback=generation_setting)
 def demo(out: Path | None, device: str, max_new_tokens: int) -> None:
     """Generate (or reuse) a synthetic slide and ask it a whole-slide and a region question."""
     from wsi_llava.demo import run_demo

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import click
 
 from wsi_llava.errors import Cancelled, WsiLlavaError
 
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
 
 class UserErrorGroup(click.Group):
-    """A click group whose user errors become one ``Error: …`` line and a non-zero exit, no traceback."""
+    """A click group whose user errors become one ``Error: …`` line and a non-zero exit, no traceback.
+
+    A full disk is the user's to fix too: it becomes one line naming the file being written.
+    """
 
     def invoke(self, ctx: click.Context):
         try:
@@ -21,6 +27,36 @@ class UserErrorGroup(click.Group):
             raise click.ClickException(str(e)) from None
         except KeyboardInterrupt:
             raise click.ClickException("interrupted") from None
+        except OSError as e:
+            if e.errno not in _DISK_FULL:
+                raise
+            where = f"{e.filename}: " if e.filename else ""
+            raise click.ClickException(f"{where}disk full ({e.strerror or e}); free some space") from None
+
+
+def generation_setting(ctx: click.Context, param: click.Parameter, value: object) -> object:
+    """A click callback refusing a decoding option out of range (``--temperature inf``...) before any work,
+    by the same rules as the model's ``GenerationSpec``."""
+    if value is None or param.name is None:
+        return value
+    from wsi_llava.model.spec import GENERATION_RULES, GenerationSpec
+
+    try:
+        GenerationSpec().with_overrides(**{param.name: value})
+    except WsiLlavaError:
+        raise click.BadParameter(f"{GENERATION_RULES[param.name]}, got {value!r}") from None
+    return value
+
+
+def generation_options(fn):
+    """``--max-new-tokens`` and ``--temperature``, validated when parsed."""
+    fn = click.option(
+        "--temperature", type=float, callback=generation_setting, help="0 = greedy (default), >0 samples."
+    )(fn)
+    fn = click.option(
+        "--max-new-tokens", type=int, callback=generation_setting, help="Longest answer in tokens."
+    )(fn)
+    return fn
 
 
 def model_options(default: str | None = "demo", device: str = "auto"):

@@ -33,9 +33,10 @@ def register_tile_encoders(register):
 
 @hookspec
 def register_models(register):
-    """Register models: ``register(name, load_fn, description=...)``.
+    """Register models: ``register(name, load_fn, description=..., checkpoint=...)``.
 
-    ``load_fn(device: str, dtype: str) -> wsi_llava.model.WSILlava``.
+    ``load_fn(device: str, dtype: str) -> wsi_llava.model.WSILlava``. Optional ``checkpoint() ->
+    (ModelSpec, folder or None)`` lets ``extract --model`` build the tile encoder without the LLM.
     """
 
 

@@ -7,6 +7,7 @@ evidence (per-tile relevance) and timings.
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from wsi_llava.answer import Answer, Evidence, Timings
-from wsi_llava.errors import Cancelled, WsiLlavaError
+from wsi_llava.errors import CacheError, Cancelled, WsiLlavaError
 from wsi_llava.progress import CancelToken, ProgressCallback, no_progress
 from wsi_llava.settings import cache_dir as default_cache_dir
 from wsi_llava.settings import resolve_device
@@ -57,21 +58,26 @@ class SlideSession:
 
         self.device = resolve_device(device)
         self.reader = open_slide(slide, mpp=mpp, reader=reader)
-        if isinstance(model, str | Path):
-            from wsi_llava.model import load_model
-            from wsi_llava.settings import using_cache_dir
+        try:
+            _ = self.reader.mpp  # a missing or implausible µm/px fails here, before the model loads
+            if isinstance(model, str | Path):
+                from wsi_llava.model import load_model
+                from wsi_llava.settings import using_cache_dir
 
-            with using_cache_dir(cache_dir):  # a packaged LLM is converted under the same cache root
-                model = load_model(model, device=self.device, dtype=dtype, model_base=model_base)
-        model.require_slide_ready()  # a missing or random part fails here, before any featurization
-        self.model = model
+                with using_cache_dir(cache_dir):  # a packaged LLM is converted under the same cache root
+                    model = load_model(model, device=self.device, dtype=dtype, model_base=model_base)
+            model.require_slide_ready()  # a missing or random part fails here, before any featurization
+            self.model = model
+            spec = model.spec
+            self.grid = make_tile_grid(
+                self.reader, target_mpp=spec.tiling.target_mpp, tile_size=spec.tiling.tile_size
+            )
+            if len(self.grid.coords) == 0:
+                raise WsiLlavaError(f"{self.reader.path}: no tissue found on the slide")
+        except BaseException:
+            self.reader.close()
+            raise
         model.warm_fast_decode()  # CUDA: compiles the decode step while the slide is featurized
-        spec = model.spec
-        self.grid = make_tile_grid(
-            self.reader, target_mpp=spec.tiling.target_mpp, tile_size=spec.tiling.tile_size
-        )
-        if len(self.grid.coords) == 0:
-            raise WsiLlavaError(f"{self.reader.path}: no tissue found on the slide")
         self.cache = FeatureCache(default_cache_dir(cache_dir) / "features")
         self.batch_size = batch_size
         self._features: CachedFeatures | None = None
@@ -90,10 +96,7 @@ class SlideSession:
         """
         if self._tile_encoder is None:
             enc = self.model.build_tile_encoder()
-            if enc is not self.model.tile_encoder and str(self.device).startswith("cuda"):
-                import torch
-
-                enc.model.to(torch.bfloat16)
+            enc = inference_tile_encoder(enc, self.device, separate=enc is not self.model.tile_encoder)
             self._tile_encoder = enc.to(self.device).eval()
         return self._tile_encoder
 
@@ -109,16 +112,19 @@ class SlideSession:
                 (progress or no_progress)(hit.n_tiles, hit.n_tiles, "features from cache")
                 self._features = hit
                 return hit
-            self._features = extract_features(
-                self.reader,
-                self.grid,
-                self.tile_encoder,
-                self.cache,
-                device=self.device,
-                batch_size=self.batch_size,
-                progress=progress or no_progress,
-                cancel=cancel,
-            )
+            try:
+                self._features = extract_features(
+                    self.reader,
+                    self.grid,
+                    self.tile_encoder,
+                    self.cache,
+                    device=self.device,
+                    batch_size=self.batch_size,
+                    progress=progress or no_progress,
+                    cancel=cancel,
+                )
+            except OSError as e:  # the cache's own errors are CacheErrors: this is the disk or the OS
+                raise _extraction_failure(e, self.cache.root, self.reader.path) from None
             self.release_tile_encoder()
         return self._features
 
@@ -183,8 +189,7 @@ class SlideSession:
         cancel: CancelToken | None = None,
     ) -> Iterator[str]:
         """Yield the answer text chunk by chunk; ``self.last_answer`` holds the ``Answer`` afterwards."""
-        if not question or not question.strip():
-            raise WsiLlavaError("question is empty: type a question about the slide or region")
+        self.check_question(question, max_new_tokens=max_new_tokens, temperature=temperature)
         t0 = time.perf_counter()
         source = region.name or region.id or "region" if region is not None else "slide"
         if region is not None:
@@ -236,6 +241,15 @@ class SlideSession:
             ),
         )
 
+    def check_question(
+        self, question: str, *, max_new_tokens: int | None = None, temperature: float | None = None
+    ) -> None:
+        """Refuse an empty or undecodable question, bad decoding settings, or a prompt longer than the
+        model's context, with one ``WsiLlavaError``; cheap, so callers run it before :meth:`extract`."""
+        if not isinstance(question, str) or not question.strip():
+            raise WsiLlavaError("question is empty: type a question about the slide or region")
+        self.model.check_request(question, max_new_tokens=max_new_tokens, temperature=temperature)
+
     def ask(self, question: str, region: Region | None = None, **kw: Any) -> Answer:
         """Answer a question (whole slide when ``region`` is None) and return the ``Answer``."""
         for _ in self.ask_stream(question, region, **kw):
@@ -268,6 +282,27 @@ class SlideSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def inference_tile_encoder(encoder: Any, device: str, separate: bool) -> Any:
+    """``encoder`` as answers run it: on CUDA one built apart from the model (not in its checkpoint) gets
+    bf16 weights; ``extract --model`` prepares its encoder the same way."""
+    if separate and str(device).startswith("cuda"):
+        import torch
+
+        encoder.model.to(torch.bfloat16)
+    return encoder
+
+
+def _extraction_failure(e: OSError, cache_root: Path, slide: Path) -> WsiLlavaError:
+    """One clear error for an OS failure while features were extracted and cached."""
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return CacheError(
+            f"{cache_root}: disk full while writing the feature cache of {slide.name} ({e.strerror or e}); "
+            "free some space or choose another folder with --cache"
+        )
+    where = e.filename or cache_root
+    return CacheError(f"{where}: extracting features of {slide.name} failed ({e.strerror or e})")
 
 
 def ask_tokens(

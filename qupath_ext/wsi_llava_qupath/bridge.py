@@ -9,11 +9,13 @@ Uses only calls that QuPath's py4j entry point (``QuPathEntryPoint extends QPEx`
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import math
+import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from io import BytesIO
 from pathlib import Path
 from typing import Any, TypeVar
@@ -111,6 +113,22 @@ def within(seconds: float, what: str, fn: Callable[[], T]) -> T:
     return done["value"]
 
 
+class _Py4JRootNoise(logging.Filter):
+    """py4j logs failed sends on the *root* logger, traceback included; the bridge reports each failure
+    as one ``QuPathError``, so those records show only at debug level (``-vv``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "root" and f"{os.sep}py4j{os.sep}" in record.pathname:
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
+def _quiet_py4j_root_logs() -> None:
+    root = logging.getLogger()
+    if not any(isinstance(f, _Py4JRootNoise) for f in root.filters):
+        root.addFilter(_Py4JRootNoise())
+
+
 def connect(
     port: int = DEFAULT_PORT, token: str | None = None, timeout: float = CONNECT_TIMEOUT
 ) -> QuPathBridge:
@@ -120,6 +138,7 @@ def connect(
     """
     from qubalab.qupath.qupath_gateway import create_gateway
 
+    _quiet_py4j_root_logs()
     if not 0 < port < 65536:
         raise QuPathError(f"--port {port}: expected a TCP port number (QuPath's default is {DEFAULT_PORT})")
 
@@ -168,12 +187,34 @@ class QuPathBridge:
         self.ep = gateway.entry_point
 
     def _call(self, what: str, fn, *args):
-        from py4j.protocol import Py4JError
+        with self._replies(what):
+            return fn(*args)
+
+    @contextlib.contextmanager
+    def _replies(self, what: str) -> Iterator[None]:
+        """Turn whatever py4j or a reply's conversion raises into one ``QuPathError`` naming ``what``.
+
+        A peer on the port that is not QuPath's gateway (or a broken one) sends garbage: py4j then
+        fails to decode it, or returns objects of the wrong kind that fail when converted here.
+        """
+        from py4j.protocol import Py4JError, Py4JNetworkError
 
         try:
-            return fn(*args)
+            yield
+        except WsiLlavaError:
+            raise
+        except Py4JNetworkError as e:
+            raise QuPathError(
+                f"lost the connection to QuPath on port {self.port} during {what} ({_first_line(e)}): "
+                "is this port QuPath's Py4J gateway?"
+            ) from None
         except Py4JError as e:
-            raise QuPathError(f"QuPath refused {what}: {str(e).splitlines()[0]}") from None
+            raise QuPathError(f"QuPath refused {what}: {_first_line(e)}") from None
+        except (TypeError, ValueError, AttributeError, LookupError, OSError) as e:
+            raise QuPathError(
+                f"unexpected reply from port {self.port} to {what} ({type(e).__name__}: {_first_line(e)}): "
+                "is this port QuPath's Py4J gateway?"
+            ) from None
 
     # --- image ---------------------------------------------------------------------------------
     def image_data(self) -> Any:
@@ -187,62 +228,59 @@ class QuPathBridge:
 
     def image_info(self) -> ImageInfo:
         server = self.server()
-        uris = [str(u.toString()) for u in self._call("getURIs", server.getURIs)]
-        local = next((p for p in (_local_path(u) for u in uris) if p is not None), None)
-        mpp = float(server.getPixelCalibration().getAveragedPixelSizeMicrons())
-        n = int(server.nResolutions())
-        return ImageInfo(
-            server_path=str(server.getPath()),
-            uris=uris,
-            local_path=local,
-            width=int(server.getWidth()),
-            height=int(server.getHeight()),
-            mpp=mpp if math.isfinite(mpp) and mpp > 0 else None,
-            downsamples=[float(server.getDownsampleForResolution(i)) for i in range(n)],
-        )
+        with self._replies("the image's metadata (getURIs, getPixelCalibration, nResolutions...)"):
+            uris = [str(u.toString()) for u in server.getURIs()]
+            local = next((p for p in (_local_path(u) for u in uris) if p is not None), None)
+            mpp = float(server.getPixelCalibration().getAveragedPixelSizeMicrons())
+            n = int(server.nResolutions())
+            return ImageInfo(
+                server_path=str(server.getPath()),
+                uris=uris,
+                local_path=local,
+                width=int(server.getWidth()),
+                height=int(server.getHeight()),
+                mpp=mpp if math.isfinite(mpp) and mpp > 0 else None,
+                downsamples=[float(server.getDownsampleForResolution(i)) for i in range(n)],
+            )
 
     def read_pixels(self, x: int, y: int, width: int, height: int, downsample: float) -> np.ndarray:
         """RGB pixels of a level-0 window, downsampled by QuPath (PNG over the gateway)."""
         from PIL import Image
 
-        text = self._call(
-            "getImageBase64",
-            self.ep.getImageBase64,
-            self.server(),
-            float(downsample),
-            int(x),
-            int(y),
-            int(width),
-            int(height),
-            "png",
-        )
-        return np.asarray(Image.open(BytesIO(base64.b64decode(text))).convert("RGB"))
+        server = self.server()
+        with self._replies("getImageBase64 (the pixels of a region)"):
+            text = self.ep.getImageBase64(
+                server, float(downsample), int(x), int(y), int(width), int(height), "png"
+            )
+            return np.asarray(Image.open(BytesIO(base64.b64decode(str(text)))).convert("RGB"))
 
     # --- objects -------------------------------------------------------------------------------
     def annotations(self, selected: bool) -> list[QuPathAnnotation]:
         """The selected (or all) annotations with polygon ROIs; points/lines are skipped with a message."""
-        hierarchy = self.image_data().getHierarchy()
-        if selected:
-            objs = [o for o in hierarchy.getSelectionModel().getSelectedObjects() if o.isAnnotation()]
-        else:
-            objs = list(hierarchy.getAnnotationObjects())
-        if not objs:
-            return []
-        # qubalab's create_gateway passes gateway_parameters, so py4j's auto_convert is off: build a Java list
-        java_objs = self.gateway.jvm.java.util.ArrayList()
-        for o in objs:
-            java_objs.add(o)
-        features = self._call("toGeoJsonFeatureList", self.ep.toGeoJsonFeatureList, java_objs)
-        kept_objs, kept_features = [], []
-        for obj, text in zip(objs, features, strict=True):
-            feature = json.loads(str(text))
-            gtype = (feature.get("geometry") or {}).get("type")
-            label = (feature.get("properties") or {}).get("name") or feature.get("id")
-            if gtype not in ("Polygon", "MultiPolygon"):
-                logger.warning("annotation %r is a %s, not an area: skipped", label, gtype)
-                continue
-            kept_objs.append(obj)
-            kept_features.append(feature)
+        data = self.image_data()
+        with self._replies("the annotations (getHierarchy, toGeoJsonFeatureList)"):
+            hierarchy = data.getHierarchy()
+            if selected:
+                objs = [o for o in hierarchy.getSelectionModel().getSelectedObjects() if o.isAnnotation()]
+            else:
+                objs = list(hierarchy.getAnnotationObjects())
+            if not objs:
+                return []
+            # qubalab's create_gateway passes gateway_parameters, so py4j's auto_convert is off: a Java list
+            java_objs = self.gateway.jvm.java.util.ArrayList()
+            for o in objs:
+                java_objs.add(o)
+            features = self.ep.toGeoJsonFeatureList(java_objs)
+            kept_objs, kept_features = [], []
+            for obj, text in zip(objs, features, strict=True):
+                feature = json.loads(str(text))
+                gtype = (feature.get("geometry") or {}).get("type")
+                label = (feature.get("properties") or {}).get("name") or feature.get("id")
+                if gtype not in ("Polygon", "MultiPolygon"):
+                    logger.warning("annotation %r is a %s, not an area: skipped", label, gtype)
+                    continue
+                kept_objs.append(obj)
+                kept_features.append(feature)
         regions = _feature_regions(kept_features)
         return [QuPathAnnotation(o, r) for o, r in zip(kept_objs, regions, strict=True)]
 
@@ -251,11 +289,11 @@ class QuPathBridge:
         obj = annotation.java_object
         # validate everything (e.g. finite measurements) before the first change
         apply_to_properties({}, update, overwrite)
-        existing = obj.getDescription()
+        existing = self._call("getDescription", obj.getDescription)
         self._call("setDescription", obj.setDescription, merge_description(existing, update, overwrite))
         if update.name is not None:
             self._call("setName", obj.setName, update.name)
-        measurements = obj.getMeasurements()
+        measurements = self._call("getMeasurements", obj.getMeasurements)
         for key, value in update.measurements.items():
             self._call("measurement put", measurements.put, key, float(value))
 
@@ -285,9 +323,11 @@ class QuPathBridge:
         n_ann = n_sel = 0
         if self._call("getCurrentImageData", self.ep.getCurrentImageData) is not None:
             info = self.image_info()
-            hierarchy = self.image_data().getHierarchy()
-            n_ann = len(list(hierarchy.getAnnotationObjects()))
-            n_sel = sum(1 for o in hierarchy.getSelectionModel().getSelectedObjects() if o.isAnnotation())
+            data = self.image_data()
+            with self._replies("the annotation counts (getHierarchy)"):
+                hierarchy = data.getHierarchy()
+                n_ann = len(list(hierarchy.getAnnotationObjects()))
+                n_sel = sum(1 for o in hierarchy.getSelectionModel().getSelectedObjects() if o.isAnnotation())
         return QuPathStatus(
             port=self.port,
             extension_version=self.extension_version(),
@@ -308,6 +348,11 @@ class QuPathBridge:
             logger.debug("closing the py4j gateway failed", exc_info=True)
         # no reconnecting later just to release Java objects garbage-collected on this side
         self.gateway._gateway_client.is_connected = False
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
 
 
 def _feature_regions(features: list[dict[str, Any]]) -> list[Region]:

@@ -89,6 +89,9 @@ class QuPathImageReader(BaseSlideReader):
     def _native_mpp(self) -> float | None:
         return self.info.mpp
 
+    def _mpp_source(self) -> str:
+        return "QuPath's pixel calibration"
+
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         ds = self.level_downsamples[level]
         w, h = size

@@ -11,8 +11,11 @@ A folder without ``wsi_llava.json`` is tried as an official LLaVA-format checkpo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,9 +107,49 @@ def _load_into(module: Any, path: Path, what: str) -> None:
     if not path.is_file():
         raise ModelError(f"{path}: missing ({what} weights of this checkpoint)")
     try:
-        module.load_state_dict(load_file(str(path)), strict=True)
+        state = load_file(str(path))
+    except Exception as e:  # SafetensorError, OSError...: a truncated, corrupt or unreadable file
+        raise ModelError(
+            f"{path}: cannot read the {what} weights, the file is truncated or corrupt ({_first_line(e)})"
+        ) from None
+    try:
+        module.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ModelError(f"{path}: {what} weights do not fit the spec ({e})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def peft_quietly() -> Iterator[None]:
+    """Wrap peft calls that build a ``PeftModel`` (``from_pretrained``, ``get_peft_model``): peft probes
+    transformers' deprecated ``is_gradient_checkpointing``, a FutureWarning that is neither ours nor the
+    user's to act on, and only that warning is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield
+
+
+def load_lora(llm: Any, adapter: Path) -> Any:
+    """``llm`` wrapped with the peft adapter in ``adapter``; a missing, truncated or misfitting adapter
+    raises ``ModelError`` naming its folder."""
+    from peft import PeftModel
+
+    if not (adapter / "adapter_config.json").is_file():
+        raise ModelError(f"{adapter}: missing adapter_config.json (the LoRA adapter of this checkpoint)")
+    try:
+        with peft_quietly():
+            return PeftModel.from_pretrained(llm, str(adapter))
+    except Exception as e:  # SafetensorError, JSON errors, shape mismatches: peft raises many types
+        raise ModelError(
+            f"{adapter}: cannot load the LoRA adapter, a file is truncated, corrupt or does not fit the "
+            f"LLM ({_first_line(e)})"
+        ) from None
 
 
 def build_slide_encoder(spec: ModelSpec, folder: Path | None = None) -> Any:
@@ -254,12 +297,7 @@ def load_checkpoint(
     tdtype = torch_dtype(dtype or default_dtype(device))
     llm, tokenizer, projector = load_language(spec, folder, device, tdtype, model_base)
     if spec.lora:
-        from peft import PeftModel
-
-        adapter = folder / spec.lora
-        if not (adapter / "adapter_config.json").is_file():
-            raise ModelError(f"{adapter}: missing adapter_config.json (spec.lora = {spec.lora!r})")
-        llm = PeftModel.from_pretrained(llm, str(adapter))
+        llm = load_lora(llm, folder / spec.lora)
         if merge_lora:
             llm = llm.merge_and_unload()
         llm.eval()

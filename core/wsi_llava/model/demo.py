@@ -80,13 +80,21 @@ def build_untrained_demo(device: str = "cpu", dtype: Any = None) -> Any:
     return WSILlava(llm, tokenizer, projector, spec, slide_encoder=slide_encoder)
 
 
-def load_demo(device: str = "cpu", dtype: Any = None) -> Any:
-    """The trained demo checkpoint when it ships, else the untrained (seeded) demo."""
+def demo_checkpoint() -> tuple[ModelSpec, Path | None]:
+    """The demo's spec and checkpoint folder: the shipped trained one, else the untrained spec (no folder)."""
     from wsi_llava.model.spec import SPEC_FILE
 
     if (DEMO_WEIGHTS / SPEC_FILE).is_file():
+        return ModelSpec.load(DEMO_WEIGHTS), DEMO_WEIGHTS
+    return demo_spec(), None
+
+
+def load_demo(device: str = "cpu", dtype: Any = None) -> Any:
+    """The trained demo checkpoint when it ships, else the untrained (seeded) demo."""
+    _, folder = demo_checkpoint()
+    if folder is not None:
         from wsi_llava.model.checkpoint import load_checkpoint
 
-        return load_checkpoint(DEMO_WEIGHTS, device=device, dtype=dtype)
+        return load_checkpoint(folder, device=device, dtype=dtype)
     logger.info("no trained demo weights in %s: using the untrained demo", DEMO_WEIGHTS)
     return build_untrained_demo(device=device, dtype=dtype)

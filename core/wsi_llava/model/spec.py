@@ -71,9 +71,31 @@ class GenerationSpec(_Strict):
     """Default decoding settings; temperature 0 means greedy."""
 
     max_new_tokens: int = Field(512, gt=0)
-    temperature: float = Field(0.0, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float = Field(0.0, ge=0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     no_repeat_ngram_size: int | None = Field(None, ge=1)
+
+    def with_overrides(self, **overrides: Any) -> GenerationSpec:
+        """These settings with the given (non-None) ones replaced, validated: a bad value raises
+        ``ModelError`` naming the setting (e.g. ``temperature must be ... got inf``)."""
+        data = {**self.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
+        try:
+            return GenerationSpec.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(str(p) for p in err["loc"])
+            raise ModelError(
+                f"{field} {GENERATION_RULES.get(field, 'is invalid')}, got {err.get('input')!r}"
+            ) from None
+
+
+#: what each decoding setting accepts, in the words error messages use
+GENERATION_RULES = {
+    "max_new_tokens": "must be a whole number >= 1",
+    "temperature": "must be a finite number >= 0 (0 = greedy)",
+    "top_p": "must be a number in (0, 1]",
+    "no_repeat_ngram_size": "must be a whole number >= 1",
+}
 
 
 class ModelSpec(_Strict):
@@ -127,6 +149,12 @@ class ModelSpec(_Strict):
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ModelError(f"{path}: not found") from None
+        except UnicodeDecodeError as e:
+            raise ModelError(
+                f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
+            ) from None
+        except OSError as e:
+            raise ModelError(f"{path}: cannot read it ({e.strerror or e})") from None
         except json.JSONDecodeError as e:
             raise ModelError(f"{path}: not valid JSON ({e})") from None
         try:

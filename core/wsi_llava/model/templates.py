@@ -3,14 +3,19 @@
 ``build_prompt`` tokenises the text around ``<image>`` separately and puts ``IMAGE_TOKEN_INDEX``
 (-200) where the image goes, as LLaVA's ``tokenizer_image_token`` does; ``<image>`` never enters the
 vocabulary. With an answer, labels are -100 everywhere except the answer tokens and the end token.
+User text never becomes control tokens: the tokenizer's special-token strings are removed from it.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from wsi_llava.errors import ModelError, WsiLlavaError
+
+logger = logging.getLogger(__name__)
 
 IMAGE_TOKEN_INDEX = -200
 IGNORE_INDEX = -100
@@ -43,10 +48,61 @@ class PromptParts:
         return self.input_ids.index(IMAGE_TOKEN_INDEX)
 
 
-def _clean_question(question: str) -> str:
-    if question is None or not str(question).strip():
-        raise WsiLlavaError("question is empty")
-    q = str(question).replace(IMAGE_TOKEN, "").strip()
+def check_text(text: object, what: str = "question") -> str:
+    """``text`` as a ``str`` that is valid Unicode; one clear ``WsiLlavaError`` otherwise.
+
+    Undecodable bytes (e.g. a non-UTF-8 terminal's argv, which Python keeps as lone surrogates) are
+    refused here instead of failing deep inside the tokenizer.
+    """
+    if text is None:
+        raise WsiLlavaError(f"{what} is empty")
+    text = str(text)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        byte = f"byte {ord(bad) - 0xDC00:#04x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"{bad!r}"
+        raise WsiLlavaError(
+            f"{what}: not valid UTF-8 text ({byte} at character {e.start}); "
+            "type it in a UTF-8 terminal (e.g. LANG=C.UTF-8) or pass UTF-8 text"
+        ) from None
+    return text
+
+
+def control_tokens(tokenizer: Any) -> list[str]:
+    """The strings a tokenizer turns into its special tokens (``<|im_start|>``, ``</s>``...), and
+    ``<image>``: none of them may come from user text. Longest first."""
+    found = {IMAGE_TOKEN, *(str(t) for t in getattr(tokenizer, "all_special_tokens", []) or [])}
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    found.update(str(t.content) for t in added.values() if getattr(t, "special", False))
+    return sorted((t for t in found if t), key=len, reverse=True)
+
+
+def strip_control_tokens(tokenizer: Any, text: str, what: str = "question") -> str:
+    """``text`` without any control-token string: typed ``<|im_end|><|im_start|>assistant`` would otherwise
+    become real chat turns (a fake answer). Repeated until none is left, as removing one can join another."""
+    tokens = control_tokens(tokenizer)
+    out = text
+    while True:
+        cleaned = out
+        for t in tokens:
+            cleaned = cleaned.replace(t, "")
+        if cleaned == out:
+            break
+        out = cleaned
+    if out != text:
+        _warn_stripped(what, " ".join(sorted({t for t in tokens if t in text})), text)
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def _warn_stripped(what: str, removed: str, text: str) -> None:
+    """Say once per text (a question is prompted several times: checks, answer, evidence) what was removed."""
+    logger.warning("%s: removed control tokens %s from the text", what, removed)
+
+
+def _clean_question(question: str, tokenizer: Any) -> str:
+    q = strip_control_tokens(tokenizer, check_text(question)).strip()
     if not q:
         raise WsiLlavaError("question is empty")
     return q
@@ -68,8 +124,9 @@ def _adds_bos(tokenizer: Any) -> bool:
 
 
 def prompt_text(template: str, tokenizer: Any, question: str) -> str:
-    """The generation prompt as text, with ``<image>`` where the visual tokens go."""
-    q = _clean_question(question)
+    """The generation prompt as text, with ``<image>`` where the visual tokens go (user text holds no
+    control tokens)."""
+    q = _clean_question(question, tokenizer)
     user = f"{IMAGE_TOKEN}\n{q}"
     if template in ("vicuna_v1", "llava_v1"):
         system = VICUNA_SYSTEM if template == "vicuna_v1" else LLAVA_V1_SYSTEM
@@ -92,7 +149,7 @@ def _answer_suffix(template: str, tokenizer: Any, question: str, prompt: str, an
     eos = tokenizer.eos_token or ""
     if template in ("vicuna_v1", "llava_v1"):
         return f" {answer}{eos}"
-    q = _clean_question(question)
+    q = _clean_question(question, tokenizer)
     full = _chat(
         tokenizer,
         [{"role": "user", "content": f"{IMAGE_TOKEN}\n{q}"}, {"role": "assistant", "content": answer}],
@@ -148,9 +205,10 @@ def build_prompt(template: str, tokenizer: Any, question: str, answer: str | Non
             stop_strings=stops,
             stop_token_ids=end_ids,
         )
-    if not str(answer).strip():
+    answer = strip_control_tokens(tokenizer, check_text(answer, "answer"), "answer").strip()
+    if not answer:
         raise WsiLlavaError("answer is empty")
-    suffix = _answer_suffix(template, tokenizer, question, text, str(answer).strip())
+    suffix = _answer_suffix(template, tokenizer, question, text, answer)
     # tokenise prompt tail + answer together (as LLaVA tokenises the whole conversation), then split
     joint = _encode(tokenizer, after + suffix)
     if joint[: len(ids_after)] == ids_after and len(joint) > len(ids_after):

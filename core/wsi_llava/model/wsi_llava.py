@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from wsi_llava.errors import ModelError
-from wsi_llava.model.spec import ModelSpec
+from wsi_llava.model.spec import GenerationSpec, ModelSpec
 from wsi_llava.model.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX, PromptParts, build_prompt
 
 logger = logging.getLogger(__name__)
@@ -341,8 +341,61 @@ class WSILlava(nn.Module):
             ids.update(int(e) for e in eos)
         return ids
 
-    def _prefill_inputs(self, question: str, visual_tokens: torch.Tensor) -> tuple[PromptParts, Spliced]:
+    def context_length(self) -> int | None:
+        """Positions the LLM was built for (``max_position_embeddings`` of its config); None if it says none."""
+        cfg = getattr(self.llm, "config", None)
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
+
+    def check_request(
+        self,
+        question: str,
+        *,
+        n_visual: int | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        no_repeat_ngram_size: int | None = None,
+    ) -> tuple[PromptParts, GenerationSpec]:
+        """The prompt of ``question`` and the decoding settings (unset ones from ``spec.generation``).
+
+        Cheap (it only tokenises): run it before featurizing. Raises ``ModelError`` for a setting out of
+        range, or when prompt (text + ``n_visual`` tokens, default the model's) plus an explicit
+        ``max_new_tokens`` exceeds the LLM's context; the default answer length shrinks to what fits.
+        """
+        gen = self.spec.generation.with_overrides(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+        )
         parts = self.prompt(question)
+        n_vis = self.n_visual_tokens if n_visual is None else int(n_visual)
+        n_text = len(parts.input_ids) - 1  # the placeholder becomes the visual tokens
+        context = self.context_length()
+        if context is None:
+            return parts, gen
+        room = context - n_text - n_vis
+        if room < 1 or (max_new_tokens is not None and gen.max_new_tokens > room):
+            asked = (
+                f" + {gen.max_new_tokens} answer tokens (max_new_tokens)"
+                if max_new_tokens is not None
+                else ""
+            )
+            hint = "shorten the question" + (" or lower max_new_tokens" if room >= 1 else "")
+            raise ModelError(
+                f"question too long for model {self.spec.name!r}: {n_text} text tokens + {n_vis} visual tokens"
+                f"{asked} exceed its context of {context} tokens (max_position_embeddings); {hint}"
+            )
+        if gen.max_new_tokens > room:
+            logger.info("answer limited to %d tokens: the rest of the %d-token context", room, context)
+            gen = gen.model_copy(update={"max_new_tokens": room})
+        return parts, gen
+
+    def _visual_2d(self, visual_tokens: torch.Tensor) -> torch.Tensor:
         vt = torch.as_tensor(visual_tokens)
         if vt.dim() == 3:
             if vt.shape[0] != 1:
@@ -352,8 +405,7 @@ class WSILlava(nn.Module):
             raise ModelError(
                 f"visual tokens of shape {tuple(vt.shape)}: expected (n_tokens, {self.spec.projector.in_dim})"
             )
-        ids = torch.tensor([parts.input_ids], dtype=torch.long)
-        return parts, self.embed(ids, vt[None])
+        return vt
 
     def _cache_arg(self) -> str:
         """``cache`` (transformers >= 5.2x) or ``past_key_values`` (older), whichever the LLM takes."""
@@ -479,18 +531,17 @@ class WSILlava(nn.Module):
         KV-cached: one prefill, then one token per step; greedy at temperature 0, else seeded sampling.
         Unset arguments take ``spec.generation``. ``self.last_generation`` holds the result afterwards.
         """
-        gen = self.spec.generation
-        max_new = gen.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
-        temp = gen.temperature if temperature is None else float(temperature)
-        top_p = gen.top_p if top_p is None else top_p
-        ngram = gen.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size
-        if max_new < 1:
-            raise ModelError(f"max_new_tokens must be >= 1, got {max_new}")
-        if not temp >= 0:
-            raise ModelError(f"temperature must be >= 0 (0 = greedy), got {temp}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ModelError(f"top_p must be in (0, 1], got {top_p}")
-        parts, s = self._prefill_inputs(question, visual_tokens)
+        vt = self._visual_2d(visual_tokens)
+        parts, gen = self.check_request(
+            question,
+            n_visual=vt.shape[0],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+        )
+        max_new, temp, top_p, ngram = gen.max_new_tokens, gen.temperature, gen.top_p, gen.no_repeat_ngram_size
+        s = self.embed(torch.tensor([parts.input_ids], dtype=torch.long), vt[None])
         result = GenerationResult(prompt_len=s.inputs_embeds.shape[1], n_visual_tokens=s.n_visual)
         self.last_generation = result
         stops = parts.stop_strings

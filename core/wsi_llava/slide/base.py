@@ -6,7 +6,9 @@ All coordinates are level-0 pixels ``(x, y)``; images are RGB ``uint8`` arrays o
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
+import numbers
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -14,6 +16,42 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from wsi_llava.errors import RegionError, SlideError
+
+logger = logging.getLogger(__name__)
+
+#: µm/px a slide scan plausibly has (a 100x oil objective ~0.05, a 1.25x overview ~8): a value read from a
+#: file outside this range comes from wrong metadata (e.g. a 72-dpi screen default) and is refused
+PLAUSIBLE_MPP = (0.05, 50.0)
+#: the range an explicit ``--mpp`` may give (a warning outside the plausible range, refused beyond this)
+HARD_MPP = (0.001, 1000.0)
+
+
+def check_mpp_override(mpp: object, path: str | Path, warn: bool = True) -> float | None:
+    """The µm/px the user gave (``--mpp``) as a float, refused unless positive, finite and within ``HARD_MPP``.
+
+    Outside ``PLAUSIBLE_MPP`` it is used as given with a warning (the user insists); None stays None.
+    """
+    if mpp is None:
+        return None
+    if isinstance(mpp, bool) or not isinstance(mpp, numbers.Real):
+        raise SlideError(f"{path}: --mpp must be a positive number, got {mpp!r}")
+    value = float(mpp)
+    if not (value > 0 and math.isfinite(value)):
+        raise SlideError(f"{path}: --mpp must be a positive number, got {mpp!r}")
+    lo, hi = HARD_MPP
+    if not lo <= value <= hi:
+        raise SlideError(
+            f"{path}: --mpp {value:g} µm/px is outside {lo:g}–{hi:g} µm/px, the widest range accepted "
+            f"(slide scans have {PLAUSIBLE_MPP[0]:g}–{PLAUSIBLE_MPP[1]:g} µm/px)"
+        )
+    if warn and not PLAUSIBLE_MPP[0] <= value <= PLAUSIBLE_MPP[1]:
+        logger.warning(
+            "%s: --mpp %g µm/px is outside the %g–%g µm/px of slide scans; using it as given",
+            path,
+            value,
+            *PLAUSIBLE_MPP,
+        )
+    return value
 
 
 @runtime_checkable
@@ -55,9 +93,7 @@ class BaseSlideReader(ABC):
 
     def __init__(self, path: str | Path, mpp: float | None = None) -> None:
         self.path = Path(path)
-        if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
-            raise SlideError(f"{self.path}: --mpp must be a positive number, got {mpp!r}")
-        self._mpp_override = mpp
+        self._mpp_override = check_mpp_override(mpp, self.path)
 
     # --- implemented by backends -------------------------------------------------------------
     @property
@@ -71,6 +107,10 @@ class BaseSlideReader(ABC):
     @abstractmethod
     def _native_mpp(self) -> float | None:
         """µm/px from the file's metadata, or None when the file has none."""
+
+    def _mpp_source(self) -> str:
+        """Where :meth:`_native_mpp` read its value (a tag, a property), for error messages."""
+        return "the file's metadata"
 
     @abstractmethod
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
@@ -90,6 +130,7 @@ class BaseSlideReader(ABC):
 
     @property
     def mpp(self) -> float:
+        """µm per level-0 pixel: ``--mpp`` if given, else the file's, refused when missing or implausible."""
         if self._mpp_override is not None:
             return self._mpp_override
         native = self._native_mpp()
@@ -97,6 +138,12 @@ class BaseSlideReader(ABC):
             raise SlideError(
                 f"{self.path}: the file records no microns per pixel (µm/px); "
                 "pass it explicitly, e.g. --mpp 0.5"
+            )
+        lo, hi = PLAUSIBLE_MPP
+        if not lo <= native <= hi:
+            raise SlideError(
+                f"{self.path}: {native:.4g} µm/px read from {self._mpp_source()} is outside the {lo:g}–{hi:g} "
+                "µm/px of a slide scan (wrong metadata?); pass the true value, e.g. --mpp 0.5"
             )
         return float(native)
 

@@ -9,12 +9,11 @@ Readers that raise are skipped; if none can open the file, one ``SlideError`` su
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 from wsi_llava.errors import SlideError
-from wsi_llava.slide.base import BaseSlideReader
+from wsi_llava.slide.base import BaseSlideReader, check_mpp_override
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +61,7 @@ def open_slide(path: str | Path, mpp: float | None = None, reader: str | None = 
     from wsi_llava.plugins import slide_readers
 
     path = Path(path)
-    if mpp is not None and not (isinstance(mpp, int | float) and mpp > 0 and math.isfinite(mpp)):
-        raise SlideError(f"{path}: --mpp must be a positive number, got {mpp!r}")
+    mpp = check_mpp_override(mpp, path, warn=False)  # refused here, before any reader is tried
     if not path.exists():
         raise SlideError(f"{path}: no such file")
     registry = slide_readers()

@@ -72,6 +72,9 @@ class OpenSlideReader(BaseSlideReader):
             logger.warning("%s: µm/px differs between x (%g) and y (%g); using x", self.path, mx, my)
         return mx
 
+    def _mpp_source(self) -> str:
+        return "OpenSlide's openslide.mpp-x property"
+
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         try:
             img = self._slide.read_region(location, level, size)

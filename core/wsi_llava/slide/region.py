@@ -32,6 +32,10 @@ def shape_kind(points: Sequence[Sequence[float]], holes: Sequence[Any] = ()) -> 
     return "polygon"
 
 
+#: level-0 coordinates are int32 in tile grids and caches: a region beyond that lies on no slide
+MAX_COORD = float(2**31 - 1)
+
+
 class Region(BaseModel):
     """A polygon in level-0 ``(x, y)`` pixels; ``properties`` keeps the source annotation untouched."""
 
@@ -57,9 +61,18 @@ class Region(BaseModel):
         return [(float(x), float(y)) for x, y in v]
 
     @classmethod
-    def rectangle(cls, x: float, y: float, w: float, h: float, **kw: Any) -> Region:
+    def rectangle(
+        cls, x: float, y: float, w: float, h: float, *, source: str | None = None, **kw: Any
+    ) -> Region:
+        """The rectangle with top-left ``(x, y)`` and size ``w`` x ``h`` in level-0 px (finite, below 2^31)."""
+        what = source or f"region {x},{y},{w},{h}"
+        values = np.asarray([x, y, w, h, x + w, y + h], dtype=float)
+        if not np.isfinite(values).all() or (np.abs(values) > MAX_COORD).any():
+            raise RegionError(
+                f"{what}: x, y, width and height must be finite level-0 pixel numbers (|value| < 2^31)"
+            )
         if w <= 0 or h <= 0:
-            raise RegionError(f"region {x},{y},{w},{h}: width and height must be positive")
+            raise RegionError(f"{what}: width and height must be positive")
         return cls(points=[(x, y), (x + w, y), (x + w, y + h), (x, y + h)], kind="rectangle", **kw)
 
     @classmethod
@@ -70,7 +83,7 @@ class Region(BaseModel):
             x, y, w, h = (float(p) for p in parts)
         except ValueError:
             raise RegionError(f"--region {text!r}: expected four numbers x,y,w,h in level-0 pixels") from None
-        return cls.rectangle(x, y, w, h)
+        return cls.rectangle(x, y, w, h, source=f"--region {text!r}")
 
     @property
     def bounds(self) -> tuple[float, float, float, float]:

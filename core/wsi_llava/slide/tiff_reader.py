@@ -59,24 +59,28 @@ def _ome_mpp(xml: str) -> float | None:
     return None
 
 
-def _resolution_mpp(page: Any) -> float | None:
-    """µm/px from the XResolution/ResolutionUnit tags; None for missing or meaningless defaults."""
+def _resolution_mpp(page: Any) -> tuple[float | None, str]:
+    """µm/px from the XResolution/ResolutionUnit tags (None for missing or meaningless defaults), and the
+    tags as read, for messages."""
     tags = page.tags
     xres_tag, unit_tag = tags.get("XResolution"), tags.get("ResolutionUnit")
     if xres_tag is None:
-        return None
-    value = xres_tag.value
-    xres = value[0] / value[1] if isinstance(value, tuple) else float(value)
-    if not (xres > 0 and math.isfinite(xres)):
-        return None
+        return None, "no XResolution tag"
+    value = xres_tag.value  # a rational (numerator, denominator), or a number
+    num, den = value if isinstance(value, tuple) else (float(value), 1)
+    xres = num / den if den else math.nan
     unit = int(unit_tag.value) if unit_tag is not None else 2  # TIFF default: inch
+    unit_name = {2: "inch", 3: "centimetre"}.get(unit, "unit")
+    source = f"the TIFF XResolution/ResolutionUnit tags ({xres:g} px per {unit_name})"
+    if not (xres > 0 and math.isfinite(xres)):
+        return None, source
     if unit == 3:  # centimetre
-        return 1e4 / xres
+        return 1e4 / xres, source
     if unit == 2:  # inch
         if xres in (72.0, 96.0, 300.0, 1.0):  # writers' screen/print defaults, not a scan resolution
-            return None
-        return 25400.0 / xres
-    return None  # unit NONE: no physical meaning
+            return None, source
+        return 25400.0 / xres, source
+    return None, source  # unit NONE: no physical meaning
 
 
 class TiffReader(BaseSlideReader):
@@ -257,21 +261,28 @@ class TiffReader(BaseSlideReader):
         """Per-level zarr arrays as stored (see :attr:`axes`, singleton axes included), for napari/dask."""
         return list(self._levels)
 
-    def _native_mpp(self) -> float | None:
+    def _mpp_and_source(self) -> tuple[float | None, str]:
+        """µm/px from OME-XML, an Aperio description or the resolution tags (first found), and which."""
         tif = self._tif
         if tif.is_ome and tif.ome_metadata:
             mpp = _ome_mpp(tif.ome_metadata)
             if mpp is not None:
-                return mpp
+                return mpp, "the OME-XML PhysicalSizeX"
         description = tif.pages.first.description or ""
         if description.startswith("Aperio"):
             m = _APERIO_MPP.search(description)
             if m:
                 try:
-                    return float(m.group(1))
+                    return float(m.group(1)), "the Aperio description's MPP"
                 except ValueError:
                     pass
         return _resolution_mpp(self._series.levels[0].keyframe)
+
+    def _native_mpp(self) -> float | None:
+        return self._mpp_and_source()[0]
+
+    def _mpp_source(self) -> str:
+        return self._mpp_and_source()[1]
 
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         sx, sy = self._level_scale[level]

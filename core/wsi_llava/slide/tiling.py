@@ -19,13 +19,18 @@ import numpy as np
 
 from wsi_llava.errors import RegionError, SlideError
 from wsi_llava.progress import CancelToken
-from wsi_llava.slide.base import BaseSlideReader
+from wsi_llava.slide.base import PLAUSIBLE_MPP, BaseSlideReader
 from wsi_llava.slide.region import Region
 
 logger = logging.getLogger(__name__)
 
 #: longest strip (pixels at the read level) fetched with one ``read_region`` call
 MAX_RUN_PIXELS = 4096
+#: the most grid cells a slide may have: far above any real slide at its µm/px (a 200k x 200k px scan at
+#: 0.25 µm/px has ~150k cells of 256 px at 0.5 µm/px); more means a wrong µm/px, not a big slide
+MAX_TILES = 2_000_000
+#: the largest tile edge (pixels at the target resolution) a grid may ask for
+MAX_TILE_SIZE = 4096
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,10 +123,15 @@ def make_tile_grid(
     none is given, on :func:`~wsi_llava.slide.tissue.tissue_mask` of a thumbnail. ``min_tissue=0``
     keeps every tile. Edge tiles that extend past the slide are kept (they read as white there).
     """
-    if tile_size < 1:
-        raise SlideError(f"{reader.path}: tile size must be a positive number of pixels, got {tile_size}")
-    if not (target_mpp > 0 and math.isfinite(target_mpp)):
-        raise SlideError(f"{reader.path}: target µm/px must be positive, got {target_mpp!r}")
+    if not 1 <= tile_size <= MAX_TILE_SIZE:
+        raise SlideError(
+            f"{reader.path}: tile size must be 1..{MAX_TILE_SIZE} pixels (--tile-size), got {tile_size}"
+        )
+    lo, hi = PLAUSIBLE_MPP
+    if not (target_mpp > 0 and math.isfinite(target_mpp)) or not lo <= target_mpp <= hi:
+        raise SlideError(
+            f"{reader.path}: target µm/px (--target-mpp) must lie in {lo:g}–{hi:g}, got {target_mpp!r}"
+        )
     slide_mpp = reader.mpp  # raises SlideError naming --mpp when unknown
     if slide_mpp > target_mpp * 1.1:
         logger.warning(
@@ -132,6 +142,12 @@ def make_tile_grid(
         )
     t0 = _tile_size_level0(tile_size, target_mpp, slide_mpp)
     w0, h0 = reader.dimensions
+    cells = -(-w0 // t0) * -(-h0 // t0)
+    if cells > MAX_TILES:
+        raise SlideError(
+            f"{reader.path}: {w0}x{h0} px at {slide_mpp:.4g} µm/px would make {cells:,} tiles of {tile_size} px at "
+            f"{target_mpp:g} µm/px, over the limit of {MAX_TILES:,}: check the slide's µm/px (--mpp)"
+        )
     xs = np.arange(0, w0, t0, dtype=np.int64)
     ys = np.arange(0, h0, t0, dtype=np.int64)
     gy, gx = np.meshgrid(ys, xs, indexing="ij")  # row-major: y outer, x inner

@@ -220,7 +220,10 @@ def run_lm_stage(
             bias="none",
             task_type="CAUSAL_LM",
         )
-        model.llm = get_peft_model(model.llm, lcfg)
+        from wsi_llava.model.checkpoint import peft_quietly
+
+        with peft_quietly():
+            model.llm = get_peft_model(model.llm, lcfg)
         modules["llm"] = model.llm
     if cfg.train.grad_checkpointing:
         model.llm.gradient_checkpointing_enable()
