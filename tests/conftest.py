@@ -18,6 +18,14 @@ _SESSION_CACHE = Path(tempfile.mkdtemp(prefix="wsi-llava-test-cache-"))
 os.environ["WSI_LLAVA_CACHE"] = str(_SESSION_CACHE)
 
 
+def pytest_configure(config):
+    # Any GUI test's OpenGL context (Mesa) maps the system libLLVM; triton (imported by torch.compile and
+    # torch._dynamo in later tests) must load before that, as the napari widget itself makes sure.
+    from napari_wsi_llava._triton import preload_triton
+
+    preload_triton()
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 

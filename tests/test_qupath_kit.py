@@ -112,6 +112,8 @@ class FakeQuPath:
                     break
         if not line.startswith("GATEWAY_STARTED"):
             self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc.stdout.close()
             raise RuntimeError(f"the QuPath test double did not start: {line!r}")
         params = (
             GatewayParameters(port=self.port, auth_token=token)
@@ -141,6 +143,8 @@ class FakeQuPath:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc.stdout.close()
 
 
 @pytest.fixture
