@@ -3,11 +3,18 @@
 Pixels are never read up front: each pyramid level is a dask array over the tifffile zarr store, or
 (for OpenSlide-only formats) over ``read_region`` calls, one per chunk, so napari reads only what
 it shows. Unreadable files become a notification naming the problem, not a traceback.
+
+The slide stays open while a layer shows it: the layer's metadata names its handle, and the file is
+closed when the last layer with that handle leaves a watched viewer (``Viewer.close`` removes them all),
+or at exit for a layer that never reached one.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import uuid
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +32,11 @@ GEOJSON_SUFFIXES = (".geojson",)
 CHUNK = 1024
 
 LayerData = tuple[Any, ...]
+
+#: open slide readers behind the layers this plugin made, by the handle in their metadata
+_open_slides: dict[str, Any] = {}
+#: layer lists whose removals close slides
+_watched: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
@@ -77,10 +89,67 @@ def _current_image_transform() -> tuple[tuple[float, float], tuple[float, float]
         viewer = None
     if viewer is not None:
         for layer in reversed(list(viewer.layers)):
-            if layer.__class__.__name__ == "Image" and META_KEY in layer.metadata:
+            if layer.__class__.__name__ == "Image" and slide_info(layer) is not None:
                 units = tuple(str(u) for u in layer.units[-2:])
                 return tuple(layer.scale[-2:]), tuple(layer.translate[-2:]), units
     return (1.0, 1.0), (0.0, 0.0), None
+
+
+# --- open slide files -----------------------------------------------------------------------------
+def slide_info(layer: Any) -> dict[str, Any] | None:
+    """What :func:`slide_layer_data` recorded on a slide layer (path, µm/px, dimensions, handle), else None.
+
+    Other layers of this plugin (regions, the evidence heat map) carry other ``wsi_llava`` metadata.
+    """
+    info = getattr(layer, "metadata", {}).get(META_KEY)
+    return info if isinstance(info, dict) and "path" in info and "dimensions" in info else None
+
+
+def slide_handle(layer: Any) -> str | None:
+    """The handle of the open slide behind ``layer``, or None for any other layer."""
+    info = slide_info(layer)
+    return info.get("handle") if info is not None else None
+
+
+def watch_viewer(viewer: Any) -> None:
+    """Close a slide's file when the last layer showing it leaves ``viewer`` (once per viewer)."""
+    layers = viewer.layers
+    if layers not in _watched:
+        _watched.add(layers)
+        layers.events.removed.connect(_on_layer_removed)
+
+
+def _watch_current_viewer() -> None:
+    try:
+        import napari
+
+        viewer = napari.current_viewer()
+    except Exception:  # no Qt / no viewer: closed at exit
+        viewer = None
+    if viewer is not None:
+        watch_viewer(viewer)
+
+
+def _on_layer_removed(event: Any) -> None:
+    handle = slide_handle(event.value)
+    if handle is None or any(slide_handle(lyr) == handle for layers in list(_watched) for lyr in layers):
+        return  # not a slide layer, or another layer (a duplicate) still shows it
+    close_slide(handle)
+
+
+def close_slide(handle: str) -> None:
+    """Close the slide file behind ``handle`` (a no-op when it is already closed)."""
+    reader = _open_slides.pop(handle, None)
+    if reader is not None:
+        reader.close()
+        logger.debug("closed %s", reader.path)
+
+
+@atexit.register
+def close_all_slides() -> None:
+    """Close every slide file still open (at exit: layers that never reached a watched viewer)."""
+    for handle in list(_open_slides):
+        close_slide(handle)
 
 
 # --- slides ---------------------------------------------------------------------------------------
@@ -136,13 +205,29 @@ def slide_pyramid(reader: Any) -> list[Any]:
 
 
 def slide_layer_data(path: str | Path, mpp: float | None = None) -> LayerData:
-    """The layer data tuple of a slide: multiscale, RGB, scale in µm/px (pixels when µm/px is unknown)."""
-    from napari.utils.notifications import show_warning
+    """The layer data tuple of a slide: multiscale, RGB, scale in µm/px (pixels when µm/px is unknown).
 
+    The slide stays open for the layer's pixels; see :func:`watch_viewer` for when it closes.
+    """
     from wsi_llava.slide import open_slide
 
     path = Path(path)
     reader = open_slide(path, mpp=mpp)
+    try:
+        data, kwargs = _slide_layer(path, reader)
+    except BaseException:
+        reader.close()
+        raise
+    handle = uuid.uuid4().hex
+    _open_slides[handle] = reader
+    kwargs["metadata"][META_KEY]["handle"] = handle
+    _watch_current_viewer()
+    return (data, kwargs, "image")
+
+
+def _slide_layer(path: Path, reader: Any) -> tuple[Any, dict[str, Any]]:
+    from napari.utils.notifications import show_warning
+
     try:
         slide_mpp: float | None = reader.mpp
     except SlideError:
@@ -172,8 +257,7 @@ def slide_layer_data(path: str | Path, mpp: float | None = None) -> LayerData:
             }
         },
     }
-    data = levels if len(levels) > 1 else levels[0]
-    return (data, kwargs, "image")
+    return (levels if len(levels) > 1 else levels[0]), kwargs
 
 
 # --- annotations ----------------------------------------------------------------------------------

@@ -4,6 +4,9 @@ Thin by design: every action turns the viewer's state into one core call (``Slid
 :mod:`napari_wsi_llava._jobs`) run in a napari thread worker; results come back through the core's
 result sinks (the napari sink writes them onto the shapes), the history list and the evidence layer.
 Bad input becomes a napari notification; nothing already drawn or answered is touched.
+
+The widget's sessions close with the image layer they answer about; closing the widget (its dock's ✕, or
+the viewer) cancels a running question and frees its sessions and the models only it used.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from qtpy.QtCore import Qt
+from qtpy.QtCore import QEvent, Qt
 from qtpy.QtWidgets import (
     QApplication,
     QCheckBox,
@@ -34,7 +37,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_wsi_llava._evidence import LAYER_NAME, evidence_heatmap, evidence_layer_kwargs
-from napari_wsi_llava._jobs import Job, ask_events, block_triton_after_gl, forget_model
+from napari_wsi_llava._jobs import Job, SessionPool, ask_events, forget_model
 from napari_wsi_llava._models import (
     ENTRY_ROLE,
     NAME_ROLE,
@@ -44,6 +47,7 @@ from napari_wsi_llava._models import (
     fill_model_box,
     report_message,
 )
+from napari_wsi_llava._reader import slide_info, watch_viewer
 from napari_wsi_llava._shapes import (
     META_KEY,
     image_transform_meta,
@@ -52,6 +56,7 @@ from napari_wsi_llava._shapes import (
     normalise_features,
 )
 from napari_wsi_llava._sink import ensure_registered
+from napari_wsi_llava._triton import preload_triton
 from wsi_llava.answer import Answer
 from wsi_llava.errors import Cancelled, RegionError, WsiLlavaError
 from wsi_llava.progress import CancelToken
@@ -134,14 +139,56 @@ class WsiLlavaWidget(QWidget):
         self._job_image: Any = None
         self._run_warnings: set[str] = set()
         self._add_dialog: AddModelDialog | None = None
-        block_triton_after_gl()
+        self._sessions = SessionPool()
+        self._docked = False
+        preload_triton()  # before any torch work: torch.compile imports triton, unsafe once OpenGL is up
         ensure_registered()
+        watch_viewer(viewer)
         self._build()
         self._refresh_layers()
         self._refresh_models()
-        viewer.layers.events.inserted.connect(self._refresh_layers)
-        viewer.layers.events.removed.connect(self._refresh_layers)
-        viewer.layers.events.reordered.connect(self._refresh_layers)
+        self._layer_events = (
+            (viewer.layers.events.inserted, self._refresh_layers),
+            (viewer.layers.events.removed, self._refresh_layers),
+            (viewer.layers.events.removed, self._on_layer_removed),
+            (viewer.layers.events.reordered, self._refresh_layers),
+        )
+        for emitter, callback in self._layer_events:
+            emitter.connect(callback)
+        self.destroyed.connect(lambda *_: self.release())
+
+    # --- lifetime --------------------------------------------------------------------------------
+    def event(self, e: QEvent) -> bool:
+        """Qt's event handler: leaving the dock ends the widget (napari re-creates one when reopened)."""
+        if e.type() == QEvent.Type.ParentChange:
+            if self.parent() is not None:
+                self._docked = True
+            elif self._docked:  # taken out of its dock (napari's ✕): this widget is done
+                self.release()
+        return super().event(e)
+
+    def release(self) -> None:
+        """Cancel a running question, close every session and stop following the viewer (idempotent).
+
+        Touches no Qt object: it also runs once the widget's Qt side is destroyed.
+        """
+        if self._cancel is not None:
+            self._cancel.cancel()
+        if self._worker is not None:
+            self._worker.quit()
+        for emitter, callback in self._layer_events:
+            emitter.disconnect(callback)
+        self._layer_events = ()
+        self._sessions.close()
+
+    def _on_layer_removed(self, event: Any) -> None:
+        """A slide layer is gone: close its sessions unless another layer still shows that file."""
+        info = slide_info(event.value)
+        if info is not None and not any(
+            (other := slide_info(lyr)) is not None and other["path"] == info["path"]
+            for lyr in self.viewer.layers
+        ):
+            self._sessions.release_slide(info["path"])
 
     # --- layout --------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -268,7 +315,7 @@ class WsiLlavaWidget(QWidget):
             combo.blockSignals(False)
 
         layers = list(self.viewer.layers)
-        images = [lyr.name for lyr in layers if isinstance(lyr, Image) and META_KEY in lyr.metadata]
+        images = [lyr.name for lyr in layers if isinstance(lyr, Image) and slide_info(lyr) is not None]
         shapes = [lyr.name for lyr in layers if isinstance(lyr, Shapes)]
         fill(self._image_combo, images)
         fill(self._shapes_combo, shapes)
@@ -410,6 +457,7 @@ class WsiLlavaWidget(QWidget):
         temperature = self._temperature.value() or None
         worker = create_worker(
             ask_events,
+            self._sessions,
             slide,
             model,
             mpp,

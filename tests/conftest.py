@@ -35,6 +35,14 @@ def pytest_sessionstart(session):
     _STARTED_BY_PLUGINS.update(pid for pid, _ in running_children())
 
 
+def pytest_configure(config):
+    # Any GUI test's OpenGL context (Mesa) maps the system libLLVM; triton (imported by torch.compile and
+    # torch._dynamo in later tests) must load before that, as the napari widget itself makes sure.
+    from napari_wsi_llava._triton import preload_triton
+
+    preload_triton()
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
     left = [(pid, cmd) for pid, cmd in running_children() if pid not in _STARTED_BY_PLUGINS]

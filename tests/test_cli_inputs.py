@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tifffile
 from click.testing import CliRunner
-from test_cli import assert_user_error, run_cli
+from kits.cli import assert_user_error, run_cli
 
 from wsi_llava.cli import cli
 

@@ -1,6 +1,6 @@
 """The napari plugin under Xvfb: reader, sample, dock widget asking a drawn region, cancel, GeoJSON, errors.
 
-One demo model (SmolLM2) is loaded for the whole module (the widget shares models across sessions);
+The demo model (SmolLM2) is loaded by each test that asks (a widget keeps its models until it closes);
 answers are short (a few tokens).
 """
 
@@ -215,7 +215,6 @@ def test_cancel_mid_extraction_leaves_no_cache(
     import uuid
 
     import wsi_llava.slide.tiling as tiling
-    from napari_wsi_llava._jobs import get_session
     from wsi_llava.encoders.cache import FeatureCache
     from wsi_llava.settings import cache_dir
 
@@ -248,9 +247,9 @@ def test_cancel_mid_extraction_leaves_no_cache(
     assert after == before  # nothing that looks complete was written for the cancelled slide
 
     monkeypatch.undo()
-    session, _ = get_session(slide, "demo")
-    feats = session.extract()
-    assert feats.n_tiles == len(session.grid.coords) and np.isfinite(feats.features).all()
+    with widget._sessions.using(slide, "demo", None) as session:
+        feats = session.extract()
+        assert feats.n_tiles == len(session.grid.coords) and np.isfinite(feats.features).all()
 
 
 def test_geojson_round_trip_keeps_geometry_and_properties(make_napari_viewer, tmp_path, world):
@@ -321,3 +320,22 @@ def test_geojson_round_trip_keeps_geometry_and_properties(make_napari_viewer, tm
         np.testing.assert_allclose(a, b)
     cols = ["name", "description", "question", "answer", "model", "label"]
     assert again.features[cols].equals(layer.features[cols])
+
+
+def test_the_evidence_layer_is_neither_a_slide_nor_the_frame_of_imported_shapes(make_napari_viewer, world):
+    """The heat map carries ``wsi_llava`` metadata too, at a tile's scale: shapes opened after an answer
+    still land on the slide, and the slide box lists slides only."""
+    from napari_wsi_llava._evidence import LAYER_NAME
+    from wsi_llava.answer import Answer, Evidence
+
+    viewer = make_napari_viewer()
+    (image,) = viewer.open(world / "slides" / "slide_000.tif", plugin=PLUGIN)
+    widget = _widget(viewer)
+    evidence = Evidence(tile_indices=[0, 1], coords=[(0, 0), (256, 0)], scores=[0.25, 0.75], tile_size=256)
+    answer = Answer(question="Q", answer="A", scope="slide", model="demo", evidence=evidence)
+    widget._show_evidence(answer, tuple(image.metadata["wsi_llava"]["dimensions"]), image)
+    heat = viewer.layers[LAYER_NAME]
+    assert list(viewer.layers).index(heat) > list(viewer.layers).index(image)  # above the slide
+    (shapes,) = viewer.open(world / "annotations" / "slide_000.geojson", plugin=PLUGIN)
+    assert [widget._image_combo.itemText(i) for i in range(widget._image_combo.count())] == [image.name]
+    np.testing.assert_allclose(shapes.scale, image.scale)

@@ -15,10 +15,11 @@ import pytest
 from click.testing import CliRunner
 from kits.qupath import FakeQuPath, free_port
 
+from wsi_llava import hookimpl, plugins
 from wsi_llava.annotate import DESCRIPTION_KEY
-from wsi_llava_qupath.bridge import connect
-from wsi_llava_qupath.commands import WHOLE_SLIDE_NAME, qupath
-from wsi_llava_qupath.sink import qupath_sink
+from wsi_llava_qupath.bridge import connect, uri_to_path
+from wsi_llava_qupath.commands import qupath
+from wsi_llava_qupath.sink import WHOLE_SLIDE_NAME, qupath_sink
 
 pytestmark = pytest.mark.bridge
 
@@ -220,7 +221,7 @@ def test_bad_input(fake_qupath, world_png, fake_qupath_build, tiny_model):
         _feature("far", coords=[[[9000, 9000], [9100, 9000], [9100, 9100], [9000, 9000]]]), selected=True
     )
     before = fq.objects()
-    r = _run(fq, "describe", "--model", tiny_model, "--max-new-tokens", "2")
+    r = _run(fq, "describe", "--model", tiny_model, "--max-new-tokens", "4")
     assert r.exit_code == 1 and "no annotation was answered" in r.output
     assert fq.objects() == before and fq.ep.testHierarchyUpdates() == 0
     # empty question
@@ -290,3 +291,119 @@ def test_describe_and_ask_with_a_registered_user_model(fake_qupath, world_png, t
         and "models add" in r.output
         and "Traceback" not in r.output
     )
+
+
+@pytest.mark.parametrize(
+    ("uri", "path"),
+    [
+        ("file:/C:/My%20slides/case%201.svs", "C:/My slides/case 1.svs"),  # java.io.File.toURI()
+        ("file:///C:/My%20slides/case%201.svs", "C:/My slides/case 1.svs"),
+        ("file:/d:/x.ndpi", "d:/x.ndpi"),
+        ("file:///C|/old/form.svs", "C:/old/form.svs"),
+        ("file://server/share/a%20b.svs", "//server/share/a b.svs"),  # a UNC share
+        ("file:/data/my%20slides/a.svs", "/data/my slides/a.svs"),
+        ("file:///data/a.svs", "/data/a.svs"),
+        ("file://localhost/data/a%23b.svs", "/data/a#b.svs"),
+        ("https://example.org/slides/a.svs", None),
+        ("omero://host/image/1", None),
+    ],
+)
+def test_uri_to_path(uri, path):
+    assert uri_to_path(uri) == path
+
+
+def test_a_slide_path_with_spaces_is_read_from_its_file(fake_qupath, world_png, tmp_path):  # noqa: F811
+    slide, png = world_png
+    spaced = tmp_path / "my slides" / "case #1 (H&E).tif"
+    spaced.parent.mkdir()
+    spaced.symlink_to(slide)
+    fake_qupath.open_image(spaced.as_uri(), png, 2048, 2048, 0.5)
+    bridge = connect(fake_qupath.port)
+    try:
+        info = bridge.image_info()
+    finally:
+        bridge.close()
+    assert "%20" in info.uris[0] and info.local_path == spaced
+
+
+def test_measurements_go_back_in_the_form_they_were_read(fake_qupath, world_png, tiny_model):  # noqa: F811
+    """QuPath <= 0.3 objects (measurements a list of {name, value}, ``getMeasurementList()``) and later
+    ones (an object, ``getMeasurements()``) in one run: each keeps its form and its measurements."""
+    fq = fake_qupath
+    slide, png = world_png
+    fq.open_image(slide.as_uri(), png, 2048, 2048, 0.5)
+    fq.add_object(_feature("new", measurements={"Area": 5.5}), selected=True)
+    fq.add_object(_feature("old", measurements=[{"name": "Area", "value": 5.5}]), selected=True)
+    fq.add_object(_feature("old, none yet", measurements=[]), selected=True)  # exported without any
+    r = _run(fq, "describe", "--model", tiny_model, "--max-new-tokens", "4")
+    assert r.exit_code == 0, r.output
+    assert "answered 3 annotation(s)" in r.output
+    objs = _by_name(fq)
+    new = objs["new"]["properties"]["measurements"]
+    assert isinstance(new, dict) and new["Area"] == 5.5 and new["WSI-LLaVA tiles"] > 0
+    old = objs["old"]["properties"]["measurements"]
+    assert [m["name"] for m in old] == ["Area", "WSI-LLaVA tiles"] and old[0]["value"] == 5.5
+    assert old[1]["value"] == new["WSI-LLaVA tiles"]
+    none_yet = objs["old, none yet"]["properties"]["measurements"]
+    assert [m["name"] for m in none_yet] == ["WSI-LLaVA tiles"]
+    assert all(o["properties"]["metadata"][DESCRIPTION_KEY].strip() for o in objs.values())
+
+
+class _SinkRecorder:
+    """A third-party plugin with two result sinks: one records, one always fails."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple] = []
+
+    @hookimpl
+    def register_sinks(self, register):
+        register("test-recorder", self.record)
+        register("test-broken", self.broken)
+
+    def record(self, answer, context) -> None:
+        self.seen.append((answer, context))
+
+    def broken(self, answer, context) -> None:
+        raise RuntimeError("the lab database is down")
+
+
+def test_describe_and_ask_hand_every_answer_to_the_result_sinks(fake_qupath, world_png, tiny_model):  # noqa: F811
+    fq = fake_qupath
+    slide, png = world_png
+    fq.open_image(slide.as_uri(), png, 2048, 2048, 0.5)
+    fq.add_object(_feature("a"), selected=True)
+    fq.add_object(
+        _feature("b", coords=[[[900, 900], [1500, 900], [1500, 1500], [900, 1500], [900, 900]]]),
+        selected=True,
+    )
+    recorder = _SinkRecorder()
+    plugins.register_plugin(recorder, name="test-sink-recorder")
+    try:
+        r = _run(fq, "describe", "--model", tiny_model, "--max-new-tokens", "4")
+        assert r.exit_code == 0, r.output
+        assert "answered 2 annotation(s)" in r.output  # the failing sink loses nothing
+        assert r.output.count("result sink 'test-broken'") == 2 and "the lab database is down" in r.output
+        assert [c["qupath_annotation"].label for _, c in recorder.seen] == ["a", "b"]
+        assert all(c["frontend"] == "qupath" and c["qupath_bridge"] is not None for _, c in recorder.seen)
+        written = {n: f["properties"]["metadata"][DESCRIPTION_KEY] for n, f in _by_name(fq).items()}
+        for answer, context in recorder.seen:  # the QuPath sink wrote the very answers the others saw
+            assert written[context["qupath_annotation"].label].startswith(answer.answer)
+        assert fq.ep.testHierarchyUpdates() == 1  # one redraw after the last region
+
+        r = _run(
+            fq,
+            "ask",
+            "Summarise this slide.",
+            "--whole-slide",
+            "--model",
+            tiny_model,
+            "--max-new-tokens",
+            "4",
+        )
+        assert r.exit_code == 0, r.output
+        answer, context = recorder.seen[-1]
+        assert len(recorder.seen) == 3 and answer.scope == "slide" and context["qupath_annotation"] is None
+        whole = _by_name(fq)[WHOLE_SLIDE_NAME]["properties"]
+        assert whole["metadata"][DESCRIPTION_KEY].startswith(answer.answer)
+    finally:
+        plugins.unregister_plugin("test-sink-recorder")

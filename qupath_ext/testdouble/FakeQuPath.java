@@ -24,17 +24,20 @@ import py4j.GatewayServer;
 public class FakeQuPath {
 
     // --- objects ----------------------------------------------------------------------------------------
-    public static class FakePathObject {
+    // A feature whose measurements are a list of {name, value} makes a QuPath <= 0.3 object
+    // (FakeLegacyPathObject: getMeasurementList().putMeasurement, exported as that list again); otherwise a
+    // QuPath >= 0.4 one (FakePathObject: getMeasurements() is a live map, exported as an object).
+    public abstract static class FakeObjectBase {
         private final UUID id;
         private final String objectType;
         private final Object geometry;                 // the ROI, kept as the GeoJSON geometry it came from
         private final Map<String, Object> otherProperties; // e.g. classification, color: written back verbatim
         private String name;
         private String description;
-        private final Map<String, Number> measurements = new LinkedHashMap<>();
+        protected final Map<String, Number> measurements = new LinkedHashMap<>();
 
         @SuppressWarnings("unchecked")
-        FakePathObject(Map<String, Object> feature) {
+        FakeObjectBase(Map<String, Object> feature) {
             Object fid = feature.get("id");
             this.id = fid == null ? UUID.randomUUID() : UUID.fromString((String) fid);
             this.geometry = feature.get("geometry");
@@ -49,6 +52,10 @@ public class FakeQuPath {
             if (ms instanceof Map)
                 for (Map.Entry<String, Object> e : ((Map<String, Object>) ms).entrySet())
                     measurements.put(e.getKey(), (Number) e.getValue());
+            if (ms instanceof List)
+                for (Object m : (List<Object>) ms)
+                    measurements.put((String) ((Map<String, Object>) m).get("name"),
+                                     (Number) ((Map<String, Object>) m).get("value"));
             this.otherProperties = props;
         }
         public UUID getID() { return id; }
@@ -57,7 +64,8 @@ public class FakeQuPath {
         public void setName(String name) { this.name = name; }
         public String getDescription() { return description; }    // PathAnnotationObject
         public void setDescription(String d) { this.description = d; }
-        public Map<String, Number> getMeasurements() { return measurements; } // QuPath >= 0.4: a live map
+
+        abstract Object measurementsJson();
 
         String toGeoJson() {
             Map<String, Object> p = new LinkedHashMap<>();
@@ -65,7 +73,7 @@ public class FakeQuPath {
             if (name != null) p.put("name", name);
             p.putAll(otherProperties);
             if (description != null) p.put("metadata", Map.of("ANNOTATION_DESCRIPTION", description));
-            if (!measurements.isEmpty()) p.put("measurements", measurements);
+            if (!measurements.isEmpty()) p.put("measurements", measurementsJson());
             Map<String, Object> f = new LinkedHashMap<>();
             f.put("type", "Feature");
             f.put("id", id.toString());
@@ -75,22 +83,49 @@ public class FakeQuPath {
         }
     }
 
+    public static class FakePathObject extends FakeObjectBase {
+        FakePathObject(Map<String, Object> feature) { super(feature); }
+        public Map<String, Number> getMeasurements() { return measurements; } // QuPath >= 0.4: a live map
+        Object measurementsJson() { return measurements; }
+    }
+
+    public static class FakeMeasurementList {                  // QuPath <= 0.3
+        private final Map<String, Number> values;
+        FakeMeasurementList(Map<String, Number> values) { this.values = values; }
+        public boolean putMeasurement(String name, double value) { values.put(name, value); return true; }
+    }
+
+    public static class FakeLegacyPathObject extends FakeObjectBase {
+        FakeLegacyPathObject(Map<String, Object> feature) { super(feature); }
+        public FakeMeasurementList getMeasurementList() { return new FakeMeasurementList(measurements); }
+        Object measurementsJson() {
+            List<Object> out = new ArrayList<>();
+            for (Map.Entry<String, Number> e : measurements.entrySet()) {
+                Map<String, Object> m = new LinkedHashMap<>();
+                m.put("name", e.getKey());
+                m.put("value", e.getValue());
+                out.add(m);
+            }
+            return out;
+        }
+    }
+
     public static class FakeSelectionModel {
-        private final List<FakePathObject> selected = new ArrayList<>();
-        public List<FakePathObject> getSelectedObjects() { return selected; }
+        private final List<FakeObjectBase> selected = new ArrayList<>();
+        public List<FakeObjectBase> getSelectedObjects() { return selected; }
     }
 
     public static class FakeHierarchy {
-        private final List<FakePathObject> objects = new ArrayList<>();
+        private final List<FakeObjectBase> objects = new ArrayList<>();
         private final FakeSelectionModel selection = new FakeSelectionModel();
-        public List<FakePathObject> getAnnotationObjects() {
-            List<FakePathObject> out = new ArrayList<>();
-            for (FakePathObject o : objects) if (o.isAnnotation()) out.add(o);
+        public List<FakeObjectBase> getAnnotationObjects() {
+            List<FakeObjectBase> out = new ArrayList<>();
+            for (FakeObjectBase o : objects) if (o.isAnnotation()) out.add(o);
             return out;
         }
-        public List<FakePathObject> getAllObjects(boolean includeRoot) { return objects; }
+        public List<FakeObjectBase> getAllObjects(boolean includeRoot) { return objects; }
         public FakeSelectionModel getSelectionModel() { return selection; }
-        public boolean addObjects(Collection<FakePathObject> toAdd) { return objects.addAll(toAdd); }
+        public boolean addObjects(Collection<FakeObjectBase> toAdd) { return objects.addAll(toAdd); }
     }
 
     // --- image ------------------------------------------------------------------------------------------
@@ -153,22 +188,27 @@ public class FakeQuPath {
     public FakeImageData getCurrentImageData() { return imageData; }
     public void fireHierarchyUpdate() { hierarchyUpdates++; }
 
-    public List<String> toGeoJsonFeatureList(Collection<FakePathObject> objects) {
+    public List<String> toGeoJsonFeatureList(Collection<FakeObjectBase> objects) {
         List<String> out = new ArrayList<>();
-        for (FakePathObject o : objects) out.add(o.toGeoJson());
+        for (FakeObjectBase o : objects) out.add(o.toGeoJson());
         return out;
     }
 
     @SuppressWarnings("unchecked")
-    public List<FakePathObject> toPathObjects(String geoJson) {
+    public List<FakeObjectBase> toPathObjects(String geoJson) {
         Object parsed = Json.parse(geoJson);
         List<Object> features = new ArrayList<>();
         if (parsed instanceof List) features.addAll((List<Object>) parsed);
         else if (((Map<String, Object>) parsed).containsKey("features"))
             features.addAll((List<Object>) ((Map<String, Object>) parsed).get("features"));
         else features.add(parsed);
-        List<FakePathObject> out = new ArrayList<>();
-        for (Object f : features) out.add(new FakePathObject((Map<String, Object>) f));
+        List<FakeObjectBase> out = new ArrayList<>();
+        for (Object f : features) {
+            Map<String, Object> feature = (Map<String, Object>) f;
+            Object props = feature.get("properties");
+            boolean legacy = props instanceof Map && ((Map<String, Object>) props).get("measurements") instanceof List;
+            out.add(legacy ? new FakeLegacyPathObject(feature) : new FakePathObject(feature));
+        }
         return out;
     }
 
@@ -197,7 +237,7 @@ public class FakeQuPath {
     }
 
     public String testAddObject(String featureJson, boolean selected) {
-        FakePathObject o = toPathObjects(featureJson).get(0);
+        FakeObjectBase o = toPathObjects(featureJson).get(0);
         imageData.getHierarchy().objects.add(o);
         if (selected) imageData.getHierarchy().getSelectionModel().selected.add(o);
         return o.getID().toString();

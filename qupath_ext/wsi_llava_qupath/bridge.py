@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator
 from io import BytesIO
@@ -24,7 +25,7 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from wsi_llava.annotate import AnnotationUpdate, apply_to_properties, merge_description
+from wsi_llava.annotate import DESCRIPTION_KEY, AnnotationUpdate, apply_to_properties
 from wsi_llava.errors import AnnotationError, WsiLlavaError
 from wsi_llava.slide.region import Region
 
@@ -77,13 +78,34 @@ class QuPathAnnotation:
         return self.region.name or self.region.id or "annotation"
 
 
+_DRIVE = re.compile(r"^/([A-Za-z])[:|](?=/|$)")
+
+
+def uri_to_path(uri: str) -> str | None:
+    """The path a ``file:`` URI names, or None for another scheme (e.g. an OMERO or HTTP image server).
+
+    Java writes Windows files as ``file:/C:/My%20slides/a.svs`` or ``file:///C:/...``: both give
+    ``C:/My slides/a.svs`` (not ``/C:/...``). A host other than ``localhost`` is a UNC share (``//host/...``).
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme.lower() != "file":
+        return None
+    path = unquote(parsed.path)
+    if parsed.netloc and parsed.netloc.lower() != "localhost":
+        return f"//{parsed.netloc}{path}"
+    drive = _DRIVE.match(path)
+    if drive:
+        return f"{drive.group(1)}:{path[drive.end() :] or '/'}"
+    return path
+
+
 def _local_path(uri: str) -> Path | None:
     """The local file behind a ``file:`` URI if it exists on this machine."""
-    parsed = urlparse(uri)
-    if parsed.scheme not in ("file", ""):
+    path = uri_to_path(uri)
+    if path is None:
         return None
-    path = Path(unquote(parsed.path))
-    return path if path.is_file() else None
+    local = Path(path)
+    return local if local.is_file() else None
 
 
 def within(seconds: float, what: str, fn: Callable[[], T]) -> T:
@@ -285,17 +307,38 @@ class QuPathBridge:
         return [QuPathAnnotation(o, r) for o, r in zip(kept_objs, regions, strict=True)]
 
     def write(self, annotation: QuPathAnnotation, update: AnnotationUpdate, overwrite: bool = False) -> None:
-        """Write one answer into the live QuPath object: description, optional name, measurements."""
+        """Write one answer into the live QuPath object: description, optional name, measurements.
+
+        The new properties come from the core's :func:`apply_to_properties` (as for GeoJSON files) over
+        what was read from QuPath, with the description QuPath holds now. Measurements go back the way
+        they were read: QuPath <= 0.3 exports a list of ``{name, value}`` and takes
+        ``getMeasurementList().putMeasurement``, later versions an object and ``getMeasurements().put``.
+        """
         obj = annotation.java_object
-        # validate everything (e.g. finite measurements) before the first change
-        apply_to_properties({}, update, overwrite)
-        existing = self._call("getDescription", obj.getDescription)
-        self._call("setDescription", obj.setDescription, merge_description(existing, update, overwrite))
+        props = dict(annotation.region.properties)
+        metadata = props.get("metadata")
+        props["metadata"] = {**(metadata if isinstance(metadata, dict) else {}), DESCRIPTION_KEY: None}
+        live = self._call("getDescription", obj.getDescription)
+        if live is not None:
+            props["metadata"][DESCRIPTION_KEY] = str(live)
+        new = apply_to_properties(props, update, overwrite)  # checks everything before the first change
+        put = self._measurement_put(obj, legacy=isinstance(props.get("measurements"), list))
+        self._call("setDescription", obj.setDescription, new["metadata"][DESCRIPTION_KEY])
         if update.name is not None:
-            self._call("setName", obj.setName, update.name)
-        measurements = self._call("getMeasurements", obj.getMeasurements)
+            self._call("setName", obj.setName, new["name"])
         for key, value in update.measurements.items():
-            self._call("measurement put", measurements.put, key, float(value))
+            self._call("measurement put", put, key, float(value))
+
+    def _measurement_put(self, obj: Any, legacy: bool) -> Callable[[str, float], Any]:
+        """The Java method that sets one measurement of ``obj``, for the QuPath version that made it."""
+        from py4j.protocol import Py4JError
+
+        if not legacy:
+            try:
+                return obj.getMeasurements().put
+            except Py4JError:  # QuPath <= 0.3 has no getMeasurements(), and omits empty measurement lists
+                logger.debug("no getMeasurements(): writing through the QuPath <= 0.3 measurement list")
+        return self._call("getMeasurementList", obj.getMeasurementList).putMeasurement
 
     def add_annotation(self, feature: dict[str, Any]) -> None:
         """Add a new object from a GeoJSON feature (qubalab ``add_objects``)."""
@@ -382,5 +425,6 @@ __all__ = [
     "QuPathStatus",
     "connect",
     "status_within",
+    "uri_to_path",
     "within",
 ]

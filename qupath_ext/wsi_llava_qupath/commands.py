@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,37 @@ from wsi_llava_qupath.bridge import (
     connect,
     status_within,
 )
-from wsi_llava_qupath.sink import write_answer
+from wsi_llava_qupath.sink import deliver
 
 logger = logging.getLogger(__name__)
 
 DESCRIBE_QUESTION = "Describe the tissue in this region."
-WHOLE_SLIDE_NAME = "WSI-LLaVA: whole slide"
+
+
+@dataclass(frozen=True)
+class AskOptions:
+    """The model and write-back options of ``describe`` and ``ask`` (their click options, by name)."""
+
+    model: str
+    max_new_tokens: int | None
+    mpp: float | None
+    cache: Path | None
+    device: str
+    overwrite: bool
+    set_name: bool
+    dtype: str | None = None
+    model_base: Path | None = None
+
+    def context(self, bridge: QuPathBridge, annotation: QuPathAnnotation | None) -> dict[str, Any]:
+        """The result sinks' context for an answer about ``annotation`` (None: the whole image)."""
+        return {
+            "frontend": "qupath",
+            "qupath_bridge": bridge,
+            "qupath_annotation": annotation,
+            "overwrite": self.overwrite,
+            "set_name": self.set_name,
+            "refresh": annotation is None,  # region answers: one refresh after the last
+        }
 
 
 def _connection_options(fn):
@@ -87,27 +113,25 @@ def status(port: int, token: str | None, timeout: float) -> None:
     click.echo(f"annotations: {st.n_annotations}, selected: {st.n_selected}")
 
 
-def open_session(
-    bridge: QuPathBridge,
-    model: str,
-    mpp: float | None,
-    cache: Path | None,
-    device: str,
-    dtype: str | None = None,
-    model_base: Path | None = None,
-):
+def open_session(bridge: QuPathBridge, opts: AskOptions):
     """A SlideSession on QuPath's image: its file when reachable, else its pixels over the gateway."""
     from wsi_llava.session import SlideSession
     from wsi_llava.settings import cache_dir
     from wsi_llava_qupath.reader import write_pointer
 
-    kw = {"mpp": mpp, "cache_dir": cache, "device": device, "dtype": dtype, "model_base": model_base}
+    kw = {
+        "mpp": opts.mpp,
+        "cache_dir": opts.cache,
+        "device": opts.device,
+        "dtype": opts.dtype,
+        "model_base": opts.model_base,
+    }
     info = bridge.image_info()
     if info.local_path is not None:
-        return SlideSession(info.local_path, model, **kw)
-    pointer = write_pointer(bridge, cache_dir(cache) / "qupath")
+        return SlideSession(info.local_path, opts.model, **kw)
+    pointer = write_pointer(bridge, cache_dir(opts.cache) / "qupath")
     logger.info("%s is not reachable here: reading pixels through QuPath", info.server_path)
-    return SlideSession(pointer, model, reader="qupath", **kw)
+    return SlideSession(pointer, opts.model, reader="qupath", **kw)
 
 
 def _annotations(bridge: QuPathBridge, scope: str) -> list[QuPathAnnotation]:
@@ -121,22 +145,16 @@ def _annotations(bridge: QuPathBridge, scope: str) -> list[QuPathAnnotation]:
     return anns
 
 
+def _report_failures(failures: list[str]) -> None:
+    for message in failures:
+        click.echo(f"[{message}]", err=True)
+
+
 def run_annotations(
-    bridge: QuPathBridge,
-    anns: list[QuPathAnnotation],
-    question: str,
-    *,
-    model: str,
-    max_new_tokens: int | None,
-    mpp: float | None,
-    cache: Path | None,
-    device: str,
-    overwrite: bool,
-    set_name: bool,
-    dtype: str | None = None,
-    model_base: Path | None = None,
+    bridge: QuPathBridge, anns: list[QuPathAnnotation], question: str, opts: AskOptions
 ) -> tuple[int, int]:
-    """Answer ``question`` for each annotation and write each success back at once; (ok, failed)."""
+    """Answer ``question`` for each annotation and hand each answer to the result sinks at once
+    (the QuPath sink writes it back); (ok, failed)."""
     from wsi_llava.describe import RegionResult, describe_regions
     from wsi_llava.progress import TerminalProgress
 
@@ -145,7 +163,7 @@ def run_annotations(
         if result.ok:
             assert result.answer is not None
             try:
-                write_answer(bridge, ann, result.answer, overwrite=overwrite, set_name=set_name)
+                _report_failures(deliver(result.answer, opts.context(bridge, ann)))
             except WsiLlavaError as e:
                 result.error = f"answer not written: {e}"
         if result.ok:
@@ -153,13 +171,13 @@ def run_annotations(
         else:
             click.echo(f"{result.label}: FAILED: {result.error}", err=True)
 
-    with open_session(bridge, model, mpp, cache, device, dtype, model_base) as session:
+    with open_session(bridge, opts) as session:
         session.extract(progress=TerminalProgress())
         report = describe_regions(
             session,
             [a.region for a in anns],
             question,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=opts.max_new_tokens,
             progress=TerminalProgress(),
             on_result=on_result,
         )
@@ -195,7 +213,7 @@ def describe(scope: str, question: str, port: int, token: str | None, **kw: Any)
     bridge = connect(port, token)
     try:
         anns = _annotations(bridge, scope)
-        _finish(*run_annotations(bridge, anns, question, **kw))
+        _finish(*run_annotations(bridge, anns, question, AskOptions(**kw)))
     finally:
         bridge.close()
 
@@ -219,49 +237,24 @@ def ask(question: str, scope: str, port: int, token: str | None, **kw: Any) -> N
     try:
         if scope != "slide":
             anns = _annotations(bridge, scope)
-            _finish(*run_annotations(bridge, anns, question, **kw))
+            _finish(*run_annotations(bridge, anns, question, AskOptions(**kw)))
             return
-        _ask_whole_slide(bridge, question, **kw)
+        _ask_whole_slide(bridge, question, AskOptions(**kw))
     finally:
         bridge.close()
 
 
-def _ask_whole_slide(
-    bridge: QuPathBridge,
-    question: str,
-    *,
-    model: str,
-    max_new_tokens: int | None,
-    mpp: float | None,
-    cache: Path | None,
-    device: str,
-    overwrite: bool,
-    set_name: bool,
-    dtype: str | None = None,
-    model_base: Path | None = None,
-) -> None:
-    """Answer about the whole image and add it as a new whole-image annotation (nothing else changes)."""
-    from wsi_llava.annotate import apply_to_properties, update_from_answer
+def _ask_whole_slide(bridge: QuPathBridge, question: str, opts: AskOptions) -> None:
+    """Answer about the whole image; the QuPath sink adds it as a new whole-image annotation."""
     from wsi_llava.progress import TerminalProgress
 
-    with open_session(bridge, model, mpp, cache, device, dtype, model_base) as session:
+    with open_session(bridge, opts) as session:
         session.extract(progress=TerminalProgress())
-        answer = session.ask(question, max_new_tokens=max_new_tokens)
-        w, h = session.reader.dimensions
+        answer = session.ask(question, max_new_tokens=opts.max_new_tokens)
     click.echo(answer.answer)
     if answer.notice:
         click.echo(f"[{answer.notice}]", err=True)
     for warning in answer.warnings:
         click.echo(f"[warning: {warning}]", err=True)
-    update = update_from_answer(answer, set_name=set_name)
-    props = apply_to_properties(
-        {"objectType": "annotation", "name": WHOLE_SLIDE_NAME}, update, overwrite=True
-    )
-    feature = {
-        "type": "Feature",
-        "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [w, 0], [w, h], [0, h], [0, 0]]]},
-        "properties": props,
-    }
-    bridge.add_annotation(feature)
-    bridge.refresh()
-    click.echo(f"added annotation {props['name']!r} with the answer to QuPath")
+    _report_failures(deliver(answer, opts.context(bridge, None)))
+    click.echo("added a whole-image annotation with the answer to QuPath")
