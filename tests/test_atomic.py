@@ -158,3 +158,30 @@ def test_folder_replace_succeeds_cleanly_with_umask_mode(tmp_path, umask):
     with pytest.raises(NotADirectoryError), atomic_folder(tmp_path / "file", replace=True):
         pass
     assert (tmp_path / "file").read_text() == "x" and _leftovers(tmp_path) == []
+
+
+def test_publish_folder_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A folder filled elsewhere (training checkpoints written by every rank) replaces the old one."""
+    from wsi_llava import atomic
+
+    target = tmp_path / "step_0000010"
+    target.mkdir()
+    (target / "state.pt").write_text("old")
+    filled = tmp_path / "step_0000010.tmp"
+    filled.mkdir()
+    (filled / "state.pt").write_text("new")
+    atomic.publish_folder(filled, target)
+    assert (target / "state.pt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000010"]
+
+    again = tmp_path / "again.tmp"
+    again.mkdir()
+    (again / "state.pt").write_text("newer")
+
+    def broken(a, b):
+        raise OSError(5, "I/O error")
+
+    monkeypatch.setattr(atomic, "_exchange", broken)
+    with pytest.raises(OSError):
+        atomic.publish_folder(again, target)
+    assert (target / "state.pt").read_text() == "new"  # the old checkpoint is still whole

@@ -231,3 +231,16 @@ def atomic_folder(target: str | Path, *, replace: bool = False, fsync: bool = Tr
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def publish_folder(filled: str | Path, target: str | Path, *, fsync: bool = True) -> Path:
+    """Put an already filled folder (e.g. one several processes wrote into) at ``target``, replacing it.
+
+    For writers that cannot use :func:`atomic_folder`'s own temporary; ``filled`` must be on the same file
+    system (beside ``target``). An existing ``target`` stays whole until the new one is in place.
+    """
+    filled, target = Path(filled), _destination(target)
+    if fsync:
+        _fsync_tree(filled)
+    _swap_in(filled, target)
+    return target

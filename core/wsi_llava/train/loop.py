@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from wsi_llava.atomic import publish_folder
 from wsi_llava.train.config import LoopConfig, OptimConfig, TrainError
 from wsi_llava.train.data import iter_steps, shard, total_steps
 
@@ -476,9 +477,7 @@ def _save_state(
         state["optimizer"] = opt.state_dict()
     if d.main:
         torch.save(state, tmp / STATE_FILE)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
+        publish_folder(tmp, folder)  # a crash leaves the old checkpoint or the new one, never neither
         for old in list_checkpoints(out)[: -loop.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     barrier(d)
