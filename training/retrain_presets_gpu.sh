@@ -19,7 +19,9 @@
 #     bash training/retrain_presets_gpu.sh stash   carry: ["runs/presets/carry/part_K"]
 # and last:
 #     bash training/retrain_presets_gpu.sh run     carry: [".devcarry", "runs/presets/carry/parts.sha256"]
-# A run whose parts are not all stashed stops at once and names the missing ones.
+# A run whose parts are not all stashed stops at once and names the missing ones. Every call also carries the
+# tree (about 36 MB, most of it the demo weights, which only `run` needs): with PART_MB=42 there are three parts,
+# and the stash calls fit when the demo weights are moved out of the tree for them (and back before `run`).
 #
 # env: SLIDES (100 per training world), HELDOUT_SLIDES (12), MAX_STEPS (unset: the config's 1 epoch),
 #      CHECK_SECONDS (80), CHECK_SLIDES (all), EVAL_SECONDS (90), DEVICE (cuda), PREP_DEVICE (cpu),
