@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import zarr
-from cache_kit import damage, feature_chunks, start_held_write, write_pyramid
+from kits.cache import damage, feature_chunks, start_held_write, write_pyramid
 
 from wsi_llava.encoders.cache import CacheKey, FeatureCache
 from wsi_llava.encoders.extract import cache_key_for, extract_features

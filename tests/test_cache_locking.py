@@ -8,7 +8,7 @@ import sys
 import textwrap
 
 import numpy as np
-from cache_kit import write_pyramid
+from kits.cache import write_pyramid
 
 EXTRACT_ONE = textwrap.dedent(
     """

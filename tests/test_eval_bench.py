@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from wsi_bench_files import BENCH, SKIP_REASON, needs_bench
+from kits.wsi_bench import BENCH, SKIP_REASON, needs_bench
 
 from wsi_llava.errors import WsiLlavaError
 from wsi_llava.eval.bench import (
@@ -241,7 +241,7 @@ def test_bad_jsonl_and_duplicates(tmp_path):
 
 def test_bench_folder_from_the_environment(monkeypatch, tmp_path):
     """A fresh clone without ``../shared`` beside it runs the WSI-Bench tests with $WSI_LLAVA_BENCH_DIR."""
-    from wsi_bench_files import bench_dir
+    from kits.wsi_bench import bench_dir
 
     monkeypatch.setenv("WSI_LLAVA_BENCH_DIR", str(tmp_path / "bench"))
     assert bench_dir() == tmp_path / "bench"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from wsi_bench_files import BENCH, needs_bench
+from kits.wsi_bench import BENCH, needs_bench
 
 from wsi_llava.eval.command import eval_command
 from wsi_llava.eval.runner import read_predictions, run_predictions

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from wsi_bench_files import BENCH, SKIP_REASON
+from kits.wsi_bench import BENCH, SKIP_REASON
 
 from wsi_llava.eval import nlu
 from wsi_llava.eval.accuracy import close_accuracy, majority_answers, parse_choice

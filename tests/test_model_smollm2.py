@@ -180,8 +180,8 @@ def small_ckpt(smol, tmp_path_factory):
 
 def test_ask_cache_holds_the_converted_llm(small_ckpt, smol_cache, tmp_path, monkeypatch):
     """``ask --cache DIR`` takes the converted LLM from DIR/llm too, never from ``$WSI_LLAVA_CACHE``."""
-    from cache_kit import write_pyramid
     from click.testing import CliRunner
+    from kits.cache import write_pyramid
 
     from wsi_llava.cli import cli
 

@@ -19,7 +19,7 @@ def bench_dir() -> Path:
     env = os.environ.get(BENCH_ENV)
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parents[2] / "shared/data/wsi-bench"
+    return Path(__file__).resolve().parents[3] / "shared/data/wsi-bench"  # ../shared beside the checkout
 
 
 BENCH = bench_dir()
