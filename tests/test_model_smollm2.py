@@ -134,7 +134,7 @@ def test_untrained_demo_builds_streams_and_round_trips(smol, tmp_path):
 
 def test_shipped_demo_weights_load_as_a_trained_demo(smol):
     """``load_model('demo')`` is the shipped checkpoint: demo-labelled, trained, its own tile encoder."""
-    from wsi_llava.encoders.tile import weights_sha256
+    from wsi_llava.features.tile import weights_sha256
     from wsi_llava.model.demo import DEMO_WEIGHTS
 
     if not (DEMO_WEIGHTS / "wsi_llava.json").is_file():
@@ -154,12 +154,12 @@ def test_shipped_demo_weights_load_as_a_trained_demo(smol):
 @pytest.fixture(scope="module")
 def small_ckpt(smol, tmp_path_factory):
     """A slide-ready checkpoint on the packaged SmolLM2 (weights not copied: it names the package id)."""
-    from wsi_llava.encoders.config import SlideEncoderConfig
-    from wsi_llava.encoders.slide_encoder import SlideEncoder
     from wsi_llava.model.checkpoint import save_checkpoint
     from wsi_llava.model.projector import build_projector
     from wsi_llava.model.spec import LLMSpec, ModelSpec, ProjectorSpec, TileEncoderSpec
     from wsi_llava.model.wsi_llava import WSILlava
+    from wsi_llava.slide_encoder.config import SlideEncoderConfig
+    from wsi_llava.slide_encoder.slide_encoder import SlideEncoder
 
     llm, tok = smol
     torch.manual_seed(0)

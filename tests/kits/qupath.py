@@ -31,11 +31,11 @@ def load_tiny(device: str = "cpu", dtype: str | None = None):
     import torch
 
     from kits.llm import make_tiny_llama, make_tiny_tokenizer
-    from wsi_llava.encoders.config import SlideEncoderConfig
-    from wsi_llava.encoders.slide_encoder import SlideEncoder
     from wsi_llava.model.projector import build_projector
     from wsi_llava.model.spec import LLMSpec, ModelSpec, ProjectorSpec, TileEncoderSpec
     from wsi_llava.model.wsi_llava import WSILlava
+    from wsi_llava.slide_encoder.config import SlideEncoderConfig
+    from wsi_llava.slide_encoder.slide_encoder import SlideEncoder
 
     tok = make_tiny_tokenizer()
     llm = make_tiny_llama(tok, seed=0)

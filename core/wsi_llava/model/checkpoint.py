@@ -160,7 +160,7 @@ def build_slide_encoder(spec: ModelSpec, folder: Path | None = None) -> Any:
     """
     if spec.slide_encoder is None:
         return None
-    from wsi_llava.encoders.slide_encoder import SlideEncoder, SlideEncoderConfig
+    from wsi_llava.slide_encoder.slide_encoder import SlideEncoder, SlideEncoderConfig
 
     try:
         cfg = SlideEncoderConfig(**spec.slide_encoder)
@@ -189,8 +189,8 @@ def build_tile_encoder(spec: ModelSpec, folder: Path | None) -> Any:
     Relative weight paths resolve against the checkpoint folder; the encoder id (which keys the
     feature cache) is the weights file's checksum, or the random-init seed when there are none.
     """
-    from wsi_llava.encoders.tile import build_tile_encoder as build
-    from wsi_llava.encoders.tile import build_tile_encoder_from_folder
+    from wsi_llava.features.tile import build_tile_encoder as build
+    from wsi_llava.features.tile import build_tile_encoder_from_folder
 
     te = spec.tile_encoder
     if te.source:

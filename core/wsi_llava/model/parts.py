@@ -170,8 +170,8 @@ def inspect_language(source: str, base: str | None) -> LanguageInfo:
 def _slide_encoder_config(path: Path, lang: LanguageInfo) -> Any:
     """The slide encoder's config: from a wsi-llava checkpoint's spec beside its own weights file, else
     read from Prov-GigaPath's ``slide_encoder.pth`` (576 tokens, zero-padded to the projector input)."""
-    from wsi_llava.encoders.longnet import gigapath_config
-    from wsi_llava.encoders.slide_encoder import SlideEncoderConfig
+    from wsi_llava.slide_encoder.longnet import gigapath_config
+    from wsi_llava.slide_encoder.slide_encoder import SlideEncoderConfig
 
     if path.suffix == ".safetensors":
         spec_file = path.parent / SPEC_FILE
@@ -185,8 +185,8 @@ def _slide_encoder_config(path: Path, lang: LanguageInfo) -> Any:
             raise ModelError(f"{spec_file}: names no slide encoder")
         import torch
 
-        from wsi_llava.encoders.slide_encoder import SlideEncoder
-        from wsi_llava.encoders.weights import check_fits, read_shapes
+        from wsi_llava.features.weights import check_fits, read_shapes
+        from wsi_llava.slide_encoder.slide_encoder import SlideEncoder
 
         try:
             cfg = SlideEncoderConfig(**own)
@@ -211,7 +211,7 @@ def assemble_spec(
     tiling: TilingSpec | None = None,
 ) -> tuple[ModelSpec, ModelReport]:
     """The ``ModelSpec`` of a model made of these parts, after checking each part and every width."""
-    from wsi_llava.encoders.timm_hub import inspect_folder
+    from wsi_llava.features.timm_hub import inspect_folder
 
     llava_src = canonical_source(llava, "--llava")
     base_src = canonical_source(llava_base, "--llava-base") if llava_base else None

@@ -728,13 +728,13 @@ class WSILlava(nn.Module):
 
 def tile_encoder_id(spec: ModelSpec, checkpoint_dir: str | Path | None = None, built: Any = None) -> str:
     """The feature-cache id of ``spec``'s tile encoder (name + weights checksum), without building it."""
-    from wsi_llava.encoders.tile import RANDOM_SEED, weights_sha256
+    from wsi_llava.features.tile import RANDOM_SEED, weights_sha256
 
     if built is not None:
         return str(built.encoder_id)
     te = spec.tile_encoder
     if te.source is not None:
-        from wsi_llava.encoders.timm_hub import weights_file
+        from wsi_llava.features.timm_hub import weights_file
         from wsi_llava.model.checkpoint import _part_path
 
         path = weights_file(

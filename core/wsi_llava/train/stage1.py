@@ -81,10 +81,10 @@ def contrastive_loss(
 
 def build_base(cfg: Stage1Config) -> tuple[Any, Any, Any]:
     """``(spec, slide_encoder, projector)`` of the starting model (the demo, or a checkpoint folder)."""
-    from wsi_llava.encoders.slide_encoder import SlideEncoder, SlideEncoderConfig
     from wsi_llava.model.checkpoint import PROJECTOR_FILE, SLIDE_ENCODER_FILE, _load_into, build_slide_encoder
     from wsi_llava.model.projector import build_projector
     from wsi_llava.model.spec import ModelSpec
+    from wsi_llava.slide_encoder.slide_encoder import SlideEncoder, SlideEncoderConfig
 
     if cfg.model.base == "demo":
         from wsi_llava.model.demo import DEMO_SEED, demo_spec
