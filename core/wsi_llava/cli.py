@@ -179,7 +179,7 @@ def _extract_encoder(
         if weights is not None:
             raise click.UsageError("--weights goes with --encoder (a model brings its own weights)")
         from wsi_llava.model import load_tile_encoder
-        from wsi_llava.model.checkpoint import TILE_ENCODER_FILE
+        from wsi_llava.model.build import TILE_ENCODER_FILE
         from wsi_llava.session import inference_tile_encoder
         from wsi_llava.settings import resolve_device
 

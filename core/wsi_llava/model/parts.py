@@ -15,6 +15,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from wsi_llava.errors import ModelError
+from wsi_llava.model import llava_import
+from wsi_llava.model.build import SLIDE_ENCODER_FILE as OWN_SLIDE_ENCODER
+from wsi_llava.model.build import inner_source
 from wsi_llava.model.spec import (
     SPEC_FILE,
     GenerationSpec,
@@ -87,14 +90,6 @@ def spec_sources(spec: ModelSpec) -> dict[str, str]:
     return out
 
 
-def inner_source(folder: Path, source: str, what: str) -> Path:
-    """A source named inside a checkpoint: relative to its folder when it exists there, else as given."""
-    local = Path(folder) / source
-    if not Path(source).is_absolute() and not source.startswith("hf://") and local.exists():
-        return local
-    return resolve_source(source, what)
-
-
 def _hidden_of_folder(folder: Path) -> int:
     cfg_path = folder / "config.json"
     try:
@@ -106,8 +101,6 @@ def _hidden_of_folder(folder: Path) -> int:
 
 def inspect_language(source: str, base: str | None) -> LanguageInfo:
     """The LLM side of ``source``: a LLaVA-format checkpoint (over ``base``) or one of our checkpoints."""
-    from wsi_llava.model import llava_import
-
     path = resolve_source(source, "LLaVA")
     base_path = resolve_source(base, "LLaVA base") if base else None
     if (path / SPEC_FILE).is_file():
@@ -126,8 +119,6 @@ def inspect_language(source: str, base: str | None) -> LanguageInfo:
             if llava_import.is_llava_checkpoint(llm_path)
             else _hidden_of_folder(llm_path)
         )
-        from wsi_llava.model.checkpoint import SLIDE_ENCODER_FILE as OWN_SLIDE_ENCODER
-
         own_se = inner.slide_encoder if (path / OWN_SLIDE_ENCODER).is_file() else None
         proj = path / "projector.safetensors"
         if not proj.is_file():
@@ -220,8 +211,6 @@ def assemble_spec(
     if slide_encoder:
         se_src = canonical_source(slide_encoder, "--slide-encoder")
     elif lang.slide_encoder is not None:  # a checkpoint of ours keeps its own stage-1 slide encoder
-        from wsi_llava.model.checkpoint import SLIDE_ENCODER_FILE as OWN_SLIDE_ENCODER
-
         se_src = join_source(llava_src, OWN_SLIDE_ENCODER)
     else:
         se_src = join_source(te_src, SLIDE_ENCODER_FILE)

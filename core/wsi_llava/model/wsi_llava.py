@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from wsi_llava.errors import ModelError
+from wsi_llava.model.build import build_tile_encoder, tile_encoder_id
 from wsi_llava.model.spec import GenerationSpec, ModelSpec
 from wsi_llava.model.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX, PromptParts, build_prompt
 
@@ -245,8 +246,6 @@ class WSILlava(nn.Module):
         """The tile encoder named in the spec, with this checkpoint's weights (or its own when trained here)."""
         if self.tile_encoder is not None:
             return self.tile_encoder
-        from wsi_llava.model.checkpoint import build_tile_encoder
-
         return build_tile_encoder(self.spec, self.checkpoint_dir)
 
     def _embed_tokens(self) -> nn.Module:
@@ -724,26 +723,3 @@ class WSILlava(nn.Module):
         if not np.isfinite(total) or total <= 0:
             return np.full(n_vis, 1.0 / n_vis)
         return scores / total
-
-
-def tile_encoder_id(spec: ModelSpec, checkpoint_dir: str | Path | None = None, built: Any = None) -> str:
-    """The feature-cache id of ``spec``'s tile encoder (name + weights checksum), without building it."""
-    from wsi_llava.features.tile import RANDOM_SEED, weights_sha256
-
-    if built is not None:
-        return str(built.encoder_id)
-    te = spec.tile_encoder
-    if te.source is not None:
-        from wsi_llava.features.timm_hub import weights_file
-        from wsi_llava.model.checkpoint import _part_path
-
-        path = weights_file(
-            _part_path(Path(checkpoint_dir) if checkpoint_dir else None, te.source, "tile encoder")
-        )
-    elif te.weights is not None:
-        path = Path(te.weights)
-        if not path.is_absolute() and checkpoint_dir is not None:
-            path = Path(checkpoint_dir) / path
-    else:
-        return f"{te.name}:random-seed{RANDOM_SEED}"
-    return f"{te.name}:sha256-{weights_sha256(path)[:16]}"

@@ -34,9 +34,9 @@ def checkpoint_tile_weights(spec: ModelSpec, folder: Path) -> Path:
     te = spec.tile_encoder
     if te.source is not None:
         from wsi_llava.features.timm_hub import weights_file
-        from wsi_llava.model.checkpoint import _part_path
+        from wsi_llava.model.build import part_path
 
-        return weights_file(_part_path(folder, te.source, "tile encoder"))
+        return weights_file(part_path(folder, te.source, "tile encoder"))
     if te.weights is None:
         raise TrainError(
             f"{folder / SPEC_FILE}: tile_encoder has no weights (a random encoder): feature statistics "
