@@ -104,7 +104,7 @@ def test_untrained_demo_builds_streams_and_round_trips(smol, tmp_path):
     model = build_untrained_demo()
     spec = model.spec
     assert spec.demo and spec.untrained and spec.template == "chat" and spec.tile_encoder.name == "demo-vit"
-    assert model.slide_encoder is not None and spec.slide_encoder_n_tokens == 576
+    assert model.slide_encoder is not None and spec.n_visual_tokens == 576
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(40, 192, generator=g)
     coords = (

@@ -261,7 +261,7 @@ class SlideSession:
         from wsi_llava.slide_encoder.pooling import bin_to_tile_scores
 
         bin_scores = np.asarray(self.model.visual_relevance(question, visual, answer_ids), dtype=np.float64)
-        n_bins = self.model.spec.slide_encoder_n_tokens
+        n_bins = self.model.spec.n_visual_tokens
         tile_scores = bin_to_tile_scores(bin_scores[:n_bins], len(indices))
         total = tile_scores.sum()
         if total > 0:

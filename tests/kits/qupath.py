@@ -49,7 +49,6 @@ def load_tiny(device: str = "cpu", dtype: str | None = None):
         projector=ProjectorSpec(in_dim=se_cfg.out_dim, out_dim=64),
         llm=LLMSpec(source="tiny"),
         template="chat",
-        n_visual_tokens=16,
     )
     projector = build_projector("mlp2x_gelu", se_cfg.out_dim, 64).eval()
     return WSILlava(llm, tok, projector, spec, slide_encoder=SlideEncoder(se_cfg).eval())

@@ -73,6 +73,7 @@ def save_checkpoint(
             cfg = getattr(model.slide_encoder, "config", None)
             if cfg is not None and hasattr(cfg, "model_dump"):
                 spec.slide_encoder = cfg.model_dump(mode="json")
+                spec.n_visual_tokens = cfg.n_tokens  # the stored count follows the encoder's bins
         if model.tile_encoder is not None:
             save_file(_state(model.tile_encoder), str(tmp / TILE_ENCODER_FILE))
             spec.tile_encoder.weights = TILE_ENCODER_FILE

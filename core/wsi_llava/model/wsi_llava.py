@@ -160,7 +160,7 @@ class WSILlava(nn.Module):
 
     @property
     def n_visual_tokens(self) -> int:
-        return self.spec.slide_encoder_n_tokens
+        return self.spec.n_visual_tokens
 
     def prompt(self, question: str, answer: str | None = None) -> PromptParts:
         """Token ids for ``question`` in this model's template (labels too when ``answer`` is given)."""
