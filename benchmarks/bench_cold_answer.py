@@ -118,7 +118,7 @@ def build_models(smoke: bool, device: Any, stages: Stages) -> tuple[Any, Any]:
     """The tile encoder and the ``WSILlava`` (LLM + projector + slide encoder), each build timed."""
     import torch
 
-    from wsi_llava.encoders.slide_encoder import SlideEncoder, SlideEncoderConfig
+    from wsi_llava.slide_encoder.slide_encoder import SlideEncoder, SlideEncoderConfig
 
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     with stages.stage("tile_encoder", what="ViT-g/16 (Prov-GigaPath shape)" if not smoke else "demo-vit"):
@@ -157,9 +157,9 @@ def run_ours(
     """Our path from a cold slide to the last of ``n_new`` tokens; per-stage figures and the features."""
     import torch
 
-    from wsi_llava.encoders.cache import FeatureCache
-    from wsi_llava.encoders.extract import extract_features
-    from wsi_llava.encoders.fast import fast_encoder
+    from wsi_llava.features.cache import FeatureCache
+    from wsi_llava.features.extract import extract_features
+    from wsi_llava.features.fast import fast_encoder
     from wsi_llava.slide import open_slide
     from wsi_llava.slide.tiling import make_tile_grid
 
@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("wsi_llava.encoders.extract").setLevel(logging.INFO)
+    logging.getLogger("wsi_llava.features.extract").setLevel(logging.INFO)
     os.environ.pop("WSI_LLAVA_FAST_DECODE", None)
     t_proc = time.perf_counter()
 

@@ -242,7 +242,7 @@ def eager_step_logits(model: Any, question: str, vis: Any, ids: list[int], steps
     """(steps, vocab) float logits of the eager HF step (the loop ``stream`` runs with fast decoding off)."""
     import torch
 
-    from wsi_llava.model.wsi_llava import _cache_of
+    from wsi_llava.model.generation import cache_of
 
     s = model.embed(torch.tensor([model.prompt(question).input_ids]), vis[None])
     n = s.inputs_embeds.shape[1]
@@ -255,7 +255,7 @@ def eager_step_logits(model: Any, question: str, vis: Any, ids: list[int], steps
             use_cache=True,
             logits_to_keep=1,
         )
-        cache, ref = _cache_of(out), []
+        cache, ref = cache_of(out), []
         for i in range(steps):
             out = model.llm(
                 input_ids=torch.tensor([[ids[i]]], device=model.device),
@@ -263,7 +263,7 @@ def eager_step_logits(model: Any, question: str, vis: Any, ids: list[int], steps
                 use_cache=True,
                 **{arg: cache},
             )
-            cache = _cache_of(out)
+            cache = cache_of(out)
             ref.append(out.logits[0, -1].float())
     return torch.stack(ref)
 
@@ -272,7 +272,7 @@ def fast_step_logits(model: Any, question: str, vis: Any, ids: list[int], steps:
     """(steps, vocab) float logits of the model's fast decoder (graph replays), fed the same ids."""
     import torch
 
-    from wsi_llava.model.wsi_llava import _cache_of
+    from wsi_llava.model.generation import cache_of
 
     dec = model._fast[1]
     s = model.embed(torch.tensor([model.prompt(question).input_ids]), vis[None])
@@ -286,7 +286,7 @@ def fast_step_logits(model: Any, question: str, vis: Any, ids: list[int], steps:
             logits_to_keep=1,
         )
         dec.ensure_capacity(n + steps + 1)
-        dec.load_prefix(_cache_of(out), n)
+        dec.load_prefix(cache_of(out), n)
         return torch.stack([dec.step(ids[i], n + i)[0].float().clone() for i in range(steps)])
 
 

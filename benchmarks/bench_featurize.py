@@ -8,7 +8,7 @@ as abbreviated JPEG streams with shared ``JPEGTables``, as scanners write them; 
 (``--quick``: about 2,000). Random weights in the published shapes. Then, on one CUDA device:
 
 * encoder only, batch 256, uint8 tiles already on the GPU: the eager reference (TileEncoder under bf16
-  autocast, what ``extract_features`` ran before) versus :class:`~wsi_llava.encoders.fast.FastTileEncoder`
+  autocast, what ``extract_features`` ran before) versus :class:`~wsi_llava.features.fast.FastTileEncoder`
   (compiled blocks, bf16 autocast) and, for information, the same with bf16 weights; relative error of
   each against an fp32 eager reference;
 * GPU JPEG decode only (raw tile streams -> nvJPEG), the rate the reading side can deliver;
@@ -221,7 +221,7 @@ def make_encoder(name: str, device):
     import timm
     import torch
 
-    from wsi_llava.encoders.tile import TIMM_SPECS, TileEncoder
+    from wsi_llava.features.tile import TIMM_SPECS, TileEncoder
 
     if name == "pool":  # no model to speak of: the host-memory run measures the pipeline alone
         model = torch.nn.Sequential(
@@ -284,7 +284,7 @@ def bench_encoder(name: str, device, batch: int, iters: int, variants: list[str]
     """Encoder-only tiles/s on uint8 tiles already on the device; relative error vs an fp32 eager run."""
     import torch
 
-    from wsi_llava.encoders.fast import FastTileEncoder
+    from wsi_llava.features.fast import FastTileEncoder
 
     enc = make_encoder(name, device)
     g = torch.Generator(device="cpu").manual_seed(1)
@@ -415,8 +415,8 @@ def _reset_hwm() -> bool:
 
 def bench_ours(path: Path, grid, enc, device, batch: int, workdir: Path, label: str) -> dict:
     """``extract_features`` (fast path) over ``grid`` into a fresh cache; tiles/s, memory."""
-    from wsi_llava.encoders.cache import FeatureCache
-    from wsi_llava.encoders.extract import extract_features
+    from wsi_llava.features.cache import FeatureCache
+    from wsi_llava.features.extract import extract_features
     from wsi_llava.slide import open_slide
 
     cache_dir = workdir / f"cache_{label}"
@@ -594,8 +594,8 @@ def reference_error(path: Path, grid, enc, feats, device, n: int = 128) -> dict:
 
 def bench_previous(path: Path, grid, enc, device, workdir: Path) -> dict:
     """``extract_features(fast=False)``: what ran before (iter_tile_batches, 2 threads, eager, batch 64)."""
-    from wsi_llava.encoders.cache import FeatureCache
-    from wsi_llava.encoders.extract import extract_features
+    from wsi_llava.features.cache import FeatureCache
+    from wsi_llava.features.extract import extract_features
     from wsi_llava.slide import open_slide
 
     cache_dir = workdir / "cache_previous"
@@ -756,7 +756,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("wsi_llava.encoders.extract").setLevel(logging.INFO)  # which path each run took
+    logging.getLogger("wsi_llava.features.extract").setLevel(logging.INFO)  # which path each run took
 
     import torch
 
@@ -818,7 +818,7 @@ def main() -> None:
             warm, _ = bench_ours(
                 slide_path, sub_grid(grid, 768), enc, device, 256, args.workdir, f"{name}_warm"
             )
-            from wsi_llava.encoders.fast import fast_encoder
+            from wsi_llava.features.fast import fast_encoder
 
             fenc = fast_encoder(enc, device)
             fenc.wait()  # the encoder compiles in a thread: the timed runs start once it is in use

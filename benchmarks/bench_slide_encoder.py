@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import longnet_v0  # noqa: E402
 
-from wsi_llava.encoders import longnet  # noqa: E402
-from wsi_llava.encoders.config import SlideEncoderConfig  # noqa: E402
+from wsi_llava.slide_encoder import longnet  # noqa: E402
+from wsi_llava.slide_encoder.config import SlideEncoderConfig  # noqa: E402
 
 NEW_DILATED = longnet.dilated_attention
 NEW_FFN = longnet.FeedForward.forward

@@ -1,6 +1,6 @@
 """The slide encoder's dilated attention as it was before the speed work (issue 7), kept for benchmarks.
 
-``bench_slide_encoder.py`` swaps these into :mod:`wsi_llava.encoders.longnet` to time the old version on the
+``bench_slide_encoder.py`` swaps these into :mod:`wsi_llava.slide_encoder.longnet` to time the old version on the
 same card and to measure the new one's numerical difference. Not used by the package.
 """
 
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from wsi_llava.encoders.longnet import attention_with_lse
+from wsi_llava.slide_encoder.longnet import attention_with_lse
 
 
 def _head_offsets(num_heads: int, ratio: int, device: torch.device) -> torch.Tensor:

@@ -8,7 +8,7 @@ Writes, under ``OUT``:
   (``vit_giant_patch14_dinov2``, patch 16, 1536-d, 40 blocks), ``pytorch_model.bin`` (timm's own state
   dict of that architecture, 1.13 B parameters, fp32, ``torch.save``) and ``slide_encoder.pth`` as
   Prov-GigaPath releases it: ``{"model": state_dict}`` of the LongNet slide encoder (12 layers x 768,
-  input 1536), in the key layout of :class:`~wsi_llava.encoders.longnet.LongNetViT`;
+  input 1536), in the key layout of :class:`~wsi_llava.slide_encoder.longnet.LongNetViT`;
 * ``wsi-llava-v1.5-7b/``: a merged LLaVA-1.5 folder as ``wsi-llava-v1.5-7b-e1`` ships: ``config.json``
   (``LlavaLlamaForCausalLM`` keys, Vicuna-7B sizes, ``mm_projector_type mlp2x_gelu``,
   ``mm_hidden_size 1024``), ``model-0000i-of-0000N.safetensors`` shards of at most 5 GB (the size
@@ -292,8 +292,8 @@ def write_gigapath(folder: Path, size: str, fill: Filler) -> dict[str, Any]:
     import timm
     import torch
 
-    from wsi_llava.encoders.config import SlideEncoderConfig
-    from wsi_llava.encoders.longnet import LongNetViT
+    from wsi_llava.slide_encoder.config import SlideEncoderConfig
+    from wsi_llava.slide_encoder.longnet import LongNetViT
 
     folder.mkdir(parents=True, exist_ok=True)
     cfg = gigapath_config(size)

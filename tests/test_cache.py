@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import zarr
 
-from wsi_llava.encoders.cache import CacheKey, FeatureCache, grid_hash
 from wsi_llava.errors import CacheError
+from wsi_llava.features.cache import CacheKey, FeatureCache, grid_hash
 
 
 def _contents(root) -> list:

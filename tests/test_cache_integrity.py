@@ -13,10 +13,10 @@ import pytest
 import zarr
 from kits.cache import damage, feature_chunks, start_held_write, write_pyramid
 
-from wsi_llava.encoders.cache import CacheKey, FeatureCache
-from wsi_llava.encoders.extract import cache_key_for, extract_features
-from wsi_llava.encoders.tile import build_tile_encoder
 from wsi_llava.errors import CacheError
+from wsi_llava.features.cache import CacheKey, FeatureCache
+from wsi_llava.features.extract import cache_key_for, extract_features
+from wsi_llava.features.tile import build_tile_encoder
 from wsi_llava.slide import open_slide
 from wsi_llava.slide.tiling import make_tile_grid
 
@@ -44,7 +44,7 @@ def _warnings(caplog) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.levelno >= logging.WARNING and r.name == "wsi_llava.encoders.cache"
+        if r.levelno >= logging.WARNING and r.name == "wsi_llava.features.cache"
     ]
 
 

@@ -15,9 +15,9 @@ EXTRACT_ONE = textwrap.dedent(
     import sys, time
     from pathlib import Path
     import numpy as np
-    from wsi_llava.encoders.cache import FeatureCache
-    from wsi_llava.encoders.extract import extract_features
-    from wsi_llava.encoders.tile import build_tile_encoder
+    from wsi_llava.features.cache import FeatureCache
+    from wsi_llava.features.extract import extract_features
+    from wsi_llava.features.tile import build_tile_encoder
     from wsi_llava.slide import open_slide
     from wsi_llava.slide.tiling import make_tile_grid
 

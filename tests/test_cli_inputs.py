@@ -132,7 +132,7 @@ def test_question_in_non_utf8_bytes_from_the_terminal(slide, shared_cache):
 
 
 def test_disk_full_while_caching_features_names_the_cache_folder(slide, tmp_path, monkeypatch):
-    from wsi_llava.encoders import cache as cache_mod
+    from wsi_llava.features import cache as cache_mod
 
     def full(self, indices, features):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -151,7 +151,7 @@ def test_extract_with_the_model_fills_the_cache_that_ask_reads(slide, tmp_path, 
     out = run_cli("extract", str(slide), "--cache", str(cache), cache=cache)
     assert "5 tiles\t192-d" in out.stdout and "Traceback" not in out.stderr
 
-    from wsi_llava.encoders import extract as extract_mod
+    from wsi_llava.features import extract as extract_mod
 
     def must_not_run(*a, **k):
         raise AssertionError("ask featurized the slide again: extract cached other features")

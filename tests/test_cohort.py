@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsi_llava.encoders.cohort import DistEnv, _SlideQueue, claim_order, estimate_tiles, list_slides
 from wsi_llava.errors import WsiLlavaError
+from wsi_llava.features.cohort import DistEnv, _SlideQueue, claim_order, estimate_tiles, list_slides
 
 
 def test_claim_order_largest_first_ties_by_index():
@@ -27,7 +27,7 @@ def test_local_queue_hands_out_each_slide_once():
 
 
 def test_several_ranks_need_torchrun(world: Path, monkeypatch):
-    from wsi_llava.encoders.cohort import extract_cohort
+    from wsi_llava.features.cohort import extract_cohort
 
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     monkeypatch.delenv("MASTER_PORT", raising=False)
@@ -36,10 +36,10 @@ def test_several_ranks_need_torchrun(world: Path, monkeypatch):
 
 
 def test_progress_counts_slides_and_cancel_stops_between_slides(cohort: list[Path], tmp_path: Path):
-    from wsi_llava.encoders.cache import FeatureCache
-    from wsi_llava.encoders.cohort import extract_cohort
-    from wsi_llava.encoders.tile import build_tile_encoder
     from wsi_llava.errors import Cancelled
+    from wsi_llava.features.cache import FeatureCache
+    from wsi_llava.features.cohort import extract_cohort
+    from wsi_llava.features.tile import build_tile_encoder
     from wsi_llava.progress import CancelToken
 
     slides = [cohort[1], cohort[0]]  # the 1536 px slide, then a 2048 px one
@@ -108,9 +108,9 @@ import json, os, sys, time
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-from wsi_llava.encoders import cohort
-from wsi_llava.encoders.cache import FeatureCache
-from wsi_llava.encoders.tile import build_tile_encoder
+from wsi_llava.features import cohort
+from wsi_llava.features.cache import FeatureCache
+from wsi_llava.features.tile import build_tile_encoder
 slides, cache, out = json.loads(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 rank, real, done = int(os.environ["RANK"]), cohort._extract_one, []
 
@@ -141,7 +141,7 @@ report = cohort.extract_cohort(slides, build_tile_encoder("demo-vit"), FeatureCa
 def _cache_contents(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
     import zarr
 
-    from wsi_llava.encoders.cache import FeatureCache
+    from wsi_llava.features.cache import FeatureCache
 
     out = {}
     for entry in FeatureCache(root).list():
@@ -170,9 +170,9 @@ def test_torchrun_ranks_claim_dynamically_and_fill_the_same_cache_as_one(
 ):
     import torch
 
-    from wsi_llava.encoders.cache import FeatureCache
-    from wsi_llava.encoders.cohort import extract_cohort
-    from wsi_llava.encoders.tile import build_tile_encoder
+    from wsi_llava.features.cache import FeatureCache
+    from wsi_llava.features.cohort import extract_cohort
+    from wsi_llava.features.tile import build_tile_encoder
 
     # two ranks under torchrun (gloo group, claims through its store), sharing one cache
     script = tmp_path / "rank.py"

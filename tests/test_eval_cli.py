@@ -372,7 +372,7 @@ def test_model_on_synthetic_slides(world, tmp_path):
         "3",
         "--nlu",
         "report",
-        "--cache-dir",
+        "--cache",
         tmp_path / "cache",
     )
     assert r.exit_code == 0, r.output
@@ -484,8 +484,9 @@ def test_majority_report_rows_radar_promise_and_template_note(server, tmp_path):
     assert not (judged / "radar.png").exists()
 
 
-def test_model_loads_under_the_cache_dir(tmp_path, monkeypatch):
-    """``--cache-dir`` covers what loading the model writes (a converted LLM), not only the features."""
+@pytest.mark.parametrize("flag", ["--cache", "--cache-dir"])
+def test_model_loads_under_the_cache(tmp_path, monkeypatch, flag):
+    """``--cache`` (or its old spelling ``--cache-dir``) covers what loading the model writes, not only features."""
     import wsi_llava.model as model_pkg
     from wsi_llava.errors import WsiLlavaError
     from wsi_llava.settings import cache_dir
@@ -498,6 +499,24 @@ def test_model_loads_under_the_cache_dir(tmp_path, monkeypatch):
 
     monkeypatch.setattr(model_pkg, "load_model", load_model)
     out, cache = tmp_path / "o", tmp_path / "cache"
-    r = run("--bench", MINI, "--model", "demo", "--features", tmp_path, "--out", out, "--cache-dir", cache)
+    r = run("--bench", MINI, "--model", "demo", "--features", tmp_path, "--out", out, flag, cache)
     assert r.exit_code != 0 and "stop after recording" in r.output
     assert seen == [cache]
+
+
+def test_cache_dir_is_hidden_and_conflicts_are_refused(tmp_path):
+    """``eval --help`` shows ``--cache`` only; two different folders through both spellings are refused."""
+    assert "--cache-dir" not in run("--help").output
+    r = run(
+        "--bench",
+        MINI,
+        "--model",
+        "demo",
+        "--out",
+        tmp_path / "o",
+        "--cache",
+        tmp_path / "a",
+        "--cache-dir",
+        tmp_path / "b",
+    )
+    assert r.exit_code != 0 and "give --cache only" in r.output

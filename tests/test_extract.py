@@ -8,14 +8,14 @@ import torch
 from kits.slides import write_pyramid
 from skimage import data
 
-from wsi_llava.encoders.cache import FeatureCache
-from wsi_llava.encoders.extract import cache_key_for, extract_features
-from wsi_llava.encoders.slide_encoder import SlideEncoder, SlideEncoderConfig
-from wsi_llava.encoders.tile import build_tile_encoder
 from wsi_llava.errors import Cancelled
+from wsi_llava.features.cache import FeatureCache
+from wsi_llava.features.extract import cache_key_for, extract_features
+from wsi_llava.features.tile import build_tile_encoder
 from wsi_llava.progress import CancelToken
 from wsi_llava.slide import open_slide
 from wsi_llava.slide.tiling import make_tile_grid, read_tiles
+from wsi_llava.slide_encoder.slide_encoder import SlideEncoder, SlideEncoderConfig
 
 
 @pytest.fixture(scope="module")

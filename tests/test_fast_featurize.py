@@ -12,11 +12,11 @@ import pytest
 import tifffile
 import torch
 
-from wsi_llava.encoders import fast as fast_mod
-from wsi_llava.encoders.cache import FeatureCache
-from wsi_llava.encoders.extract import extract_features
-from wsi_llava.encoders.fast import FastTileEncoder, fast_encoder
-from wsi_llava.encoders.tile import build_tile_encoder
+from wsi_llava.features import fast as fast_mod
+from wsi_llava.features.cache import FeatureCache
+from wsi_llava.features.extract import extract_features
+from wsi_llava.features.fast import FastTileEncoder, fast_encoder
+from wsi_llava.features.tile import build_tile_encoder
 from wsi_llava.progress import Cancelled, CancelToken
 from wsi_llava.slide.jpeg_tiles import check_plan, decode_streams, plan_jpeg_tiles, read_streams, splice
 from wsi_llava.slide.tiff_reader import TiffReader

@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from wsi_llava.encoders.feature_stats import (
+from wsi_llava.errors import ModelError
+from wsi_llava.features.feature_stats import (
     STATS_FILE,
     FeatureStats,
     fit_feature_stats,
     ledoit_wolf,
     model_feature_stats,
 )
-from wsi_llava.errors import ModelError
 from wsi_llava.slide.region import Region
 
 logger = logging.getLogger(__name__)
@@ -206,14 +206,14 @@ def test_stats_of_another_tile_encoder_or_tiling_are_ignored_with_a_logged_warni
     stats, _ = small_stats
     stats.save(tmp_path / STATS_FILE)
     assert model_feature_stats(_fake_model(tmp_path)) is not None
-    with caplog.at_level(logging.WARNING, logger="wsi_llava.encoders.feature_stats"):
+    with caplog.at_level(logging.WARNING, logger="wsi_llava.features.feature_stats"):
         assert model_feature_stats(_fake_model(tmp_path, encoder_id="enc:sha256-ffff")) is None
         assert model_feature_stats(_fake_model(tmp_path, encoder_id="enc:sha256-ffff")) is None
     (record,) = caplog.records  # once, not on every question
     assert "enc:sha256-0123" in record.message and "enc:sha256-ffff" in record.message
     assert "no out-of-distribution check" in record.message and str(tmp_path) in record.message
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="wsi_llava.encoders.feature_stats"):
+    with caplog.at_level(logging.WARNING, logger="wsi_llava.features.feature_stats"):
         assert model_feature_stats(_fake_model(tmp_path, tile_size=224)) is None
     assert "224 px" in caplog.text and "no out-of-distribution check" in caplog.text
     model = _fake_model(tmp_path)
@@ -266,7 +266,7 @@ def test_session_with_foreign_or_corrupt_stats(cmu_session, demo_model, monkeypa
     stats.save(foreign)
     spec = demo_model.spec.model_copy(update={"feature_stats": str(foreign)})
     monkeypatch.setattr(demo_model, "spec", spec)
-    with caplog.at_level(logging.WARNING, logger="wsi_llava.encoders.feature_stats"):
+    with caplog.at_level(logging.WARNING, logger="wsi_llava.features.feature_stats"):
         assert cmu_session.feature_warnings(np.arange(len(cmu_session.grid.coords))) == []
     assert "uni:sha256-0000" in caplog.text and "no out-of-distribution check" in caplog.text
     corrupt = tmp_path / "corrupt.safetensors"
@@ -415,7 +415,7 @@ def _pack(path: Path, slides: list[np.ndarray], encoder_id: str) -> Path:
 
 
 def test_train_feature_stats_writes_and_names_the_stats(tmp_path: Path):
-    from wsi_llava.encoders.tile import weights_sha256
+    from wsi_llava.features.tile import weights_sha256
     from wsi_llava.model.demo import DEMO_WEIGHTS
     from wsi_llava.train.command import train_command
 

@@ -10,15 +10,15 @@ import torch
 from kits.attention import naive_dilated as _naive_dilated
 from kits.attention import random_qkv as _qkv
 
-from wsi_llava.encoders.config import SlideEncoderConfig
-from wsi_llava.encoders.longnet import (
+from wsi_llava.errors import ModelError
+from wsi_llava.slide_encoder.config import SlideEncoderConfig
+from wsi_llava.slide_encoder.longnet import (
     LongNetViT,
     attention_with_lse,
     dilated_attention,
     load_gigapath_slide_encoder,
     sincos_2d,
 )
-from wsi_llava.errors import ModelError
 
 
 def _full_attention(q, k, v):

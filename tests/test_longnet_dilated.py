@@ -7,7 +7,7 @@ import torch
 from kits.attention import naive_dilated as _naive_dilated
 from kits.attention import random_qkv as _qkv
 
-from wsi_llava.encoders.longnet import _pieces, dilated_attention
+from wsi_llava.slide_encoder.longnet import _pieces, dilated_attention
 
 
 def test_pieces_split_off_a_partial_last_segment():

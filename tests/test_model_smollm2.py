@@ -104,7 +104,7 @@ def test_untrained_demo_builds_streams_and_round_trips(smol, tmp_path):
     model = build_untrained_demo()
     spec = model.spec
     assert spec.demo and spec.untrained and spec.template == "chat" and spec.tile_encoder.name == "demo-vit"
-    assert model.slide_encoder is not None and spec.slide_encoder_n_tokens == 576
+    assert model.slide_encoder is not None and spec.n_visual_tokens == 576
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(40, 192, generator=g)
     coords = (
@@ -134,7 +134,7 @@ def test_untrained_demo_builds_streams_and_round_trips(smol, tmp_path):
 
 def test_shipped_demo_weights_load_as_a_trained_demo(smol):
     """``load_model('demo')`` is the shipped checkpoint: demo-labelled, trained, its own tile encoder."""
-    from wsi_llava.encoders.tile import weights_sha256
+    from wsi_llava.features.tile import weights_sha256
     from wsi_llava.model.demo import DEMO_WEIGHTS
 
     if not (DEMO_WEIGHTS / "wsi_llava.json").is_file():
@@ -154,12 +154,12 @@ def test_shipped_demo_weights_load_as_a_trained_demo(smol):
 @pytest.fixture(scope="module")
 def small_ckpt(smol, tmp_path_factory):
     """A slide-ready checkpoint on the packaged SmolLM2 (weights not copied: it names the package id)."""
-    from wsi_llava.encoders.config import SlideEncoderConfig
-    from wsi_llava.encoders.slide_encoder import SlideEncoder
     from wsi_llava.model.checkpoint import save_checkpoint
     from wsi_llava.model.projector import build_projector
     from wsi_llava.model.spec import LLMSpec, ModelSpec, ProjectorSpec, TileEncoderSpec
     from wsi_llava.model.wsi_llava import WSILlava
+    from wsi_llava.slide_encoder.config import SlideEncoderConfig
+    from wsi_llava.slide_encoder.slide_encoder import SlideEncoder
 
     llm, tok = smol
     torch.manual_seed(0)

@@ -215,7 +215,7 @@ def test_cancel_mid_extraction_leaves_no_cache(
     import uuid
 
     import wsi_llava.slide.tiling as tiling
-    from wsi_llava.encoders.cache import FeatureCache
+    from wsi_llava.features.cache import FeatureCache
     from wsi_llava.settings import cache_dir
 
     real = tiling.iter_tile_batches

@@ -66,8 +66,8 @@ PLUGIN_SOURCE = textwrap.dedent(
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        from wsi_llava.encoders.config import SlideEncoderConfig
-        from wsi_llava.encoders.slide_encoder import SlideEncoder
+        from wsi_llava.slide_encoder.config import SlideEncoderConfig
+        from wsi_llava.slide_encoder.slide_encoder import SlideEncoder
         from wsi_llava.model.llm import load_llm
         from wsi_llava.model.projector import build_projector
         from wsi_llava.model.spec import LLMSpec, ModelSpec, ProjectorSpec, TileEncoderSpec
@@ -115,7 +115,7 @@ def plugin_path(tmp_path: Path) -> Path:
 
 def test_builtins_registered_through_hooks():
     assert plugins.slide_readers()["openslide"].plugin == "wsi_llava.slide.plugin"
-    assert plugins.tile_encoders()["demo-vit"].plugin == "wsi_llava.encoders.plugin"
+    assert plugins.tile_encoders()["demo-vit"].plugin == "wsi_llava.features.plugin"
     assert plugins.models()["demo"].plugin == "wsi_llava.model.plugin"
     assert "openai" in plugins.judges()
 

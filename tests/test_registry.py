@@ -84,7 +84,7 @@ def test_add_list_check_ask_describe_remove(parts, tmp_path, world, shared_cache
     )  # fmt: skip
     assert ans["model"] == "wsi-llava-e1" and ans["demo"] is False and ans["notice"] is None
     assert len(ans["evidence"]["scores"]) > 0 and ans["timings"]["features"] > 0
-    from wsi_llava.encoders.cache import FeatureCache
+    from wsi_llava.features.cache import FeatureCache
 
     ids = {e.encoder_id for e in FeatureCache(cache / "features").list()}
     assert ids and all("sha256-" in i and "random" not in i for i in ids), ids  # keyed by the real weights

@@ -21,9 +21,9 @@ from kits.parts import (
     put_in_hub_cache,
 )
 
-from wsi_llava.encoders.tile import build_tile_encoder_from_folder
-from wsi_llava.encoders.timm_hub import inspect_folder
 from wsi_llava.errors import ModelError
+from wsi_llava.features.tile import build_tile_encoder_from_folder
+from wsi_llava.features.timm_hub import inspect_folder
 
 
 def _tiles(n: int = 3, size: int = 256, seed: int = 0) -> np.ndarray:
@@ -107,8 +107,8 @@ def test_built_without_random_init_as_timm_builds_it(tmp_path, arch):
     """No random initialisation, yet the same weights, computed buffers and features as timm's own build."""
     import timm
 
-    from wsi_llava.encoders.no_init import build_without_init
-    from wsi_llava.encoders.timm_hub import build_model
+    from wsi_llava.features.no_init import build_without_init
+    from wsi_llava.features.timm_hub import build_model
 
     if arch == "gigapath":
         folder, size = make_gigapath_folder(tmp_path / arch), 224
@@ -135,8 +135,8 @@ def test_a_parameter_the_checkpoint_lacks_is_initialised_as_timm_does(tmp_path):
     """A new classifier head (num_classes differs from the checkpoint's) keeps timm's random init: built normally."""
     import timm
 
-    from wsi_llava.encoders.no_init import build_without_init
-    from wsi_llava.encoders.timm_hub import build_model
+    from wsi_llava.features.no_init import build_without_init
+    from wsi_llava.features.timm_hub import build_model
 
     folder = make_gigapath_folder(tmp_path / "gp")
     assert (
@@ -204,7 +204,7 @@ def test_local_weights_checksum_is_remembered_across_processes(tmp_path, monkeyp
     folder = make_gigapath_folder(tmp_path / "gp")
     monkeypatch.setenv("WSI_LLAVA_CACHE", str(tmp_path / "cache"))
     code = (
-        "import sys; from pathlib import Path; from wsi_llava.encoders.tile import weights_sha256;"
+        "import sys; from pathlib import Path; from wsi_llava.features.tile import weights_sha256;"
         "print(weights_sha256(Path(sys.argv[1])))"
     )
     first = subprocess.run(

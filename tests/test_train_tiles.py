@@ -75,7 +75,7 @@ def test_tile_pack_pairs_annotated_tiles_with_region_descriptions(world: Path, t
 
 
 def test_tile_stage_trains_and_hands_encoder_to_stage1(world: Path, tile_pack: Path, tmp_path: Path) -> None:
-    from wsi_llava.encoders.tile import build_tile_encoder, weights_sha256
+    from wsi_llava.features.tile import build_tile_encoder, weights_sha256
     from wsi_llava.model.spec import ModelSpec
     from wsi_llava.train.data import load_pack, prepare_pack
     from wsi_llava.train.tile_pack import load_tile_packs

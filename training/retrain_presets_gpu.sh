@@ -197,7 +197,7 @@ for which in after before; do
     continue
   }
   timeout "${EVAL_SECONDS:-90}" wsi-llava eval --bench "$RUN/worlds/heldout_777" --model "$model" \
-    --device "$DEVICE" --tasks "$CLOSE" --max-new-tokens 8 --nlu none --cache-dir "$RUN/cache" \
+    --device "$DEVICE" --tasks "$CLOSE" --max-new-tokens 8 --nlu none --cache "$RUN/cache" \
     --out "$RUN/eval_$which" >"$RUN/eval_$which.log" 2>&1 || log "close-ended eval ($which) failed or timed out"
 done
 python3 - "$RUN" "$OUT/close_ended_gpu.json" <<'PY'

@@ -125,8 +125,8 @@ def extract(
     Launched with ``torchrun --nproc-per-node N -m wsi_llava.cli extract ...`` each process claims
     slides one at a time, largest first, on its own GPU. A slide that fails is reported and skipped.
     """
-    from wsi_llava.encoders.cache import FeatureCache
-    from wsi_llava.encoders.cohort import DistEnv, extract_cohort, list_slides
+    from wsi_llava.features.cache import FeatureCache
+    from wsi_llava.features.cohort import DistEnv, extract_cohort, list_slides
     from wsi_llava.settings import cache_dir
 
     if not slides and list_file is None:
@@ -179,7 +179,7 @@ def _extract_encoder(
         if weights is not None:
             raise click.UsageError("--weights goes with --encoder (a model brings its own weights)")
         from wsi_llava.model import load_tile_encoder
-        from wsi_llava.model.checkpoint import TILE_ENCODER_FILE
+        from wsi_llava.model.build import TILE_ENCODER_FILE
         from wsi_llava.session import inference_tile_encoder
         from wsi_llava.settings import resolve_device
 
@@ -198,7 +198,7 @@ def _extract_encoder(
         return enc.eval(), spec.tiling.target_mpp, spec.tiling.tile_size
     if model is not None:
         raise click.UsageError("use either --model (a model's tile encoder) or --encoder (a bare one)")
-    from wsi_llava.encoders.tile import build_tile_encoder
+    from wsi_llava.features.tile import build_tile_encoder
 
     enc = build_tile_encoder(encoder, weights=weights).eval()
     return enc, 0.5 if target_mpp is None else target_mpp, 256 if tile_size is None else tile_size

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PLUGINS = (
     "wsi_llava.slide.plugin",
-    "wsi_llava.encoders.plugin",
+    "wsi_llava.features.plugin",
     "wsi_llava.model.plugin",
     "wsi_llava.eval.plugin",
 )

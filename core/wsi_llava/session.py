@@ -24,7 +24,7 @@ from wsi_llava.settings import resolve_device
 from wsi_llava.slide.region import Region
 
 if TYPE_CHECKING:
-    from wsi_llava.encoders.cache import CachedFeatures
+    from wsi_llava.features.cache import CachedFeatures
     from wsi_llava.model.wsi_llava import WSILlava
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class SlideSession:
         batch_size: int = 64,
         model_base: str | Path | None = None,
     ) -> None:
-        from wsi_llava.encoders.cache import FeatureCache
+        from wsi_llava.features.cache import FeatureCache
         from wsi_llava.slide import open_slide
         from wsi_llava.slide.tiling import make_tile_grid
 
@@ -105,7 +105,7 @@ class SlideSession:
     ) -> CachedFeatures:
         """Tile features of the whole slide, from the cache or computed once (cancellable)."""
         if self._features is None:
-            from wsi_llava.encoders.extract import cache_key_for, extract_features
+            from wsi_llava.features.extract import cache_key_for, extract_features
 
             hit = self.cache.get(cache_key_for(self.reader, self.grid, self.model.tile_encoder_id()))
             if hit is not None:  # no need to build (and load) the tile encoder at all
@@ -143,7 +143,7 @@ class SlideSession:
 
     def feature_warnings(self, indices: np.ndarray, scope: str = "slide") -> list[str]:
         """The out-of-distribution warning for the tiles at ``indices`` if most lie far from the training tiles."""
-        from wsi_llava.encoders.feature_stats import model_feature_stats
+        from wsi_llava.features.feature_stats import model_feature_stats
 
         stats = model_feature_stats(self.model)
         if stats is None:
@@ -258,10 +258,10 @@ class SlideSession:
         return self.last_answer
 
     def _evidence(self, question: str, visual, answer_ids, indices: np.ndarray) -> Evidence:
-        from wsi_llava.encoders.pooling import bin_to_tile_scores
+        from wsi_llava.slide_encoder.pooling import bin_to_tile_scores
 
         bin_scores = np.asarray(self.model.visual_relevance(question, visual, answer_ids), dtype=np.float64)
-        n_bins = self.model.spec.slide_encoder_n_tokens
+        n_bins = self.model.spec.n_visual_tokens
         tile_scores = bin_to_tile_scores(bin_scores[:n_bins], len(indices))
         total = tile_scores.sum()
         if total > 0:

@@ -62,7 +62,7 @@ HOLD_WRITE = textwrap.dedent(
     """
     import sys, time
     import numpy as np
-    from wsi_llava.encoders.cache import CacheKey, FeatureCache
+    from wsi_llava.features.cache import CacheKey, FeatureCache
 
     key = CacheKey(**{"slide_fingerprint": sys.argv[2], "encoder_id": "enc", "tile_size": 8, "target_mpp": 1.0})
     with FeatureCache(sys.argv[1]).write(key, 1100, 8, attrs={"slide_path": "/x/held.svs"}) as w:

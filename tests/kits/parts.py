@@ -147,8 +147,8 @@ def make_slide_encoder_pth(
     """Prov-GigaPath's ``slide_encoder.pth``: ``{"model": state_dict}`` in its key layout."""
     import torch
 
-    from wsi_llava.encoders.config import SlideEncoderConfig
-    from wsi_llava.encoders.longnet import LongNetViT
+    from wsi_llava.slide_encoder.config import SlideEncoderConfig
+    from wsi_llava.slide_encoder.longnet import LongNetViT
 
     torch.manual_seed(seed)
     cfg = SlideEncoderConfig.gigapath(in_dim=in_dim, embed_dim=embed_dim, depth=depth, num_heads=4)

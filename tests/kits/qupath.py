@@ -31,11 +31,11 @@ def load_tiny(device: str = "cpu", dtype: str | None = None):
     import torch
 
     from kits.llm import make_tiny_llama, make_tiny_tokenizer
-    from wsi_llava.encoders.config import SlideEncoderConfig
-    from wsi_llava.encoders.slide_encoder import SlideEncoder
     from wsi_llava.model.projector import build_projector
     from wsi_llava.model.spec import LLMSpec, ModelSpec, ProjectorSpec, TileEncoderSpec
     from wsi_llava.model.wsi_llava import WSILlava
+    from wsi_llava.slide_encoder.config import SlideEncoderConfig
+    from wsi_llava.slide_encoder.slide_encoder import SlideEncoder
 
     tok = make_tiny_tokenizer()
     llm = make_tiny_llama(tok, seed=0)
@@ -49,7 +49,6 @@ def load_tiny(device: str = "cpu", dtype: str | None = None):
         projector=ProjectorSpec(in_dim=se_cfg.out_dim, out_dim=64),
         llm=LLMSpec(source="tiny"),
         template="chat",
-        n_visual_tokens=16,
     )
     projector = build_projector("mlp2x_gelu", se_cfg.out_dim, 64).eval()
     return WSILlava(llm, tok, projector, spec, slide_encoder=SlideEncoder(se_cfg).eval())

@@ -101,7 +101,16 @@ logger = logging.getLogger(__name__)
     type=click.Path(path_type=Path),
     help="Training files/folders: adds the slide-disjoint subset score (repeatable).",
 )
-@click.option("--cache-dir", type=click.Path(path_type=Path), help="Feature cache folder for --slides.")
+@click.option(
+    "--cache", type=click.Path(path_type=Path), help="Cache folder (default ~/.cache/wsi-llava), as on ask."
+)
+@click.option(
+    "--cache-dir",
+    "cache_dir_deprecated",
+    type=click.Path(path_type=Path),
+    hidden=True,
+    help="Deprecated spelling of --cache, kept so existing scripts run.",
+)
 @click.option("--max-new-tokens", default=512, show_default=True, help="Decoding: answer length limit.")
 @click.option("--temperature", default=0.0, show_default=True, help="Decoding: 0 = greedy.")
 @click.option("--seed", type=int, default=None, help="Decoding: sampling seed (temperature > 0).")
@@ -112,6 +121,11 @@ def eval_command(**kw) -> None:
     WSI-P / WSI-R). One OUT holds one run: a model run resumes there with the same model and decoding
     settings only, and no run replaces another run's predictions.jsonl (give another --out).
     """
+    deprecated = kw.pop("cache_dir_deprecated")
+    if deprecated is not None:
+        if kw["cache"] is not None and Path(kw["cache"]) != Path(deprecated):
+            raise click.UsageError("give --cache only (--cache-dir is its old spelling)")
+        kw["cache"] = deprecated
     bar = TerminalProgress()
     try:
         _run(progress=bar, **kw)
@@ -227,7 +241,7 @@ def _run(progress, **kw) -> None:  # noqa: C901 - one linear recipe
         if kw["text_only_column"] and baseline != "text-only":
             check_run(text_only_file, zero_run)
         kw["device"] = resolve_device(kw["device"])
-        with using_cache_dir(kw["cache_dir"]):  # a converted LLM lands under --cache-dir too
+        with using_cache_dir(kw["cache"]):  # a converted LLM lands under --cache too
             model = load_model(
                 kw["model"], device=kw["device"], dtype=kw["dtype"], model_base=kw["model_base"]
             )
@@ -238,7 +252,7 @@ def _run(progress, **kw) -> None:  # noqa: C901 - one linear recipe
             fn = feature_answerer(model, kw["features"], decoding)
         else:
             fn = slide_answerer(
-                model, bench, kw["slides"], decoding, cache_dir=kw["cache_dir"], device=kw["device"]
+                model, bench, kw["slides"], decoding, cache_dir=kw["cache"], device=kw["device"]
             )
         answers = run_predictions(bench.items, pred_file, fn, model_name, progress=progress, run=run)
         info = {"source": f"model {model_name}", "run": run.model_dump(mode="json")}

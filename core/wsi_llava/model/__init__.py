@@ -77,7 +77,7 @@ def load_tile_encoder(name_or_path: str | Path, device: str = "cpu") -> tuple[An
     with it are the ones ``ask`` on that model reads from the cache. A built-in model whose plugin does
     not say where its checkpoint is (``meta["checkpoint"]``) is loaded whole once.
     """
-    from wsi_llava.model.checkpoint import build_tile_encoder
+    from wsi_llava.model.build import build_tile_encoder
     from wsi_llava.model.spec import SPEC_FILE
     from wsi_llava.settings import default_dtype
 

@@ -21,13 +21,21 @@ from typing import Any
 
 from wsi_llava.atomic import atomic_folder
 from wsi_llava.errors import ModelError
+from wsi_llava.model import llava_import
+from wsi_llava.model.build import (
+    PROJECTOR_FILE,
+    SLIDE_ENCODER_FILE,
+    TILE_ENCODER_FILE,
+    build_slide_encoder,
+    build_tile_encoder,
+    first_line,
+    load_into,
+    part_path,
+)
 from wsi_llava.model.spec import SPEC_FILE, ModelSpec
 
 logger = logging.getLogger(__name__)
 
-PROJECTOR_FILE = "projector.safetensors"
-SLIDE_ENCODER_FILE = "slide_encoder.safetensors"
-TILE_ENCODER_FILE = "tile_encoder.safetensors"
 LORA_DIR = "lora"
 LLM_DIR = "llm"
 
@@ -65,6 +73,7 @@ def save_checkpoint(
             cfg = getattr(model.slide_encoder, "config", None)
             if cfg is not None and hasattr(cfg, "model_dump"):
                 spec.slide_encoder = cfg.model_dump(mode="json")
+                spec.n_visual_tokens = cfg.n_tokens  # the stored count follows the encoder's bins
         if model.tile_encoder is not None:
             save_file(_state(model.tile_encoder), str(tmp / TILE_ENCODER_FILE))
             spec.tile_encoder.weights = TILE_ENCODER_FILE
@@ -101,28 +110,6 @@ def save_checkpoint(
     return folder
 
 
-def _load_into(module: Any, path: Path, what: str) -> None:
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise ModelError(f"{path}: missing ({what} weights of this checkpoint)")
-    try:
-        state = load_file(str(path))
-    except Exception as e:  # SafetensorError, OSError...: a truncated, corrupt or unreadable file
-        raise ModelError(
-            f"{path}: cannot read the {what} weights, the file is truncated or corrupt ({_first_line(e)})"
-        ) from None
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ModelError(f"{path}: {what} weights do not fit the spec ({e})") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
-
-
 @contextlib.contextmanager
 def peft_quietly() -> Iterator[None]:
     """Wrap peft calls that build a ``PeftModel`` (``from_pretrained``, ``get_peft_model``): peft probes
@@ -148,68 +135,8 @@ def load_lora(llm: Any, adapter: Path) -> Any:
     except Exception as e:  # SafetensorError, JSON errors, shape mismatches: peft raises many types
         raise ModelError(
             f"{adapter}: cannot load the LoRA adapter, a file is truncated, corrupt or does not fit the "
-            f"LLM ({_first_line(e)})"
+            f"LLM ({first_line(e)})"
         ) from None
-
-
-def build_slide_encoder(spec: ModelSpec, folder: Path | None = None) -> Any:
-    """A ``SlideEncoder`` from ``spec.slide_encoder`` (None when the model takes precomputed tokens).
-
-    With ``spec.slide_encoder_weights`` (Prov-GigaPath's ``slide_encoder.pth``) its LongNet weights are
-    loaded; otherwise the caller loads ``slide_encoder.safetensors`` of the checkpoint.
-    """
-    if spec.slide_encoder is None:
-        return None
-    from wsi_llava.encoders.slide_encoder import SlideEncoder, SlideEncoderConfig
-
-    try:
-        cfg = SlideEncoderConfig(**spec.slide_encoder)
-    except Exception as e:
-        raise ModelError(f"{SPEC_FILE}: slide_encoder: {e}") from None
-    if spec.slide_encoder_weights:
-        path = _part_path(folder, spec.slide_encoder_weights, "slide encoder")
-        if path.suffix == ".safetensors":  # another wsi-llava checkpoint's own (stage-1 tuned) encoder
-            encoder = SlideEncoder(cfg)
-            _load_into(encoder, path, "slide encoder")
-            return encoder
-        return SlideEncoder.from_gigapath(path, config=cfg)
-    return SlideEncoder(cfg)
-
-
-def _part_path(folder: Path | None, source: str, what: str) -> Path:
-    from wsi_llava.model.parts import inner_source
-    from wsi_llava.sources import resolve_source
-
-    return inner_source(folder, source, what) if folder is not None else resolve_source(source, what)
-
-
-def build_tile_encoder(spec: ModelSpec, folder: Path | None) -> Any:
-    """The registered tile encoder ``spec.tile_encoder.name`` (a ``TileEncoder``) with this checkpoint's weights.
-
-    Relative weight paths resolve against the checkpoint folder; the encoder id (which keys the
-    feature cache) is the weights file's checksum, or the random-init seed when there are none.
-    """
-    from wsi_llava.encoders.tile import build_tile_encoder as build
-    from wsi_llava.encoders.tile import build_tile_encoder_from_folder
-
-    te = spec.tile_encoder
-    if te.source:
-        enc = build_tile_encoder_from_folder(_part_path(folder, te.source, "tile encoder"), te.timm_kwargs)
-        if te.embed_dim is not None and enc.embed_dim != te.embed_dim:
-            raise ModelError(
-                f"tile encoder {te.source}: gives {enc.embed_dim}-d features, {te.embed_dim}-d when the model "
-                "was added: the folder changed (add the model again)"
-            )
-        return enc
-    weights = te.weights
-    if weights is None:
-        return build(spec.tile_encoder.name, weights=None)
-    path = Path(weights)
-    if not path.is_absolute() and folder is not None:
-        path = Path(folder) / path
-    if not path.exists():
-        raise ModelError(f"{SPEC_FILE}: tile_encoder.weights {str(path)!r} does not exist")
-    return build(spec.tile_encoder.name, weights=path)
 
 
 def _llm_source(spec: ModelSpec, folder: Path) -> str | Path:
@@ -232,22 +159,20 @@ def load_language(
     ``model_base`` replaces the LLM folder the checkpoint names (its LoRA base for a LLaVA LoRA source),
     e.g. where a checkpoint trained elsewhere meets this machine's copy of llava-v1.5-7b.
     """
-    from wsi_llava.model import llava_import
-
     llm_spec = spec.llm
     if llm_spec.format == "wsi-llava":
         base = (
             Path(model_base)
             if model_base
-            else (_part_path(folder, llm_spec.base, "LLM base") if llm_spec.base else None)
+            else (part_path(folder, llm_spec.base, "LLM base") if llm_spec.base else None)
         )
         inner = load_checkpoint(
-            _part_path(folder, llm_spec.source, "LLM"), device=device, dtype=dtype, model_base=base
+            part_path(folder, llm_spec.source, "LLM"), device=device, dtype=dtype, model_base=base
         )
         return inner.llm, inner.tokenizer, inner.projector
     if llm_spec.format == "llava":
-        source = _part_path(folder, llm_spec.source, "LLaVA")
-        base = _part_path(folder, llm_spec.base, "LLaVA base") if llm_spec.base else None
+        source = part_path(folder, llm_spec.source, "LLaVA")
+        base = part_path(folder, llm_spec.base, "LLaVA base") if llm_spec.base else None
         if model_base is not None:
             if base is not None:
                 base = Path(model_base)
@@ -278,10 +203,8 @@ def load_checkpoint(
     if not folder.is_dir():
         raise ModelError(f"{folder}: no such checkpoint folder")
     if not (folder / SPEC_FILE).is_file():
-        from wsi_llava.model.llava_import import is_llava_checkpoint, load_llava
-
-        if is_llava_checkpoint(folder):
-            return load_llava(folder, model_base=model_base, device=device, dtype=dtype)
+        if llava_import.is_llava_checkpoint(folder):
+            return llava_import.load_llava(folder, model_base=model_base, device=device, dtype=dtype)
         raise ModelError(
             f"{folder}: not a wsi-llava or LLaVA checkpoint; expected {SPEC_FILE}, or config.json with "
             "mm_projector_type / mm_hidden_size (merged LLaVA), or adapter_config.json + non_lora_trainables.bin"
@@ -308,7 +231,7 @@ def load_checkpoint(
         )
     if (folder / PROJECTOR_FILE).is_file() or projector is None:  # trained here: replaces the source's
         projector = build_projector(spec.projector.type, spec.projector.in_dim, spec.projector.out_dim)
-        _load_into(projector, folder / PROJECTOR_FILE, "projector")
+        load_into(projector, folder / PROJECTOR_FILE, "projector")
     else:
         first = next(projector.parameters())
         width = first.shape[1] if first.dim() == 2 else first.shape[0]
@@ -321,7 +244,7 @@ def load_checkpoint(
     slide_encoder = build_slide_encoder(spec, folder)
     own_weights = (folder / SLIDE_ENCODER_FILE).is_file() or not spec.untrained
     if slide_encoder is not None and not spec.slide_encoder_weights and own_weights:
-        _load_into(slide_encoder, folder / SLIDE_ENCODER_FILE, "slide encoder")
+        load_into(slide_encoder, folder / SLIDE_ENCODER_FILE, "slide encoder")
     if slide_encoder is not None:
         slide_encoder.to(device=device, dtype=torch.float32).eval()
     tile_encoder = None

@@ -33,7 +33,7 @@ DEMO_WEIGHTS = Path(__file__).parent / "demo_weights"
 
 def demo_spec() -> ModelSpec:
     """The demo's spec (no torch needed)."""
-    from wsi_llava.encoders.config import SlideEncoderConfig
+    from wsi_llava.slide_encoder.config import SlideEncoderConfig
 
     se = SlideEncoderConfig.demo(in_dim=DEMO_TILE_DIM)
     return ModelSpec(
@@ -55,11 +55,11 @@ def build_untrained_demo(device: str = "cpu", dtype: Any = None) -> Any:
     """The demo with seeded random slide encoder and projector on the real SmolLM2-135M-Instruct."""
     import torch
 
-    from wsi_llava.encoders.slide_encoder import SlideEncoder, SlideEncoderConfig
     from wsi_llava.model.llm import load_llm, torch_dtype
     from wsi_llava.model.projector import build_projector
     from wsi_llava.model.wsi_llava import WSILlava
     from wsi_llava.settings import default_dtype
+    from wsi_llava.slide_encoder.slide_encoder import SlideEncoder, SlideEncoderConfig
 
     spec = demo_spec()
     tdtype = torch_dtype(dtype or default_dtype(device))

@@ -15,6 +15,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from wsi_llava.errors import ModelError
+from wsi_llava.model import llava_import
+from wsi_llava.model.build import SLIDE_ENCODER_FILE as OWN_SLIDE_ENCODER
+from wsi_llava.model.build import inner_source
 from wsi_llava.model.spec import (
     SPEC_FILE,
     GenerationSpec,
@@ -87,14 +90,6 @@ def spec_sources(spec: ModelSpec) -> dict[str, str]:
     return out
 
 
-def inner_source(folder: Path, source: str, what: str) -> Path:
-    """A source named inside a checkpoint: relative to its folder when it exists there, else as given."""
-    local = Path(folder) / source
-    if not Path(source).is_absolute() and not source.startswith("hf://") and local.exists():
-        return local
-    return resolve_source(source, what)
-
-
 def _hidden_of_folder(folder: Path) -> int:
     cfg_path = folder / "config.json"
     try:
@@ -106,8 +101,6 @@ def _hidden_of_folder(folder: Path) -> int:
 
 def inspect_language(source: str, base: str | None) -> LanguageInfo:
     """The LLM side of ``source``: a LLaVA-format checkpoint (over ``base``) or one of our checkpoints."""
-    from wsi_llava.model import llava_import
-
     path = resolve_source(source, "LLaVA")
     base_path = resolve_source(base, "LLaVA base") if base else None
     if (path / SPEC_FILE).is_file():
@@ -126,8 +119,6 @@ def inspect_language(source: str, base: str | None) -> LanguageInfo:
             if llava_import.is_llava_checkpoint(llm_path)
             else _hidden_of_folder(llm_path)
         )
-        from wsi_llava.model.checkpoint import SLIDE_ENCODER_FILE as OWN_SLIDE_ENCODER
-
         own_se = inner.slide_encoder if (path / OWN_SLIDE_ENCODER).is_file() else None
         proj = path / "projector.safetensors"
         if not proj.is_file():
@@ -170,8 +161,8 @@ def inspect_language(source: str, base: str | None) -> LanguageInfo:
 def _slide_encoder_config(path: Path, lang: LanguageInfo) -> Any:
     """The slide encoder's config: from a wsi-llava checkpoint's spec beside its own weights file, else
     read from Prov-GigaPath's ``slide_encoder.pth`` (576 tokens, zero-padded to the projector input)."""
-    from wsi_llava.encoders.longnet import gigapath_config
-    from wsi_llava.encoders.slide_encoder import SlideEncoderConfig
+    from wsi_llava.slide_encoder.longnet import gigapath_config
+    from wsi_llava.slide_encoder.slide_encoder import SlideEncoderConfig
 
     if path.suffix == ".safetensors":
         spec_file = path.parent / SPEC_FILE
@@ -185,8 +176,8 @@ def _slide_encoder_config(path: Path, lang: LanguageInfo) -> Any:
             raise ModelError(f"{spec_file}: names no slide encoder")
         import torch
 
-        from wsi_llava.encoders.slide_encoder import SlideEncoder
-        from wsi_llava.encoders.weights import check_fits, read_shapes
+        from wsi_llava.features.weights import check_fits, read_shapes
+        from wsi_llava.slide_encoder.slide_encoder import SlideEncoder
 
         try:
             cfg = SlideEncoderConfig(**own)
@@ -211,7 +202,7 @@ def assemble_spec(
     tiling: TilingSpec | None = None,
 ) -> tuple[ModelSpec, ModelReport]:
     """The ``ModelSpec`` of a model made of these parts, after checking each part and every width."""
-    from wsi_llava.encoders.timm_hub import inspect_folder
+    from wsi_llava.features.timm_hub import inspect_folder
 
     llava_src = canonical_source(llava, "--llava")
     base_src = canonical_source(llava_base, "--llava-base") if llava_base else None
@@ -220,8 +211,6 @@ def assemble_spec(
     if slide_encoder:
         se_src = canonical_source(slide_encoder, "--slide-encoder")
     elif lang.slide_encoder is not None:  # a checkpoint of ours keeps its own stage-1 slide encoder
-        from wsi_llava.model.checkpoint import SLIDE_ENCODER_FILE as OWN_SLIDE_ENCODER
-
         se_src = join_source(llava_src, OWN_SLIDE_ENCODER)
     else:
         se_src = join_source(te_src, SLIDE_ENCODER_FILE)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from wsi_llava.errors import ModelError
 
@@ -128,12 +128,19 @@ class ModelSpec(_Strict):
         "tiles far from them carry a warning. None: no such check",
     )
 
-    @property
-    def slide_encoder_n_tokens(self) -> int:
-        """Visual tokens per slide or region (the slide encoder's pooled bins)."""
-        if self.slide_encoder is not None:
-            return int(self.slide_encoder.get("n_tokens", 576))
-        return self.n_visual_tokens
+    @model_validator(mode="before")
+    @classmethod
+    def _visual_tokens_from_slide_encoder(cls, data: Any) -> Any:
+        """``n_visual_tokens`` is the one name for the visual-token count; with a slide encoder it is derived.
+
+        The slide encoder's ``n_tokens`` (its pooled bins, 576 by default) decides how many tokens reach the
+        LLM, so it wins over a stored ``n_visual_tokens``: session, evidence and evaluation then read one
+        number. ``n_visual_tokens`` stays a stored field for models without a slide encoder (precomputed
+        tokens) and so that existing ``wsi_llava.json`` files load unchanged.
+        """
+        if isinstance(data, dict) and isinstance(data.get("slide_encoder"), dict):
+            data = {**data, "n_visual_tokens": int(data["slide_encoder"].get("n_tokens", 576))}
+        return data
 
     def save(self, folder: str | Path) -> Path:
         """Write ``wsi_llava.json`` into ``folder``."""

@@ -1,14 +1,16 @@
 """``WSILlava``: a projector that turns slide tokens into LLM embeddings, spliced in at ``<image>``.
 
 Imitates Hugging Face ``modeling_llava``: one splice point (:meth:`WSILlava.embed`) used by training
-(:meth:`forward`), streaming generation (:meth:`stream`) and evidence (:meth:`visual_relevance`).
+(:meth:`forward`), streaming generation (:meth:`stream`) and evidence (:meth:`visual_relevance`). The class
+holds the parts and the splice; the decode loop, sampling and fast-decode orchestration live in
+:mod:`wsi_llava.model.generation` and the evidence pass in :mod:`wsi_llava.model.evidence`, which the
+methods of the same names call.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,30 +18,16 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
 from torch import nn
 
 from wsi_llava.errors import ModelError
+from wsi_llava.model import evidence, generation
+from wsi_llava.model.build import build_tile_encoder, tile_encoder_id
+from wsi_llava.model.generation import CancelLike, GenerationResult
 from wsi_llava.model.spec import GenerationSpec, ModelSpec
 from wsi_llava.model.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX, PromptParts, build_prompt
 
 logger = logging.getLogger(__name__)
-
-
-class GenerationResult(BaseModel):
-    """What the last :meth:`WSILlava.stream` produced, with timings (seconds)."""
-
-    prompt_len: int = Field(description="prompt positions fed to the LLM, visual tokens included")
-    n_visual_tokens: int
-    new_token_ids: list[int] = Field(default_factory=list)
-    text: str = ""
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    n_new_tokens: int = 0
-    stop_reason: Literal["eos", "stop_string", "max_tokens", "cancelled"] = "max_tokens"
-    decode_path: str = Field(
-        "eager", description="eager, or the fast decode mode used: static, graph, compile"
-    )
 
 
 @dataclass
@@ -52,56 +40,6 @@ class Spliced:
     labels: torch.Tensor | None  # -100 over visual positions
     image_starts: torch.Tensor  # (B,) first visual position of each row
     n_visual: int
-
-
-CancelLike = Any  # a wsi_llava.progress.CancelToken, or a callable returning True to stop
-
-
-def _cache_of(out: Any) -> Any:
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else getattr(out, "past_key_values", None)
-
-
-def _is_cancelled(cancel: CancelLike) -> bool:
-    if cancel is None:
-        return False
-    if hasattr(cancel, "cancelled"):
-        return bool(cancel.cancelled)
-    return bool(cancel())
-
-
-def _banned_ngram_tokens(ids: Sequence[int], n: int) -> list[int]:
-    """Tokens that would repeat an n-gram already in ``ids`` (as ``no_repeat_ngram_size`` does)."""
-    if n <= 0 or len(ids) + 1 < n:
-        return []
-    if n == 1:
-        return list(set(ids))
-    prefix = tuple(ids[len(ids) - n + 1 :])
-    return [ids[i + n - 1] for i in range(len(ids) - n + 1) if tuple(ids[i : i + n - 1]) == prefix]
-
-
-def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    sorted_logits, order = torch.sort(logits, descending=True)
-    probs = torch.softmax(sorted_logits, dim=-1)
-    cum = torch.cumsum(probs, dim=-1)
-    remove = cum - probs > top_p  # keep the smallest set whose mass reaches top_p (>= 1 token)
-    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-
-
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters might still become a stop string or a multi-token character."""
-    keep = 0
-    if text.endswith("\ufffd"):
-        keep = len(text) - len(text.rstrip("\ufffd"))
-    body = text[: len(text) - keep]
-    longest = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(body)), 0, -1):
-            if body.endswith(s[:k]):
-                longest = max(longest, k)
-                break
-    return keep + longest
 
 
 class WSILlava(nn.Module):
@@ -159,7 +97,7 @@ class WSILlava(nn.Module):
 
     @property
     def n_visual_tokens(self) -> int:
-        return self.spec.slide_encoder_n_tokens
+        return self.spec.n_visual_tokens
 
     def prompt(self, question: str, answer: str | None = None) -> PromptParts:
         """Token ids for ``question`` in this model's template (labels too when ``answer`` is given)."""
@@ -245,8 +183,6 @@ class WSILlava(nn.Module):
         """The tile encoder named in the spec, with this checkpoint's weights (or its own when trained here)."""
         if self.tile_encoder is not None:
             return self.tile_encoder
-        from wsi_llava.model.checkpoint import build_tile_encoder
-
         return build_tile_encoder(self.spec, self.checkpoint_dir)
 
     def _embed_tokens(self) -> nn.Module:
@@ -407,81 +343,14 @@ class WSILlava(nn.Module):
             )
         return vt
 
+    # --- generation (wsi_llava.model.generation) ------------------------------------------------
     def _cache_arg(self) -> str:
-        """``cache`` (transformers >= 5.2x) or ``past_key_values`` (older), whichever the LLM takes."""
-        import inspect
-
-        base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
-        return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-    def _fast_decoder(self, mode: str, length: int) -> Any:
-        """The fast decoder for ``length`` positions, or None when the LLM cannot use it."""
-        from wsi_llava.model.fast_decode import FastDecoder, UnsupportedModel, weights_key
-
-        key = (mode, *weights_key(self.llm))
-        if self._fast is None or self._fast[0] != key:
-            self._fast = None  # release the old buffers and graph first
-            try:
-                dec = FastDecoder(self.llm, mode)
-            except UnsupportedModel as e:
-                logger.warning("fast decoding is off for this model: %s", e)
-                dec = None
-            self._fast = (key, dec)
-        dec = self._fast[1]
-        if dec is not None:
-            dec.ensure_capacity(length)
-        return dec
+        """``cache`` or ``past_key_values``, whichever the LLM takes (see :func:`generation.cache_arg`)."""
+        return generation.cache_arg(self)
 
     def warm_fast_decode(self, length: int | None = None, *, background: bool = True) -> bool:
-        """Compile the fast decode step now, in a thread by default, so that the first answer does not
-        wait for it (``SlideSession`` starts this while the slide is featurized).
-
-        ``length``: prompt + answer positions to hold (default: the visual tokens, 128 text tokens and
-        ``spec.generation.max_new_tokens``). Also runs one throwaway prefill of that prompt length so
-        that its kernels are loaded. Returns False when there is nothing to prepare (decoding off, or a
-        decoder of this mode and size already built).
-        """
-        from wsi_llava.model.fast_decode import resolve_mode
-
-        mode = resolve_mode(self.fast_decode, self.device.type)
-        if mode == "off" or (self._warm_thread and self._warm_thread.is_alive()):
-            return False
-        max_new = self.spec.generation.max_new_tokens
-        length = int(length) if length is not None else self.n_visual_tokens + 128 + max_new
-        dec = self._fast[1] if self._fast is not None else None
-        if dec is not None and dec.mode == mode and dec.capacity >= length:
-            return False  # an earlier warm-up or answer built it: nothing to do again
-        prompt = max(1, length - max_new)
-
-        def work() -> None:
-            t0 = time.perf_counter()
-            try:
-                with self._fast_lock, torch.inference_mode():
-                    if self.device.type == "cuda":
-                        torch.cuda.set_device(self.device)
-                    width = self.llm.get_input_embeddings().weight.shape[1]
-                    dtype = self.llm.get_input_embeddings().weight.dtype
-                    embeds = torch.zeros((1, prompt, width), dtype=dtype, device=self.device)
-                    self.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
-                    dec = self._fast_decoder(mode, length)
-                    if dec is not None:
-                        dec.prepare()
-                    if self.device.type == "cuda":
-                        torch.cuda.current_stream(self.device).synchronize()
-            except Exception as e:  # the first answer builds it again (or decodes eagerly)
-                logger.warning("warming the fast decoder failed (%s: %s)", type(e).__name__, e)
-                return
-            logger.info(
-                "fast decoder warmed (%s, %d positions) in %.1f s", mode, length, time.perf_counter() - t0
-            )
-
-        if not background:
-            work()
-            return True
-        # not a daemon: exit waits for a compile in flight instead of tearing CUDA down under it
-        self._warm_thread = threading.Thread(target=work, name="wsi-decode-warmup")
-        self._warm_thread.start()
-        return True
+        """Compile the fast decode step now, in a thread by default (see :func:`generation.warm_fast_decode`)."""
+        return generation.warm_fast_decode(self, length, background=background)
 
     def wait_fast_decode(self) -> None:
         """Block until a :meth:`warm_fast_decode` thread is over (``stream`` does this itself)."""
@@ -493,27 +362,6 @@ class WSILlava(nn.Module):
         """Free the fast decoder's KV buffers and CUDA graph now (the next :meth:`stream` rebuilds them)."""
         self._fast = None
 
-    def _begin_fast(self, past: Any, prompt_len: int, max_new: int) -> Any:
-        """The fast decoder holding the prefill's K/V, locked for this stream; None: decode eagerly."""
-        from wsi_llava.model.fast_decode import resolve_mode
-
-        mode = resolve_mode(self.fast_decode, self.device.type)
-        if mode != "off" and max_new >= 2:
-            self.wait_fast_decode()  # a warm-up in flight finishes first: it is building this decoder
-        if mode == "off" or max_new < 2 or not self._fast_lock.acquire(blocking=False):
-            return None  # off, nothing to decode after the prefill, or another stream is using it
-        try:
-            dec = self._fast_decoder(mode, prompt_len + max_new)
-            if dec is not None:
-                dec.load_prefix(past, prompt_len)
-        except Exception as e:
-            logger.warning("fast decoding unavailable (%s: %s); decoding eagerly", type(e).__name__, e)
-            dec = None
-        if dec is None:
-            self._fast_lock.release()
-        return dec
-
-    @torch.inference_mode()
     def stream(
         self,
         question: str,
@@ -526,136 +374,25 @@ class WSILlava(nn.Module):
         seed: int | None = None,
         cancel: CancelLike = None,
     ) -> Iterator[str]:
-        """Answer ``question`` about ``visual_tokens`` (n_vis, in_dim), yielding text as it is decoded.
-
-        KV-cached: one prefill, then one token per step; greedy at temperature 0, else seeded sampling.
-        Unset arguments take ``spec.generation``. ``self.last_generation`` holds the result afterwards.
-        """
-        vt = self._visual_2d(visual_tokens)
-        parts, gen = self.check_request(
+        """Answer ``question`` about ``visual_tokens``, yielding text as it is decoded (see
+        :func:`generation.stream`); ``self.last_generation`` holds the result afterwards."""
+        return generation.stream(
+            self,
             question,
-            n_visual=vt.shape[0],
+            visual_tokens,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
             no_repeat_ngram_size=no_repeat_ngram_size,
+            seed=seed,
+            cancel=cancel,
         )
-        max_new, temp, top_p, ngram = gen.max_new_tokens, gen.temperature, gen.top_p, gen.no_repeat_ngram_size
-        s = self.embed(torch.tensor([parts.input_ids], dtype=torch.long), vt[None])
-        result = GenerationResult(prompt_len=s.inputs_embeds.shape[1], n_visual_tokens=s.n_visual)
-        self.last_generation = result
-        stops = parts.stop_strings
-        stop_ids = self._stop_token_ids() | set(parts.stop_token_ids)
-        generator = None
-        if temp > 0:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
-
-        cache_arg = self._cache_arg()
-        t0 = time.perf_counter()
-        out = self.llm(
-            inputs_embeds=s.inputs_embeds,
-            attention_mask=s.attention_mask,
-            position_ids=s.position_ids,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        past = _cache_of(out)
-        logits = out.logits[:, -1, :]
-        fast = self._begin_fast(past, s.inputs_embeds.shape[1], max_new)
-        locked = fast is not None
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        result.prefill_seconds = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        new_ids: list[int] = []
-        emitted = 0
-        cur_len = s.inputs_embeds.shape[1]
-        reason: str = "max_tokens"
-        text = ""
-        try:
-            while len(new_ids) < max_new:
-                if _is_cancelled(cancel):
-                    reason = "cancelled"
-                    break
-                step = logits[0].float()
-                if ngram:
-                    banned = _banned_ngram_tokens(new_ids, int(ngram))
-                    if banned:
-                        step = step.clone()
-                        step[banned] = float("-inf")
-                if temp > 0:
-                    step = step / temp
-                    if top_p is not None and top_p < 1:
-                        step = _top_p_filter(step, float(top_p))
-                    probs = torch.softmax(step, dim=-1)
-                    tok = int(torch.multinomial(probs, 1, generator=generator))
-                else:
-                    tok = int(torch.argmax(step))
-                if tok in stop_ids:
-                    reason = "eos"
-                    break
-                new_ids.append(tok)
-                launched = False
-                if fast is not None and len(new_ids) < max_new:
-                    # start the next step now: the GPU computes it while the text below is decoded and
-                    # yielded (if that text ends the answer, the step is wasted, not wrong)
-                    try:
-                        logits = fast.step(tok, cur_len)
-                        past = None  # the static buffers hold everything from here on
-                        result.decode_path = fast.mode
-                        launched = True
-                    except Exception as e:
-                        if past is None:
-                            raise
-                        logger.warning("fast decoding failed (%s: %s); decoding eagerly", type(e).__name__, e)
-                        fast = None
-                text = self.tokenizer.decode(new_ids, skip_special_tokens=True).lstrip()
-                hit = min((text.find(st) for st in stops if st in text), default=-1)
-                if hit >= 0:
-                    text = text[:hit]
-                    reason = "stop_string"
-                    break
-                safe = len(text) - _held_back(text, stops)
-                if safe > emitted:
-                    chunk = text[emitted:safe]
-                    emitted = safe
-                    result.text = text[:emitted]
-                    yield chunk
-                if len(new_ids) >= max_new:
-                    break
-                cur_len += 1
-                if launched:
-                    continue
-                out = self.llm(
-                    input_ids=torch.tensor([[tok]], device=self.device),
-                    attention_mask=torch.ones((1, cur_len), dtype=torch.long, device=self.device),
-                    use_cache=True,
-                    **{cache_arg: past},
-                )
-                past = _cache_of(out)
-                logits = out.logits[:, -1, :]
-            text = text.rstrip("\ufffd")
-            if len(text) > emitted:
-                yield text[emitted:]
-                emitted = len(text)
-        finally:
-            if locked:
-                self._fast_lock.release()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            result.decode_seconds = time.perf_counter() - t1
-            result.new_token_ids = list(new_ids)
-            result.n_new_tokens = len(new_ids)
-            result.text = text[:emitted] if emitted else ""
-            result.stop_reason = reason  # type: ignore[assignment]
 
     def generate_text(self, question: str, visual_tokens: torch.Tensor, **kwargs: Any) -> str:
         """The whole answer at once (drains :meth:`stream`)."""
         return "".join(self.stream(question, visual_tokens, **kwargs))
 
     # --- evidence --------------------------------------------------------------------------------
-    @torch.inference_mode()
     def visual_relevance(
         self,
         question: str,
@@ -664,86 +401,6 @@ class WSILlava(nn.Module):
         *,
         layers: Literal["last_half", "all"] = "last_half",
     ) -> np.ndarray:
-        """Attention from the answer-producing positions to each visual token, normalised to sum 1.
-
-        One eager-attention forward pass over prompt + answer; heads and layers (default: the last
-        half) are averaged. Each layer's attention is reduced to the rows and columns needed as soon as
-        it is computed (a forward hook), so no more than one layer's attention is held at a time: a 7B
-        model's full set would not fit beside it on a small card. Returns ``(n_vis,)`` float64.
-        """
-        parts = self.prompt(question)
-        answer = [int(a) for a in (answer_ids.tolist() if torch.is_tensor(answer_ids) else answer_ids)]
-        ids = torch.tensor([parts.input_ids + answer], dtype=torch.long)
-        vt = torch.as_tensor(visual_tokens)
-        s = self.embed(ids, vt if vt.dim() == 3 else vt[None])
-        start, n_vis = int(s.image_starts[0]), s.n_visual
-        prompt_end = len(parts.input_ids) - 1 + n_vis  # positions of the expanded prompt
-        # the position before each answer token is the one that produced it
-        queries = list(range(prompt_end - 1, prompt_end - 1 + max(1, len(answer))))
-        target = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
-        attn = [m for name, m in target.named_modules() if name.endswith("self_attn")]
-        if not attn:
-            raise ModelError(f"{type(target).__name__} has no self_attn modules; cannot compute evidence")
-        chosen = attn[len(attn) // 2 :] if layers == "last_half" else attn
-        q = torch.tensor(queries, device=s.inputs_embeds.device)
-        acc = torch.zeros(n_vis, dtype=torch.float64, device=s.inputs_embeds.device)
-        seen = [0]
-
-        def reduce(_module: nn.Module, _args: Any, output: Any) -> Any:
-            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-            if weights is None:
-                return output
-            acc.add_(weights[0][:, q, start : start + n_vis].double().mean(dim=0).sum(dim=0))
-            seen[0] += 1
-            return (output[0], None, *output[2:])
-
-        previous = getattr(target.config, "_attn_implementation", None)
-        switched = previous not in (None, "eager") and hasattr(target, "set_attn_implementation")
-        if switched:
-            target.set_attn_implementation("eager")
-        hooks = [m.register_forward_hook(reduce) for m in chosen]
-        try:
-            self.llm(
-                inputs_embeds=s.inputs_embeds,
-                attention_mask=s.attention_mask,
-                position_ids=s.position_ids,
-                use_cache=False,
-                logits_to_keep=1,
-            )
-        finally:
-            for h in hooks:
-                h.remove()
-            if switched:
-                target.set_attn_implementation(previous)
-        if seen[0] == 0:
-            raise ModelError(
-                f"{type(target).__name__} returned no attention weights; cannot compute evidence"
-            )
-        scores = acc.cpu().numpy()
-        total = scores.sum()
-        if not np.isfinite(total) or total <= 0:
-            return np.full(n_vis, 1.0 / n_vis)
-        return scores / total
-
-
-def tile_encoder_id(spec: ModelSpec, checkpoint_dir: str | Path | None = None, built: Any = None) -> str:
-    """The feature-cache id of ``spec``'s tile encoder (name + weights checksum), without building it."""
-    from wsi_llava.encoders.tile import RANDOM_SEED, weights_sha256
-
-    if built is not None:
-        return str(built.encoder_id)
-    te = spec.tile_encoder
-    if te.source is not None:
-        from wsi_llava.encoders.timm_hub import weights_file
-        from wsi_llava.model.checkpoint import _part_path
-
-        path = weights_file(
-            _part_path(Path(checkpoint_dir) if checkpoint_dir else None, te.source, "tile encoder")
-        )
-    elif te.weights is not None:
-        path = Path(te.weights)
-        if not path.is_absolute() and checkpoint_dir is not None:
-            path = Path(checkpoint_dir) / path
-    else:
-        return f"{te.name}:random-seed{RANDOM_SEED}"
-    return f"{te.name}:sha256-{weights_sha256(path)[:16]}"
+        """Attention from the answer-producing positions to each visual token, summing to 1 (see
+        :func:`wsi_llava.model.evidence.visual_relevance`)."""
+        return evidence.visual_relevance(self, question, visual_tokens, answer_ids, layers=layers)

@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
-from wsi_llava.encoders.feature_stats import DEFAULT_QUANTILE, DEFAULT_SLIDE_FRACTION
 from wsi_llava.errors import WsiLlavaError
+from wsi_llava.features.feature_stats import DEFAULT_QUANTILE, DEFAULT_SLIDE_FRACTION
 
 logger = logging.getLogger(__name__)
 

@@ -74,11 +74,11 @@ def prepare_pack(
     import numpy as np
     import torch
 
-    from wsi_llava.encoders.cache import FeatureCache
-    from wsi_llava.encoders.extract import extract_features
-    from wsi_llava.encoders.tile import build_tile_encoder
     from wsi_llava.errors import RegionError
     from wsi_llava.eval.bench import ItemRegions, load_bench
+    from wsi_llava.features.cache import FeatureCache
+    from wsi_llava.features.extract import extract_features
+    from wsi_llava.features.tile import build_tile_encoder
     from wsi_llava.settings import cache_dir as default_cache_dir
     from wsi_llava.slide import open_slide
     from wsi_llava.slide.tiling import make_tile_grid, select_tiles

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_llava.atomic import atomic_write_text
-from wsi_llava.encoders.feature_stats import (
+from wsi_llava.features.feature_stats import (
     DEFAULT_FOLDS,
     DEFAULT_QUANTILE,
     DEFAULT_SLIDE_FRACTION,
@@ -33,10 +33,10 @@ def checkpoint_tile_weights(spec: ModelSpec, folder: Path) -> Path:
     """The tile encoder weights file of the checkpoint at ``folder`` (statistics are keyed to it)."""
     te = spec.tile_encoder
     if te.source is not None:
-        from wsi_llava.encoders.timm_hub import weights_file
-        from wsi_llava.model.checkpoint import _part_path
+        from wsi_llava.features.timm_hub import weights_file
+        from wsi_llava.model.build import part_path
 
-        return weights_file(_part_path(folder, te.source, "tile encoder"))
+        return weights_file(part_path(folder, te.source, "tile encoder"))
     if te.weights is None:
         raise TrainError(
             f"{folder / SPEC_FILE}: tile_encoder has no weights (a random encoder): feature statistics "
@@ -61,7 +61,7 @@ def write_feature_stats(
 
     Every pack must have been made with the checkpoint's tile encoder and tiling (checked first).
     """
-    from wsi_llava.encoders.tile import weights_sha256
+    from wsi_llava.features.tile import weights_sha256
     from wsi_llava.train.data import load_pack
 
     folder = Path(checkpoint)

@@ -148,7 +148,7 @@ def check_pack_encoder(model: Any, data: TrainData) -> None:
     """Packs must come from the model's own tile encoder (features of another encoder mean nothing)."""
     if not data.encoder_ids or model.slide_encoder is None:
         return
-    from wsi_llava.model.wsi_llava import tile_encoder_id
+    from wsi_llava.model.build import tile_encoder_id
 
     want = tile_encoder_id(model.spec, model.checkpoint_dir, getattr(model, "tile_encoder", None))
     if want not in data.encoder_ids:

@@ -81,10 +81,10 @@ def contrastive_loss(
 
 def build_base(cfg: Stage1Config) -> tuple[Any, Any, Any]:
     """``(spec, slide_encoder, projector)`` of the starting model (the demo, or a checkpoint folder)."""
-    from wsi_llava.encoders.slide_encoder import SlideEncoder, SlideEncoderConfig
-    from wsi_llava.model.checkpoint import PROJECTOR_FILE, SLIDE_ENCODER_FILE, _load_into, build_slide_encoder
+    from wsi_llava.model.build import PROJECTOR_FILE, SLIDE_ENCODER_FILE, build_slide_encoder, load_into
     from wsi_llava.model.projector import build_projector
     from wsi_llava.model.spec import ModelSpec
+    from wsi_llava.slide_encoder.slide_encoder import SlideEncoder, SlideEncoderConfig
 
     if cfg.model.base == "demo":
         from wsi_llava.model.demo import DEMO_SEED, demo_spec
@@ -115,9 +115,9 @@ def build_base(cfg: Stage1Config) -> tuple[Any, Any, Any]:
             f"{folder}: this model takes precomputed visual tokens; stage 1 needs a slide encoder"
         )
     if (folder / SLIDE_ENCODER_FILE).is_file():
-        _load_into(se, folder / SLIDE_ENCODER_FILE, "slide encoder")
+        load_into(se, folder / SLIDE_ENCODER_FILE, "slide encoder")
     proj = build_projector(spec.projector.type, spec.projector.in_dim, spec.projector.out_dim)
-    _load_into(proj, folder / PROJECTOR_FILE, "projector")
+    load_into(proj, folder / PROJECTOR_FILE, "projector")
     return spec, se, proj
 
 
@@ -126,7 +126,7 @@ def _tile_encoder_weights(cfg: Stage1Config, spec: Any) -> Path | None:
     import shutil
     import tempfile
 
-    from wsi_llava.model.checkpoint import TILE_ENCODER_FILE
+    from wsi_llava.model.build import TILE_ENCODER_FILE
 
     path = cfg.model.tile_encoder_weights
     if path is None:

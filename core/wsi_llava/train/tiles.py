@@ -107,7 +107,7 @@ def run_tile_stage(
     """Train the tile encoder on tile-text pairs; save ``out/final/tile_encoder.safetensors`` + metrics."""
     from safetensors.torch import save_file
 
-    from wsi_llava.encoders.tile import build_tile_encoder
+    from wsi_llava.features.tile import build_tile_encoder
     from wsi_llava.model.checkpoint import TILE_ENCODER_FILE, _state
 
     seed_everything(cfg.train.seed)

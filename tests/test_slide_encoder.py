@@ -6,9 +6,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from wsi_llava.encoders.pooling import pool_tokens
-from wsi_llava.encoders.slide_encoder import LONGNET_PREFIX, SlideEncoder, SlideEncoderConfig
 from wsi_llava.errors import ModelError
+from wsi_llava.slide_encoder.pooling import pool_tokens
+from wsi_llava.slide_encoder.slide_encoder import LONGNET_PREFIX, SlideEncoder, SlideEncoderConfig
 
 
 def _cfg(**kw) -> SlideEncoderConfig:

@@ -117,7 +117,7 @@ def _write_memo(memo: dict[str, Any]) -> None:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read safetensors / .bin / .pth weights, unwrap ``state_dict``/``model`` keys and strip common prefixes."""
-    from wsi_llava.encoders.weights import read_state_dict as read
+    from wsi_llava.features.weights import read_state_dict as read
 
     return read(path, "tile encoder", _WRAPPERS, _PREFIXES)
 
@@ -126,7 +126,7 @@ def load_weights_into(module: nn.Module, path: Path, what: str = "tile encoder")
     """Load ``path`` strictly into ``module``; mismatches raise ModelError naming a few keys."""
     path = Path(path)
     sd = read_state_dict(path)
-    from wsi_llava.encoders.weights import check_fits
+    from wsi_llava.features.weights import check_fits
 
     own = module.state_dict()
     check_fits(own, sd, path, what)
@@ -292,7 +292,7 @@ def build_tile_encoder_from_folder(
     folder: Path | str, timm_kwargs: dict[str, Any] | None = None
 ) -> TileEncoder:
     """A ``TileEncoder`` from a timm hub folder (Prov-GigaPath, UNI, ...), keyed by its weights' sha256."""
-    from wsi_llava.encoders import timm_hub
+    from wsi_llava.features import timm_hub
 
     folder = Path(folder)
     info = timm_hub.inspect_folder(folder, timm_kwargs)

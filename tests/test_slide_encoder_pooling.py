@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsi_llava.encoders.pooling import bin_to_tile_scores, pool_bins, pool_tokens
+from wsi_llava.slide_encoder.pooling import bin_to_tile_scores, pool_bins, pool_tokens
 
 
 @pytest.mark.parametrize("n", [1, 5, 575, 576, 577, 1000, 12345])

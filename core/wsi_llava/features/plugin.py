@@ -13,7 +13,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def _builder(name: str):
     def build(weights: Path | None = None) -> Any:
-        from wsi_llava.encoders import tile
+        from wsi_llava.features import tile
 
         return tile.build_timm_module(name, weights)
 

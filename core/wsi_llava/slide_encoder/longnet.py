@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wsi_llava.encoders.config import SlideEncoderConfig
 from wsi_llava.errors import ModelError
+from wsi_llava.slide_encoder.config import SlideEncoderConfig
 
 logger = logging.getLogger(__name__)
 
@@ -423,7 +423,7 @@ class LongNetViT(nn.Module):
     """Prov-GigaPath's slide encoder backbone: tile features + coords → ``(B, 1 + N, D)`` encoder output.
 
     ``norm`` (eps 1e-6) is part of the released weights; WSI-LLaVA applies it after pooling, so
-    :class:`~wsi_llava.encoders.slide_encoder.SlideEncoder` calls it, not :meth:`forward`.
+    :class:`~wsi_llava.slide_encoder.slide_encoder.SlideEncoder` calls it, not :meth:`forward`.
     """
 
     def __init__(self, cfg: SlideEncoderConfig) -> None:
@@ -478,7 +478,7 @@ _IGNORED = ("pos_embed",)  # fixed sin-cos table (a non-persistent buffer upstre
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    from wsi_llava.encoders.weights import read_state_dict
+    from wsi_llava.features.weights import read_state_dict
 
     hint = " (expected Prov-GigaPath's slide_encoder.pth)"
     return read_state_dict(path, "slide encoder", _WRAPPERS, _PREFIXES, hint=hint)
@@ -508,13 +508,13 @@ def _infer_config(sd: dict[str, object], path: Path | None = None, **overrides: 
 
 def gigapath_config(path: Path, **overrides: object) -> SlideEncoderConfig:
     """The slide encoder shape of a ``slide_encoder.pth``, read from its tensor shapes (no data read)."""
-    from wsi_llava.encoders.weights import read_shapes
+    from wsi_llava.features.weights import read_shapes
 
     path = Path(path)
     hint = " (expected Prov-GigaPath's slide_encoder.pth)"
     sd = read_shapes(path, "slide encoder", _WRAPPERS, _PREFIXES, hint=hint)
     cfg = _infer_config(sd, path, **overrides)
-    from wsi_llava.encoders.weights import check_fits
+    from wsi_llava.features.weights import check_fits
 
     with torch.device("meta"):
         own = LongNetViT(cfg).state_dict()
@@ -536,7 +536,7 @@ def load_gigapath_slide_encoder(path: Path, model: LongNetViT | None = None) -> 
         sd.pop(k, None)
     if model is None:
         model = LongNetViT(_infer_config(sd, path))
-    from wsi_llava.encoders.weights import check_fits
+    from wsi_llava.features.weights import check_fits
 
     check_fits(model.state_dict(), sd, path, "Prov-GigaPath slide encoder layout")
     model.load_state_dict(sd, strict=True)

@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wsi_llava.encoders.config import SlideEncoderConfig
-from wsi_llava.encoders.longnet import LongNetViT, load_gigapath_slide_encoder
-from wsi_llava.encoders.pooling import pool_tokens
 from wsi_llava.errors import ModelError
+from wsi_llava.slide_encoder.config import SlideEncoderConfig
+from wsi_llava.slide_encoder.longnet import LongNetViT, load_gigapath_slide_encoder
+from wsi_llava.slide_encoder.pooling import pool_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class SlideEncoder(nn.Module):
         ``overrides`` set the WSI-LLaVA part (``n_tokens``, ``pad_to``, ``head``); WSI-LLaVA adds no head
         to the released LongNet, so ``head`` defaults to None here.
         """
-        from wsi_llava.encoders.longnet import gigapath_config
+        from wsi_llava.slide_encoder.longnet import gigapath_config
 
         overrides.setdefault("head", None)
         return cls(config or gigapath_config(Path(path), **overrides)).load_gigapath(path)

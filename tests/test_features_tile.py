@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from wsi_llava import plugins
-from wsi_llava.encoders.tile import TileEncoder, build_tile_encoder, weights_sha256
 from wsi_llava.errors import ModelError
+from wsi_llava.features.tile import TileEncoder, build_tile_encoder, weights_sha256
 
 
 def test_plugin_import_does_not_import_torch():
     code = (
-        "import sys, wsi_llava.encoders.plugin, wsi_llava.encoders.config, wsi_llava.encoders.pooling;"
+        "import sys, wsi_llava.features.plugin, wsi_llava.slide_encoder.config, wsi_llava.slide_encoder.pooling;"
         "bad=[m for m in ('torch','timm','transformers') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -28,7 +28,7 @@ def test_builtins_are_registered_with_metadata():
     for name, dim in (("prov-gigapath", 1536), ("uni", 1024), ("demo-vit", 192)):
         assert name in reg
         assert reg[name].meta["embed_dim"] == dim
-        assert reg[name].plugin == "wsi_llava.encoders.plugin"
+        assert reg[name].plugin == "wsi_llava.features.plugin"
 
 
 def test_prov_gigapath_shape_on_meta_device():

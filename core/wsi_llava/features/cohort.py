@@ -4,7 +4,7 @@ Launched as one process it does every slide in list order; under ``torchrun`` (`
 ``LOCAL_RANK``) the ranks claim slides one at a time from a shared queue, largest first (tile cells from
 the slide headers), through an atomic counter in the process group's store, so a rank that finishes early
 takes more and no rank waits on a fixed share. Each rank encodes on ``cuda:LOCAL_RANK``. Every slide is
-extracted by exactly one rank with :func:`~wsi_llava.encoders.extract.extract_features`, so the cache
+extracted by exactly one rank with :func:`~wsi_llava.features.extract.extract_features`, so the cache
 entries are the same as a one-process run's. A slide that fails is reported by name and skipped.
 """
 
@@ -337,7 +337,7 @@ def _extract_one(
     progress: ProgressCallback,
     cancel: CancelToken | None,
 ) -> SlideOutcome:
-    from wsi_llava.encoders.extract import cache_key_for, extract_features
+    from wsi_llava.features.extract import cache_key_for, extract_features
     from wsi_llava.slide import open_slide
     from wsi_llava.slide.tiling import make_tile_grid
 
@@ -427,7 +427,7 @@ def _warm_up(encoder: Any, dev: str, batch_size: int | None, tile_size: int) -> 
         return 0.0
     import torch
 
-    from wsi_llava.encoders.fast import fast_encoder
+    from wsi_llava.features.fast import fast_encoder
 
     t0 = time.perf_counter()
     try:

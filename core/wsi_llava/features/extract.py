@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from wsi_llava.encoders.cache import (
+from wsi_llava.errors import ModelError, WsiLlavaError
+from wsi_llava.features.cache import (
     CachedFeatures,
     CacheError,
     CacheKey,
@@ -16,7 +17,6 @@ from wsi_llava.encoders.cache import (
     FeatureCache,
     grid_hash,
 )
-from wsi_llava.errors import ModelError, WsiLlavaError
 from wsi_llava.progress import CancelToken, ProgressCallback, no_progress
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def _check_encoder(encoder: Any) -> None:
         if not hasattr(encoder, attr):
             raise ModelError(
                 f"tile encoder {type(encoder).__name__} lacks {attr!r}: build it with "
-                "wsi_llava.encoders.tile.build_tile_encoder(name, weights)"
+                "wsi_llava.features.tile.build_tile_encoder(name, weights)"
             )
 
 
@@ -64,7 +64,7 @@ def extract_features(
     and raises ``Cancelled``; an interrupted run leaves no cache entry.
 
     ``fast`` (default: on for CUDA devices) runs the overlapped pipeline of
-    :mod:`wsi_llava.encoders.fast_extract`: raw JPEG tiles decoded in batches on the device where the
+    :mod:`wsi_llava.features.fast_extract`: raw JPEG tiles decoded in batches on the device where the
     slide allows it, compiled encoder blocks, reading, decoding, encoding and writing at once.
     ``batch_size`` defaults to 256 on that path, 64 otherwise. ``compile``: None (default) compiles on
     CUDA in a background thread while the first batches run eagerly, so the first slide of a process
@@ -198,9 +198,9 @@ def _extract_fast(
     progress: ProgressCallback,
     compile: bool | None,
 ) -> None:
-    """The overlapped pipeline (:func:`wsi_llava.encoders.fast_extract.run_fast_pipeline`)."""
-    from wsi_llava.encoders.fast import fast_encoder
-    from wsi_llava.encoders.fast_extract import run_fast_pipeline
+    """The overlapped pipeline (:func:`wsi_llava.features.fast_extract.run_fast_pipeline`)."""
+    from wsi_llava.features.fast import fast_encoder
+    from wsi_llava.features.fast_extract import run_fast_pipeline
 
     n = len(grid.coords)
     done = [0]

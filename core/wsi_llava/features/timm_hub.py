@@ -4,9 +4,9 @@ Such a folder holds ``config.json`` (``architecture``, ``model_args``, ``pretrai
 ``model.safetensors`` or ``pytorch_model.bin``. The model is built by timm's own local-folder loading
 (``timm.create_model("local-dir:FOLDER", pretrained=True)``, without a random initialisation first); the
 preprocessing (resize, centre crop, interpolation, mean/std) comes from the folder's ``pretrained_cfg``
-through timm's data config, and is applied on tensors by :class:`~wsi_llava.encoders.tile.TileEncoder`
+through timm's data config, and is applied on tensors by :class:`~wsi_llava.features.tile.TileEncoder`
 on the CPU and GPU paths alike. Models whose forward returns tokens (``global_pool: ""``, as Virchow)
-are pooled by :class:`~wsi_llava.encoders.tile.TokenPooled` (class token ⊕ mean patch token, Virchow's
+are pooled by :class:`~wsi_llava.features.tile.TokenPooled` (class token ⊕ mean patch token, Virchow's
 model card).
 """
 
@@ -179,7 +179,7 @@ def inspect_folder(folder: Path, kwargs: dict[str, Any] | None = None) -> TimmFo
     """Architecture, feature width, preprocessing and a key/shape check of the weights, without loading them."""
     import torch
 
-    from wsi_llava.encoders.weights import check_fits, read_shapes
+    from wsi_llava.features.weights import check_fits, read_shapes
 
     folder = Path(folder)
     cfg = read_config(folder)
@@ -216,7 +216,7 @@ def build_model(folder: Path, kwargs: dict[str, Any] | None = None) -> Any:
     only to be overwritten, and its weights are not held twice; an architecture that cannot be built that
     way is built normally.
     """
-    from wsi_llava.encoders.no_init import build_without_init
+    from wsi_llava.features.no_init import build_without_init
 
     folder = Path(folder)
     read_config(folder)

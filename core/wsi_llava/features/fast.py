@@ -1,6 +1,6 @@
 """``FastTileEncoder``: a tile encoder run for throughput on CUDA (bf16, compiled transformer blocks).
 
-The wrapped :class:`~wsi_llava.encoders.tile.TileEncoder` is left untouched: the fast model is a shallow
+The wrapped :class:`~wsi_llava.features.tile.TileEncoder` is left untouched: the fast model is a shallow
 copy whose blocks share its parameters, with each transformer block compiled by ``torch.compile``
 (one compiled graph serves every block of a timm ViT, so compiling takes seconds, not minutes).
 Attention runs through timm's fused SDPA (flash attention on Hopper). A compile failure is logged

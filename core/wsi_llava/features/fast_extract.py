@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsi_llava.encoders.fast import FastTileEncoder
 from wsi_llava.errors import ModelError
+from wsi_llava.features.fast import FastTileEncoder
 from wsi_llava.progress import CancelToken
 from wsi_llava.slide.jpeg_tiles import JpegTilePlan, check_plan, decode_streams, plan_jpeg_tiles, read_streams
 
