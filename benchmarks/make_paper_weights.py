@@ -129,32 +129,42 @@ def gigapath_config(size: str) -> dict[str, Any]:
     }
 
 
+#: the keys WSI-LLaVA's LLaVA fork adds to the Vicuna config (``LlavaLlamaForCausalLM``)
+LLAVA_KEYS: dict[str, Any] = {
+    "architectures": ["LlavaLlamaForCausalLM"],
+    "freeze_mm_mlp_adapter": False,
+    "image_aspect_ratio": "pad",
+    "mm_patch_merge_type": "flat",
+    "mm_projector_lr": 2e-05,
+    "mm_projector_type": "mlp2x_gelu",
+    "mm_use_im_patch_token": False,
+    "mm_use_im_start_end": False,
+    "mm_vision_select_feature": "patch",
+    "mm_vision_select_layer": -2,
+    "mm_vision_tower": "./LLaVA-main/clip-vit-large-patch14-336",
+    "model_type": "llava_llama",
+    "tokenizer_model_max_length": 2048,
+    "tokenizer_padding_side": "right",
+    "transformers_version": "4.37.2",
+    "tune_mm_mlp_adapter": False,
+    "use_mm_proj": True,
+}
+
+
 def llava_config(size: str, name_or_path: str = "./checkpoints/vicuna-7b-v1.5") -> dict[str, Any]:
     """A llava-v1.5-7b ``config.json`` (``LlavaLlamaForCausalLM``, as WSI-LLaVA's LLaVA fork saves it)."""
     return {
         "_name_or_path": name_or_path,
-        "architectures": ["LlavaLlamaForCausalLM"],
         "attention_bias": False,
         "attention_dropout": 0.0,
         "bos_token_id": 1,
         "eos_token_id": 2,
-        "freeze_mm_mlp_adapter": False,
         "hidden_act": "silu",
         **{k: v for k, v in LLM_SIZES[size].items() if k != "num_key_value_heads"},
-        "image_aspect_ratio": "pad",
         "initializer_range": 0.02,
         "max_length": 4096,
         "max_position_embeddings": 4096,
         "mm_hidden_size": MM_HIDDEN,
-        "mm_patch_merge_type": "flat",
-        "mm_projector_lr": 2e-05,
-        "mm_projector_type": "mlp2x_gelu",
-        "mm_use_im_patch_token": False,
-        "mm_use_im_start_end": False,
-        "mm_vision_select_feature": "patch",
-        "mm_vision_select_layer": -2,
-        "mm_vision_tower": "./LLaVA-main/clip-vit-large-patch14-336",
-        "model_type": "llava_llama",
         "num_key_value_heads": LLM_SIZES[size]["num_key_value_heads"],
         "pad_token_id": 0,
         "pretraining_tp": 1,
@@ -162,14 +172,10 @@ def llava_config(size: str, name_or_path: str = "./checkpoints/vicuna-7b-v1.5") 
         "rope_scaling": None,
         "rope_theta": 10000.0,
         "tie_word_embeddings": False,
-        "tokenizer_model_max_length": 2048,
-        "tokenizer_padding_side": "right",
         "torch_dtype": "float16",
-        "transformers_version": "4.37.2",
-        "tune_mm_mlp_adapter": False,
         "use_cache": True,
-        "use_mm_proj": True,
         "vocab_size": VOCAB,
+        **LLAVA_KEYS,
     }
 
 

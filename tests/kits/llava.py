@@ -64,27 +64,9 @@ def llava_config(vocab: int, hidden: int = HIDDEN, mm_hidden: int = MM_HIDDEN, *
     """A llava-v1.5-style config.json (LlavaLlamaForCausalLM over the Vicuna config)."""
     cfg = vicuna_config(vocab, hidden, **sizes)
     cfg.update(
-        {
-            "_name_or_path": "./checkpoints/vicuna-7b-v1.5",
-            "architectures": ["LlavaLlamaForCausalLM"],
-            "freeze_mm_mlp_adapter": False,
-            "image_aspect_ratio": "pad",
-            "mm_hidden_size": mm_hidden,
-            "mm_patch_merge_type": "flat",
-            "mm_projector_lr": 2e-5,
-            "mm_projector_type": "mlp2x_gelu",
-            "mm_use_im_patch_token": False,
-            "mm_use_im_start_end": False,
-            "mm_vision_select_feature": "patch",
-            "mm_vision_select_layer": -2,
-            "mm_vision_tower": "./LLaVA-main/clip-vit-large-patch14-336",
-            "model_type": "llava_llama",
-            "tokenizer_model_max_length": 2048,
-            "tokenizer_padding_side": "right",
-            "transformers_version": "4.37.2",
-            "tune_mm_mlp_adapter": False,
-            "use_mm_proj": True,
-        }
+        benchmark_module("make_paper_weights").LLAVA_KEYS,
+        _name_or_path="./checkpoints/vicuna-7b-v1.5",
+        mm_hidden_size=mm_hidden,
     )
     return cfg
 
