@@ -73,6 +73,24 @@ def test_gradient_flows_through_branches_and_weights():
     assert torch.allclose(q.grad, q2.grad, atol=1e-8) and torch.allclose(k.grad, k2.grad, atol=1e-8)
 
 
+@pytest.mark.parametrize("chunk", [1 << 26, 64])  # one chunk, and many (rows of 2 queries)
+def test_attention_backward_is_exact_for_output_and_lse(monkeypatch, chunk):
+    """The chunked backward differentiates both outputs: against autograd of the plain formula."""
+    import wsi_llava.slide_encoder.longnet as ln
+
+    monkeypatch.setattr(ln, "_MATH_CHUNK_ELEMS", chunk)
+    q, k, v = (t.transpose(1, 2).contiguous().requires_grad_(True) for t in _qkv(2, 31, 3, 8, seed=11))
+    w_out, w_lse = torch.randn(q.shape, dtype=q.dtype), torch.randn(q.shape[:-1], dtype=q.dtype)
+    out, lse = attention_with_lse(q, k, v)
+    got = torch.autograd.grad((out * w_out).sum() + (lse * w_lse).sum(), (q, k, v))
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    ref_lse = s.logsumexp(-1)
+    ref = torch.autograd.grad(((s.softmax(-1) @ v) * w_out).sum() + (ref_lse * w_lse).sum(), (q, k, v))
+    for a, b in zip(got, ref, strict=True):
+        assert torch.allclose(a, b, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda a, b, c: attention_with_lse(a, b, c), (q, k, v))
+
+
 def _gigapath_table(dim: int, grid: int) -> np.ndarray:
     """Prov-GigaPath's table: meshgrid(w, h); first half encodes grid[0] (= column), second grid[1] (= row)."""
     gw, gh = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64))

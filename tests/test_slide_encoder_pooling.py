@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsi_llava.slide_encoder.pooling import bin_to_tile_scores, pool_bins, pool_tokens
+from wsi_llava.slide_encoder.pooling import pool_bins, pool_tokens
 
 
 @pytest.mark.parametrize("n", [1, 5, 575, 576, 577, 1000, 12345])
@@ -48,18 +48,3 @@ def test_repeats_when_fewer_tiles_than_tokens():
     bins = pool_bins(5, 576)
     assert ((bins[:, 1] - bins[:, 0]) <= 2).all()  # a bin holds one tile, or two at a boundary
     assert np.bincount(bins[:, 0], minlength=5).tolist() == [116, 115, 115, 115, 115]
-
-
-def test_bin_to_tile_scores_preserves_mass_and_locality():
-    n = 1000
-    scores = np.zeros(576)
-    scores[100] = 1.0
-    tiles = bin_to_tile_scores(scores, n)
-    s, e = pool_bins(n)[100]
-    assert tiles.shape == (n,)
-    assert np.isclose(tiles.sum(), 1.0)
-    assert np.flatnonzero(tiles).tolist() == list(range(s, e))
-    uniform = bin_to_tile_scores(np.full(576, 1 / 576), 5)
-    assert np.isclose(uniform.sum(), 1.0) and np.allclose(uniform, uniform.mean(), rtol=0.02)
-    with pytest.raises(ValueError):
-        pool_bins(0)

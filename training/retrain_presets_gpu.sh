@@ -8,9 +8,9 @@
 #   3. stage 3b from the shipped demo weights, which are the recipe's runs/demo/stage3/final;
 #   4. on the held-out world, on the GPU: close-ended accuracy of the new and the shipped weights, then
 #      training/check_presets.py (time-boxed: CHECK_SECONDS);
-#   5. into $OUT: lora/adapter_model.safetensors, lora/adapter_config.json, projector.safetensors,
-#      wsi_llava.json, stage3_presets_log.jsonl, close_ended_gpu.json, presets_after_gpu.json and run.log
-#      (with the config run).
+#   5. into $OUT: lora/adapter_model.safetensors.part_0/_1 (see below), lora/adapter_config.json, projector.safetensors,
+#      wsi_llava.json, close_ended_gpu.json, presets_after_gpu.json and run.log (with the stage-3b log
+#      and the config run).
 #
 # What a call cannot carry beside the tree (64 MiB in all) comes first, in parts: SmolLM2's GGUF (the demo
 # LLM, 98 MB), the imagecodecs wheel (JPEG tiles, 26 MB) and gguf. Here, once:
@@ -181,9 +181,14 @@ EOF
 log "stage 3b done"
 
 mkdir -p "$OUT/lora"
-cp "$FINAL/lora/adapter_model.safetensors" "$FINAL/lora/adapter_config.json" "$OUT/lora/"
+# a file back from the device is at most 16 MiB: the adapter (about 19.6 MB) comes back in two halves,
+# joined here with `cat adapter_model.safetensors.part_* > adapter_model.safetensors` (its sha256 is in run.log);
+# at most 8 files come back, so the training log goes into run.log too
+split -n 2 -d -a 1 "$FINAL/lora/adapter_model.safetensors" "$OUT/lora/adapter_model.safetensors.part_"
+log "adapter sha256: $(sha256sum "$FINAL/lora/adapter_model.safetensors" | cut -d' ' -f1)"
+cp "$FINAL/lora/adapter_config.json" "$OUT/lora/"
 cp "$FINAL/projector.safetensors" "$FINAL/wsi_llava.json" "$OUT/"
-cp "$RUN/stage3_presets/log.jsonl" "$OUT/stage3_presets_log.jsonl"
+log "stage 3b log:"; cat "$RUN/stage3_presets/log.jsonl"
 
 # --- 4. held-out world: close-ended accuracy after and before, then the front ends' questions ---------
 wait "$held"

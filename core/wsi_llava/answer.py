@@ -10,7 +10,7 @@ from wsi_llava.slide.region import Region
 
 
 class Evidence(BaseModel):
-    """Per-tile relevance of the answer: which tiles the answer attended to, with level-0 coordinates."""
+    """Per-tile relevance of the answer: how much each tile made it more likely, with level-0 coordinates."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -18,9 +18,11 @@ class Evidence(BaseModel):
     coords: list[tuple[int, int]] = Field(
         default_factory=list, description="tile top-left, level-0 px (x, y)"
     )
-    scores: list[float] = Field(default_factory=list, description="relevance, sums to 1 over the tiles")
+    scores: list[float] = Field(
+        default_factory=list, description="relevance to the answer (not a diagnosis), sums to 1 over the tiles"
+    )
     tile_size: int = Field(0, description="tile edge in level-0 px")
-    method: str = "answer-token attention through the pooling bins"
+    method: str = "integrated gradients of the answer's log-probability w.r.t. tile features"
 
 
 class Timings(BaseModel):

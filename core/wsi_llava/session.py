@@ -214,7 +214,7 @@ class SlideSession:
 
         ev = Evidence(tile_size=int(self.grid.tile_size_level0))
         if evidence and len(gen.new_token_ids) > 0:
-            ev = self._evidence(question, visual, gen.new_token_ids, indices)
+            ev = self._evidence(question, gen.new_token_ids, indices)
         spec = self.model.spec
         notice = None
         if spec.demo:
@@ -257,20 +257,20 @@ class SlideSession:
         assert self.last_answer is not None
         return self.last_answer
 
-    def _evidence(self, question: str, visual, answer_ids, indices: np.ndarray) -> Evidence:
-        from wsi_llava.slide_encoder.pooling import bin_to_tile_scores
-
-        bin_scores = np.asarray(self.model.visual_relevance(question, visual, answer_ids), dtype=np.float64)
-        n_bins = self.model.spec.n_visual_tokens
-        tile_scores = bin_to_tile_scores(bin_scores[:n_bins], len(indices))
-        total = tile_scores.sum()
-        if total > 0:
-            tile_scores = tile_scores / total
+    def _evidence(self, question: str, answer_ids, indices: np.ndarray) -> Evidence:
+        feats = self.extract()
+        scores = self.model.tile_relevance(
+            question,
+            np.asarray(feats.features[indices], dtype=np.float32),
+            np.asarray(feats.coords[indices], dtype=np.int64),
+            self.grid.tile_size_level0,
+            answer_ids,
+        )
         coords = self.grid.coords[indices]
         return Evidence(
             tile_indices=[int(i) for i in indices],
             coords=[(int(x), int(y)) for x, y in coords],
-            scores=[round(float(s), 6) for s in tile_scores],
+            scores=[round(float(s), 6) for s in scores],
             tile_size=int(self.grid.tile_size_level0),
         )
 

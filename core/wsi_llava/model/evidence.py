@@ -1,14 +1,20 @@
-"""Evidence: how much each visual token (and so each pooling bin of tiles) weighed on an answer.
+"""Evidence: how much each tile raised the probability of an answer, through the whole model.
 
-Kept apart from the model class: it reads a finished answer back through the LLM once with eager
-attention and hooks, which is analysis, not generation. The session spreads the bin scores over tiles
-(:func:`wsi_llava.slide_encoder.pooling.bin_to_tile_scores`).
+Integrated gradients of the answer's log-probability with respect to the tile features, along a straight
+path from a reference slide (every tile replaced by the average tile the model was trained on, or by the
+question's own average tile when the model records no training statistics) to the real one. The gradient
+flows through projector, pooling and the LongNet slide encoder, so a tile that LongNet mixed into every
+visual token is credited where it is, not where its pooling bin sits. Each step is one forward and one
+backward pass of slide encoder and LLM; LongNet layers and LLM decoder layers are recomputed in the
+backward pass on CUDA so a whole slide fits beside a 7B model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+import contextlib
+from collections.abc import Iterator, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,71 +25,129 @@ from wsi_llava.errors import ModelError
 if TYPE_CHECKING:
     from wsi_llava.model.wsi_llava import WSILlava
 
+#: path steps (midpoint rule); the attributions of all tiles sum to the change in log-probability
+#: between reference and slide, up to the integration error that more steps shrink
+DEFAULT_STEPS = 8
+METHOD = "integrated gradients of the answer's log-probability w.r.t. tile features"
 
-@torch.inference_mode()
-def visual_relevance(
+
+def reference_features(model: WSILlava, features: torch.Tensor) -> torch.Tensor:
+    """The path's start: the model's training-set mean tile feature, else the mean of ``features``."""
+    from wsi_llava.features.feature_stats import model_feature_stats
+
+    stats = model_feature_stats(model)
+    if stats is not None and stats.dim == features.shape[1]:
+        mean = torch.as_tensor(stats.mean, dtype=features.dtype, device=features.device)
+    else:
+        mean = features.mean(dim=0)
+    return mean.expand_as(features)
+
+
+def _decoder_layers(llm: nn.Module) -> list[nn.Module]:
+    """The LLM's repeated blocks (the longest ModuleList), recomputed in the backward pass on CUDA."""
+    lists = [m for m in llm.modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+@contextlib.contextmanager
+def _recompute(model: WSILlava, enable: bool) -> Iterator[None]:
+    """Activation checkpointing of LongNet and LLM layers for the duration of the evidence pass."""
+    if not enable:
+        yield
+        return
+    from torch.utils.checkpoint import checkpoint
+
+    encoder = getattr(getattr(model.slide_encoder, "longnet", None), "encoder", None)
+    was = getattr(encoder, "grad_checkpointing", None)
+    layers = _decoder_layers(model.llm)
+    for layer in layers:
+        layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
+    if encoder is not None:
+        encoder.grad_checkpointing = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # back to the class's forward
+        if encoder is not None:
+            encoder.grad_checkpointing = was
+
+
+def _answer_log_prob(
+    model: WSILlava, ids: torch.Tensor, n_answer: int, features: torch.Tensor, coords: torch.Tensor, tile: int
+) -> torch.Tensor:
+    """Sum of the log-probabilities of the answer tokens (teacher-forced) given tile features."""
+    visual = model.slide_encoder(features, coords, tile)
+    s = model.embed(ids, visual[None])
+    out = model.llm(
+        inputs_embeds=s.inputs_embeds,
+        attention_mask=s.attention_mask,
+        position_ids=s.position_ids,
+        use_cache=False,
+        logits_to_keep=n_answer + 1,
+    )
+    logits = out.logits[0, -n_answer - 1 : -1].float()  # the position before each answer token predicts it
+    answer = ids[0, -n_answer:].to(logits.device)
+    return logits.log_softmax(-1).gather(-1, answer[:, None]).sum()
+
+
+def tile_attributions(
     model: WSILlava,
     question: str,
-    visual_tokens: torch.Tensor,
+    features: Any,
+    coords: Any,
+    tile_size_level0: int,
     answer_ids: Sequence[int] | torch.Tensor,
     *,
-    layers: Literal["last_half", "all"] = "last_half",
+    steps: int = DEFAULT_STEPS,
+    reference: Any | None = None,
 ) -> np.ndarray:
-    """Attention from the answer-producing positions to each visual token, normalised to sum 1.
-
-    One eager-attention forward pass over prompt + answer; heads and layers (default: the last
-    half) are averaged. Each layer's attention is reduced to the rows and columns needed as soon as
-    it is computed (a forward hook), so no more than one layer's attention is held at a time: a 7B
-    model's full set would not fit beside it on a small card. Returns ``(n_vis,)`` float64.
-    """
-    parts = model.prompt(question)
+    """Signed integrated gradient of each tile ``(N,)`` float64: its share of the change in the answer's
+    log-probability between the reference slide (default :func:`reference_features`) and this one; the
+    shares sum to that change."""
+    if model.slide_encoder is None:
+        raise ModelError(f"model {model.spec.name!r} has no slide encoder: evidence needs tile features")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
     answer = [int(a) for a in (answer_ids.tolist() if torch.is_tensor(answer_ids) else answer_ids)]
-    ids = torch.tensor([parts.input_ids + answer], dtype=torch.long)
-    vt = torch.as_tensor(visual_tokens)
-    s = model.embed(ids, vt if vt.dim() == 3 else vt[None])
-    start, n_vis = int(s.image_starts[0]), s.n_visual
-    prompt_end = len(parts.input_ids) - 1 + n_vis  # positions of the expanded prompt
-    # the position before each answer token is the one that produced it
-    queries = list(range(prompt_end - 1, prompt_end - 1 + max(1, len(answer))))
-    target = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
-    attn = [m for name, m in target.named_modules() if name.endswith("self_attn")]
-    if not attn:
-        raise ModelError(f"{type(target).__name__} has no self_attn modules; cannot compute evidence")
-    chosen = attn[len(attn) // 2 :] if layers == "last_half" else attn
-    q = torch.tensor(queries, device=s.inputs_embeds.device)
-    acc = torch.zeros(n_vis, dtype=torch.float64, device=s.inputs_embeds.device)
-    seen = [0]
+    p = next(model.slide_encoder.parameters())
+    x = torch.as_tensor(features).to(device=p.device, dtype=torch.float32)
+    c = torch.as_tensor(coords).to(p.device)
+    if not answer or x.shape[0] == 0:
+        return np.zeros(x.shape[0])
+    ids = torch.tensor([model.prompt(question).input_ids + answer], dtype=torch.long, device=model.device)
+    ref = reference_features(model, x) if reference is None else torch.as_tensor(reference).to(x).expand_as(x)
+    delta = x - ref
+    total = torch.zeros_like(x)
+    with torch.enable_grad(), _recompute(model, p.device.type == "cuda"):
+        for i in range(steps):
+            point = (ref + ((i + 0.5) / steps) * delta).to(p.dtype).requires_grad_(True)
+            logp = _answer_log_prob(model, ids, len(answer), point, c, int(tile_size_level0))
+            (grad,) = torch.autograd.grad(logp, point)
+            total += grad.float()
+    return (delta * total / steps).sum(dim=1).double().cpu().numpy()
 
-    def reduce(_module: nn.Module, _args: Any, output: Any) -> Any:
-        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-        if weights is None:
-            return output
-        acc.add_(weights[0][:, q, start : start + n_vis].double().mean(dim=0).sum(dim=0))
-        seen[0] += 1
-        return (output[0], None, *output[2:])
 
-    previous = getattr(target.config, "_attn_implementation", None)
-    switched = previous not in (None, "eager") and hasattr(target, "set_attn_implementation")
-    if switched:
-        target.set_attn_implementation("eager")
-    hooks = [m.register_forward_hook(reduce) for m in chosen]
-    try:
-        model.llm(
-            inputs_embeds=s.inputs_embeds,
-            attention_mask=s.attention_mask,
-            position_ids=s.position_ids,
-            use_cache=False,
-            logits_to_keep=1,
-        )
-    finally:
-        for h in hooks:
-            h.remove()
-        if switched:
-            target.set_attn_implementation(previous)
-    if seen[0] == 0:
-        raise ModelError(f"{type(target).__name__} returned no attention weights; cannot compute evidence")
-    scores = acc.cpu().numpy()
+def tile_relevance(
+    model: WSILlava,
+    question: str,
+    features: Any,
+    coords: Any,
+    tile_size_level0: int,
+    answer_ids: Sequence[int] | torch.Tensor,
+    *,
+    steps: int = DEFAULT_STEPS,
+) -> np.ndarray:
+    """Per-tile relevance ``(N,)`` float64 of ``answer_ids`` to ``question``, summing to 1.
+
+    The positive part of :func:`tile_attributions` (tiles that made the answer more likely), normalised;
+    uniform when no tile raised it. Deterministic for fixed inputs.
+    """
+    scores = tile_attributions(
+        model, question, features, coords, tile_size_level0, answer_ids, steps=steps
+    ).clip(min=0)
+    n = len(scores)
     total = scores.sum()
-    if not np.isfinite(total) or total <= 0:
-        return np.full(n_vis, 1.0 / n_vis)
-    return scores / total
+    if n and (not np.isfinite(total) or total <= 0):
+        return np.full(n, 1.0 / n)
+    return scores / total if n else scores

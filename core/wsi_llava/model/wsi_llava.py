@@ -1,7 +1,7 @@
 """``WSILlava``: a projector that turns slide tokens into LLM embeddings, spliced in at ``<image>``.
 
 Imitates Hugging Face ``modeling_llava``: one splice point (:meth:`WSILlava.embed`) used by training
-(:meth:`forward`), streaming generation (:meth:`stream`) and evidence (:meth:`visual_relevance`). The class
+(:meth:`forward`), streaming generation (:meth:`stream`) and evidence (:meth:`tile_relevance`). The class
 holds the parts and the splice; the decode loop, sampling and fast-decode orchestration live in
 :mod:`wsi_llava.model.generation` and the evidence pass in :mod:`wsi_llava.model.evidence`, which the
 methods of the same names call.
@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -393,14 +393,17 @@ class WSILlava(nn.Module):
         return "".join(self.stream(question, visual_tokens, **kwargs))
 
     # --- evidence --------------------------------------------------------------------------------
-    def visual_relevance(
+    def tile_relevance(
         self,
         question: str,
-        visual_tokens: torch.Tensor,
+        features: torch.Tensor,
+        coords: torch.Tensor,
+        tile_size_level0: int,
         answer_ids: Sequence[int] | torch.Tensor,
         *,
-        layers: Literal["last_half", "all"] = "last_half",
+        steps: int = evidence.DEFAULT_STEPS,
     ) -> np.ndarray:
-        """Attention from the answer-producing positions to each visual token, summing to 1 (see
-        :func:`wsi_llava.model.evidence.visual_relevance`)."""
-        return evidence.visual_relevance(self, question, visual_tokens, answer_ids, layers=layers)
+        """Per-tile relevance of an answer, summing to 1 (see :func:`wsi_llava.model.evidence.tile_relevance`)."""
+        return evidence.tile_relevance(
+            self, question, features, coords, tile_size_level0, answer_ids, steps=steps
+        )

@@ -124,18 +124,62 @@ def _attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: 
     return out, lse.to(torch.promote_types(lse.dtype, torch.float32))
 
 
+class _AttentionLSE(torch.autograd.Function):
+    """Attention with LSE whose backward recomputes the softmax chunk by chunk (as FlashAttention does).
+
+    The forward runs without a graph (fused kernels where they exist); the backward is exact for both
+    outputs, the LSE included, and holds one chunk of scores at a time, so gradients through a whole
+    slide's dilated attention cost about what inference costs.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float, kernel: str):  # noqa: ANN001, ANN205 - autograd signature
+        with torch.no_grad():
+            fused = _attention_fused(q, k, v, kernel) if math.isclose(scale, q.shape[-1] ** -0.5) else None
+            out, lse = fused if fused is not None else _attention_math(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):  # noqa: ANN001, ANN205 - autograd signature
+        q, k, v, out, lse = ctx.saved_tensors
+        scale = ctx.scale
+        acc = torch.promote_types(q.dtype, torch.float32)
+        kf, vf = k.to(acc), v.to(acc)
+        dout = torch.zeros_like(out, dtype=acc) if dout is None else dout.to(acc)
+        dlse = torch.zeros_like(lse, dtype=acc) if dlse is None else dlse.to(acc)
+        delta = (dout * out.to(acc)).sum(-1) - dlse  # (B, H, Lq): softmax backward's row term, LSE included
+        dq = torch.empty_like(q, dtype=acc)
+        dk = torch.zeros_like(kf)
+        dv = torch.zeros_like(vf)
+        n_q, n_k = q.shape[-2], k.shape[-2]
+        rows = max(1, _MATH_CHUNK_ELEMS // max(1, n_k * math.prod(q.shape[:-2])))
+        for i in range(0, n_q, rows):
+            qi = q[..., i : i + rows, :].to(acc)
+            p = torch.exp((qi @ kf.transpose(-1, -2)) * scale - lse[..., i : i + rows, None].to(acc))
+            doi = dout[..., i : i + rows, :]
+            dv += p.transpose(-1, -2) @ doi
+            ds = p * ((doi @ vf.transpose(-1, -2)) - delta[..., i : i + rows, None])
+            dq[..., i : i + rows, :] = (ds @ kf) * scale
+            dk += (ds.transpose(-1, -2) @ qi) * scale
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
 def attention_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *, kernel: str = "flash"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention over ``(B, H, L, d)`` tensors → ``(out (B, H, L, d), lse (B, H, L) float32)``.
 
-    Inference uses PyTorch's fused kernels (``kernel``: "flash" or "cudnn" for CUDA half precision); with
-    gradients the exact math path is used so the gradient also flows through the LSE (the branch
-    weights), which the fused kernels do not differentiate.
+    Inference uses PyTorch's fused kernels (``kernel``: "flash" or "cudnn" for CUDA half precision). With
+    gradients the same forward runs inside :class:`_AttentionLSE`, whose chunked backward also
+    differentiates the LSE (the branch weights), which the fused kernels do not.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if not needs_grad and math.isclose(scale, q.shape[-1] ** -0.5):
+    if needs_grad:
+        return _AttentionLSE.apply(q, k, v, scale, kernel)
+    if math.isclose(scale, q.shape[-1] ** -0.5):
         fused = _attention_fused(q, k, v, kernel)
         if fused is not None:
             return fused
@@ -368,7 +412,7 @@ class LongNetEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(x)
         for layer in self.layers:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            if self.grad_checkpointing and torch.is_grad_enabled():
                 from torch.utils.checkpoint import checkpoint
 
                 x = checkpoint(layer, x, use_reentrant=False)

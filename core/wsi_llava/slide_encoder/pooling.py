@@ -1,8 +1,7 @@
 """The WSI-LLaVA pooling: adaptive average pooling of the tile-token sequence to 576 bins, and its bins.
 
 ``adaptive_avg_pool1d`` averages contiguous runs of the (row-major) tile sequence; bin ``i`` covers tiles
-``floor(i*N/out) .. ceil((i+1)*N/out) - 1``, which is what :func:`pool_bins` returns so answers can point
-back at tiles (evidence heat maps).
+``floor(i*N/out) .. ceil((i+1)*N/out) - 1``, which is what :func:`pool_bins` returns.
 """
 
 from __future__ import annotations
@@ -51,18 +50,3 @@ def pool_bins(n: int, n_tokens: int = 576) -> np.ndarray:
     start = (i * n) // n_tokens
     end = -((-(i + 1) * n) // n_tokens)  # ceil((i+1)*n/n_tokens) in exact integer arithmetic
     return np.stack([start, end], axis=1)
-
-
-def bin_to_tile_scores(bin_scores: np.ndarray, n: int) -> np.ndarray:
-    """Spread each bin's score evenly over the tiles it averages: ``(n_tokens,)`` → ``(n,)`` float64.
-
-    The total is preserved (each bin's score is divided by its tile count), so scores that sum to 1 over
-    bins still sum to 1 over tiles.
-    """
-    scores = np.asarray(bin_scores, dtype=np.float64).reshape(-1)
-    bins = pool_bins(n, len(scores))
-    per_tile = scores / (bins[:, 1] - bins[:, 0])
-    diff = np.zeros(n + 1, dtype=np.float64)
-    np.add.at(diff, bins[:, 0], per_tile)
-    np.add.at(diff, bins[:, 1], -per_tile)
-    return np.cumsum(diff[:-1])
