@@ -22,14 +22,15 @@ def evidence_heatmap(
 ) -> tuple[np.ndarray, tuple[int, int], int]:
     """``(heat (rows, cols) float32, origin (x, y) level-0, tile)`` covering a ``(w, h)`` slide.
 
-    Scores are scaled so the most relevant tile is 1; tiles without evidence are 0.
+    Scores are scaled so the most relevant tile is 1; tiles without evidence are 0 (an answer asked
+    without evidence gives a blank map, so no earlier answer's map stays on show).
     """
     tile = int(evidence.tile_size)
     w, h = int(dimensions[0]), int(dimensions[1])
-    if tile <= 0 or not evidence.coords:
-        return np.zeros((1, 1), np.float32), (0, 0), max(tile, 1)
-    coords = np.asarray(evidence.coords, dtype=np.int64)
-    origin = tuple(int(v) for v in coords.min(axis=0) % tile)
+    if tile <= 0:  # no tile grid (precomputed visual tokens)
+        return np.zeros((1, 1), np.float32), (0, 0), 1
+    coords = np.asarray(evidence.coords, dtype=np.int64).reshape(-1, 2)
+    origin = tuple(int(v) for v in coords.min(axis=0) % tile) if len(coords) else (0, 0)
     cols = -(-(w - origin[0]) // tile)
     rows = -(-(h - origin[1]) // tile)
     heat = np.zeros((max(rows, 1), max(cols, 1)), np.float32)

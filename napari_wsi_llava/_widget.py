@@ -37,6 +37,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_wsi_llava._evidence import LAYER_NAME, evidence_heatmap, evidence_layer_kwargs
+from napari_wsi_llava._evidence_list import TopEvidenceList
 from napari_wsi_llava._jobs import Job, SessionPool, ask_events, forget_model
 from napari_wsi_llava._models import (
     ENTRY_ROLE,
@@ -125,7 +126,7 @@ def _show_warning(message: str) -> None:
 
 class WsiLlavaWidget(QWidget):
     """Dock widget: scope, model (add / remove user models), question (presets), Ask / Describe / Cancel,
-    answer with its warnings, history, evidence."""
+    answer with its warnings and top evidence tiles, history, evidence."""
 
     def __init__(self, viewer: napari.viewer.Viewer, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -176,6 +177,7 @@ class WsiLlavaWidget(QWidget):
             self._cancel.cancel()
         if self._worker is not None:
             self._worker.quit()
+        self._top.stop()
         for emitter, callback in self._layer_events:
             emitter.disconnect(callback)
         self._layer_events = ()
@@ -183,6 +185,8 @@ class WsiLlavaWidget(QWidget):
 
     def _on_layer_removed(self, event: Any) -> None:
         """A slide layer is gone: close its sessions unless another layer still shows that file."""
+        if event.value is self._top.image:
+            self._top.clear_tiles()
         info = slide_info(event.value)
         if info is not None and not any(
             (other := slide_info(lyr)) is not None and other["path"] == info["path"]
@@ -270,6 +274,7 @@ class WsiLlavaWidget(QWidget):
         self._warnings.setStyleSheet("color: #f0a030;")
         self._warnings.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self._warnings.hide()
+        self._top = TopEvidenceList(self.viewer)
         self._history = QListWidget()
         self._history.setWordWrap(True)
         self._history.currentRowChanged.connect(self._on_history_selected)
@@ -293,6 +298,8 @@ class WsiLlavaWidget(QWidget):
         layout.addWidget(QLabel("answer"))
         layout.addWidget(self._answer)
         layout.addWidget(self._warnings)
+        layout.addWidget(QLabel("top evidence"))
+        layout.addWidget(self._top)
         history_row = QHBoxLayout()
         history_row.addWidget(QLabel("history"))
         history_row.addStretch(1)
@@ -408,6 +415,8 @@ class WsiLlavaWidget(QWidget):
             self._show_warnings(answer)
             if image is not None and answer.slide == image.metadata[META_KEY]["path"]:
                 self._show_evidence(answer, tuple(image.metadata[META_KEY]["dimensions"]), image)
+            else:
+                self._top.clear_tiles()
 
     def _on_new_regions_layer(self) -> Any:
         """Add an empty Shapes layer in the slide's coordinates, ready to draw rectangles."""
@@ -639,8 +648,7 @@ class WsiLlavaWidget(QWidget):
         self._history.blockSignals(True)
         self._history.setCurrentRow(len(self.history) - 1)
         self._history.blockSignals(False)
-        if self._evidence.isChecked() and answer.evidence.coords:
-            self._show_evidence(answer, dimensions, self._job_image)
+        self._show_evidence(answer, dimensions, self._job_image)
 
     def _show_warnings(self, answer: Answer | None) -> None:
         """Show the warnings of the answer on display (the latest, or the history row selected)."""
@@ -649,6 +657,10 @@ class WsiLlavaWidget(QWidget):
         self._warnings.setVisible(bool(warnings))
 
     def _show_evidence(self, answer: Answer, dimensions: tuple[int, int], image: Any) -> None:
+        """Show the evidence of the answer on display: heat map and top tiles (blank / empty without any)."""
+        self._top.show_answer(answer, image)
+        if not answer.evidence.coords and LAYER_NAME not in self.viewer.layers:
+            return
         heat, origin, tile = evidence_heatmap(answer.evidence, dimensions)
         kw = evidence_layer_kwargs(origin, tile, image.scale, image.translate, self._opacity.value() / 100.0)
         if LAYER_NAME in self.viewer.layers:

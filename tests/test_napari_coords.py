@@ -110,3 +110,56 @@ def test_importing_the_plugin_package_stays_light():
     import sys
 
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def _tile_world_box(layer, yx0, yx1) -> np.ndarray:
+    """World ``(y, x)`` corners of the data-pixel box ``yx0..yx1`` (inclusive) of ``layer``: pixel edges
+    lie half a pixel from the centres napari puts on integer data coordinates."""
+    lo = np.asarray(layer.data_to_world(np.asarray(yx0, float) - 0.5))[-2:]
+    hi = np.asarray(layer.data_to_world(np.asarray(yx1, float) + 0.5))[-2:]
+    return np.stack([lo, hi])
+
+
+def test_evidence_heatmap_is_one_cell_per_tile_aligned_with_its_tile():
+    from napari.layers import Image
+
+    from napari_wsi_llava._evidence import evidence_heatmap, evidence_layer_kwargs
+    from wsi_llava.answer import Evidence
+
+    # a 1200 x 1000 slide, 128-px tiles: edge tiles run past the slide; some tiles are not tissue
+    w, h, t = 1200, 1000, 128
+    xs, ys = np.meshgrid(np.arange(0, w, t), np.arange(0, h, t))
+    coords = np.stack([xs.ravel(), ys.ravel()], axis=1)
+    rng = np.random.default_rng(3)
+    keep = rng.random(len(coords)) > 0.3
+    coords = coords[keep]
+    scores = rng.random(len(coords))
+    scores /= scores.sum()
+    ev = Evidence(
+        tile_indices=list(np.flatnonzero(keep)),
+        coords=[tuple(map(int, c)) for c in coords],
+        scores=list(scores),
+        tile_size=t,
+    )
+    heat, origin, tile = evidence_heatmap(ev, (w, h))
+    assert heat.shape == (-(-h // t), -(-w // t)) and origin == (0, 0) and tile == t
+    expected = np.zeros_like(heat)
+    expected[coords[:, 1] // t, coords[:, 0] // t] = scores / scores.max()
+    np.testing.assert_allclose(heat, expected, rtol=1e-6)  # every tile its own cell, the rest 0
+
+    scale, translate = (0.25, 0.5), (7.0, -3.0)
+    slide = Image(np.zeros((h, w), np.uint8), scale=scale, translate=translate)
+    overlay = Image(heat, **evidence_layer_kwargs(origin, tile, scale, translate))
+    for x, y in coords[:: max(1, len(coords) // 15)]:
+        cell = (y // t, x // t)
+        np.testing.assert_allclose(
+            _tile_world_box(overlay, cell, cell),
+            _tile_world_box(slide, (y, x), (y + t - 1, x + t - 1)),
+            atol=1e-9,
+        )
+
+    # asked without evidence: a blank map over the same grid; no tile grid at all: one blank cell
+    blank, _, _ = evidence_heatmap(Evidence(tile_size=t), (w, h))
+    assert blank.shape == heat.shape and not blank.any()
+    none, _, _ = evidence_heatmap(Evidence(), (w, h))
+    assert none.shape == (1, 1) and not none.any()

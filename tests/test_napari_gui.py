@@ -28,6 +28,7 @@ def _widget(viewer):
 
 def _wait_idle(qtbot, widget) -> None:
     qtbot.waitUntil(lambda: widget._worker is None, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: not widget._top.loading, timeout=WAIT_MS)  # the top evidence thumbnails
 
 
 def test_reader_opens_slides_lazily_in_microns(make_napari_viewer, world, cmu_svs):
@@ -177,6 +178,14 @@ def test_sample_ask_region_streams_answer_history_evidence(make_napari_viewer, q
     cx, cy = np.asarray(answer.evidence.coords[top]) + answer.evidence.tile_size / 2
     cell = np.round(ev.world_to_data((cy * image.scale[-2], cx * image.scale[-1]))).astype(int)
     assert ev.data[cell[0], cell[1]] == pytest.approx(1.0)
+    # top evidence of a region answer: its most relevant tiles, every one inside the region
+    listed = widget._top.tiles
+    assert 0 < len(listed) <= 8 and widget._top.count() == len(listed)
+    centres = np.array([t.center_data for t in listed])
+    assert answer.region.contains(centres[:, 0], centres[:, 1]).all()
+    by_xy = dict(zip(map(tuple, answer.evidence.coords), answer.evidence.scores, strict=True))
+    assert [t.score for t in listed] == sorted((by_xy[t.xy] for t in listed), reverse=True)
+    assert [t.score for t in listed] == sorted(answer.evidence.scores, reverse=True)[: len(listed)]
     viewer.reset_view()
     SCREENSHOT.parent.mkdir(exist_ok=True)
     viewer.window.screenshot(path=str(SCREENSHOT), canvas_only=False, flash=False)
@@ -339,3 +348,111 @@ def test_the_evidence_layer_is_neither_a_slide_nor_the_frame_of_imported_shapes(
     (shapes,) = viewer.open(world / "annotations" / "slide_000.geojson", plugin=PLUGIN)
     assert [widget._image_combo.itemText(i) for i in range(widget._image_combo.count())] == [image.name]
     np.testing.assert_allclose(shapes.scale, image.scale)
+
+
+def test_top_evidence_lists_the_slide_tiles_goes_there_and_follows_history(make_napari_viewer, qtbot, notes):
+    """The dock's top evidence of a whole-slide answer: 8 tiles in descending relevance, thumbnails that
+    are the slide's pixels there, a click centring the canvas on the tile; emptied by an answer without
+    evidence and back when the first answer's history row is selected."""
+    from qtpy.QtCore import Qt
+
+    from napari_wsi_llava._evidence import LAYER_NAME
+    from napari_wsi_llava._top_evidence import THUMB, TILES_ACROSS
+    from wsi_llava.answer import Answer, Evidence
+    from wsi_llava.slide import open_slide
+
+    viewer = make_napari_viewer(show=True)
+    viewer.open_sample(PLUGIN, "demo_slide")
+    image = viewer.layers[0]
+    widget = _widget(viewer)
+    top = widget._top
+    widget._question.setPlainText("Is there tumour on this slide?")
+    widget._max_tokens.setValue(4)
+    widget._ask_btn.click()
+    _wait_idle(qtbot, widget)
+    assert not [m for m in notes() if "rror" in m or "failed" in m], notes()
+    ev = widget.history[0].answer.evidence
+    scores = np.asarray(ev.scores)
+    assert (scores > 0).sum() >= 8
+
+    # the 8 highest scores, in descending order, each labelled with its rank and relevance
+    order = np.argsort(-scores, kind="stable")[:8]
+    assert top.count() == 8 and [t.xy for t in top.tiles] == [tuple(ev.coords[i]) for i in order]
+    assert [t.score for t in top.tiles] == pytest.approx(scores[order].tolist())
+    for row, t in enumerate(top.tiles):
+        rank, percent = top.item(row).text().split(" · ")
+        assert int(rank) == row + 1 and float(percent.rstrip(" %")) == pytest.approx(100 * t.score, abs=0.05)
+
+    # thumbnails: the slide's own pixels at each tile (the demo's 256-px tiles are 64 px at level 2)
+    with open_slide(image.metadata["wsi_llava"]["path"]) as reader:
+        level = list(reader.level_downsamples).index(ev.tile_size / THUMB)
+        for t in top.tiles:
+            expected = reader.read_region(t.xy, level, (THUMB, THUMB))
+            np.testing.assert_array_equal(top.thumbnails[t.rank], expected)
+    # the item's icon shows it (the display's colour depth may round each channel a little)
+    shown = top.item(0).icon().pixmap(THUMB, THUMB).toImage().pixelColor(THUMB // 2, THUMB // 3)
+    rgb = np.array([shown.red(), shown.green(), shown.blue()])
+    np.testing.assert_allclose(rgb, top.thumbnails[1][THUMB // 3, THUMB // 2], atol=8)
+
+    # a click centres the canvas on the tile (its heat-map cell) and zooms to a few tiles across
+    viewer.reset_view()
+    camera = viewer.scene.camera
+    zoom_before = camera.zoom
+    t = top.tiles[2]
+    qtbot.mouseClick(top.viewport(), Qt.MouseButton.LeftButton, pos=top.visualItemRect(top.item(2)).center())
+    heat = viewer.layers[LAYER_NAME]
+    cell = (t.xy[1] // ev.tile_size, t.xy[0] // ev.tile_size)
+    assert heat.data[cell] == pytest.approx(t.score / scores.max(), rel=1e-5)
+    np.testing.assert_allclose(camera.center[-2:], np.asarray(heat.data_to_world(cell))[-2:], atol=1e-6)
+    corner = np.asarray(image.data_to_world((t.xy[1] - 0.5, t.xy[0] - 0.5)))[-2:]
+    np.testing.assert_allclose(camera.center[-2:], corner + np.asarray(heat.scale) / 2, atol=1e-6)
+    tile_on_screen = camera.zoom * ev.tile_size * image.scale[-1]
+    assert camera.zoom > 2 * zoom_before
+    assert tile_on_screen == pytest.approx(min(viewer.canvas.size) / TILES_ACROSS, rel=1e-6)
+
+    # an answer without evidence empties the list (and the map); its history row the same
+    widget._evidence.setChecked(False)
+    widget._ask_btn.click()
+    _wait_idle(qtbot, widget)
+    assert len(widget.history) == 2 and widget.history[1].answer.evidence.coords == []
+    assert top.count() == 0 and top.tiles == [] and not heat.data.any()
+    # selecting the first answer's row shows its tiles again, the second's empties them
+    widget._history.setCurrentRow(0)
+    qtbot.waitUntil(lambda: not top.loading, timeout=WAIT_MS)
+    assert [t.xy for t in top.tiles] == [tuple(ev.coords[i]) for i in order] and len(top.thumbnails) == 8
+    assert heat.data.max() == pytest.approx(1.0)
+    widget._history.setCurrentRow(1)
+    assert top.count() == 0
+    # precomputed visual tokens carry no tile positions: nothing to list
+    widget._history.setCurrentRow(0)
+    tokens = Answer(question="Q", answer="A", scope="slide", model="demo", evidence=Evidence(method="none"))
+    widget._show_evidence(tokens, tuple(image.metadata["wsi_llava"]["dimensions"]), image)
+    assert top.count() == 0 and not top.loading
+
+
+def test_screenshot_script_saves_the_canvas_and_the_dock_of_a_region_answer(world, tmp_path):
+    """``scripts/napari_screenshot.py`` end to end in its own napari: two PNGs, the region's top tiles logged."""
+    import re
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    canvas, dock = tmp_path / "canvas.png", tmp_path / "dock.png"
+    x, y, w, h = 256, 512, 1024, 768
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "napari_screenshot.py"), str(world / "slides" / "slide_000.tif"),
+         "--canvas", str(canvas), "--dock", str(dock), "--region", f"{x},{y},{w},{h}", "--max-tokens", "2",
+         "--size", "900", "700"],
+        capture_output=True, text=True, timeout=WAIT_MS / 1000,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    listed = [
+        tuple(map(int, m)) for m in re.findall(r"top evidence .* at level-0 \((\d+), (\d+)\)", out.stderr)
+    ]
+    assert 1 <= len(listed) <= 8, out.stderr
+    tile = 256  # the world's 0.5 µm/px: 256 level-0 px per tile
+    assert all(x <= tx + tile / 2 <= x + w and y <= ty + tile / 2 <= y + h for tx, ty in listed), listed
+    shot, panel = np.asarray(Image.open(canvas)), np.asarray(Image.open(dock))
+    assert shot.ndim == 3 and min(shot.shape[:2]) > 200 and shot[..., :3].std() > 10  # a picture, not a blank
+    assert panel.ndim == 3 and panel.shape[0] > panel.shape[1] > 150
