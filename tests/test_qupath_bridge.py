@@ -407,3 +407,138 @@ def test_describe_and_ask_hand_every_answer_to_the_result_sinks(fake_qupath, wor
         assert whole["metadata"][DESCRIPTION_KEY].startswith(answer.answer)
     finally:
         plugins.unregister_plugin("test-sink-recorder")
+
+
+# --- evidence tiles as QuPath detections ------------------------------------------------------------------
+def _evidence_of(fq: FakeQuPath, parent_id: str | None) -> list[dict]:
+    from wsi_llava.evidence_tiles import EVIDENCE_CLASS
+
+    return [
+        d
+        for d in fq.detections()
+        if d["parent"] == parent_id
+        and d["properties"].get("classification", {}).get("name") == EVIDENCE_CLASS
+    ]
+
+
+def _check_tiles(tiles: list[dict], box: tuple[int, int, int, int] | None = None) -> None:
+    """Square detections with one relevance measurement in (0, 1], the top one 1; centres inside ``box``."""
+    from wsi_llava.evidence_tiles import EVIDENCE_CLASS, RELEVANCE_MEASUREMENT
+
+    assert tiles
+    values = []
+    for t in tiles:
+        p = t["properties"]
+        assert p["objectType"] == "detection" and p["classification"]["name"] == EVIDENCE_CLASS
+        ring = np.asarray(t["geometry"]["coordinates"][0])
+        x0, y0 = ring.min(axis=0)
+        x1, y1 = ring.max(axis=0)
+        assert t["geometry"]["type"] == "Polygon" and len(ring) == 5 and x1 - x0 == y1 - y0 > 0
+        if box is not None:
+            assert box[0] <= (x0 + x1) / 2 <= box[2] and box[1] <= (y0 + y1) / 2 <= box[3]
+        ms = p["measurements"]
+        value = (
+            ms[RELEVANCE_MEASUREMENT]
+            if isinstance(ms, dict)
+            else dict((m["name"], m["value"]) for m in ms)[RELEVANCE_MEASUREMENT]
+        )
+        assert 0 < value <= 1
+        values.append(value)
+    assert max(values) == 1.0
+
+
+def _n_tiles_said(output: str, label: str) -> int:
+    import re
+
+    m = re.search(rf"^{re.escape(label)}: .*\[(\d+) evidence tiles\]$", output, re.M)
+    assert m, output
+    return int(m.group(1))
+
+
+def test_ask_evidence_adds_tile_detections_below_the_annotation(fake_qupath, world_png, tiny_model):
+    fq = fake_qupath
+    slide, png = world_png
+    fq.open_image(slide.as_uri(), png, 2048, 2048, 0.5)
+    a = fq.add_object(_feature("a"), selected=True)
+    b = fq.add_object(
+        _feature("b", coords=[[[900, 900], [1500, 900], [1500, 1500], [900, 1500], [900, 900]]]),
+        selected=False,
+    )
+    own = fq.add_child(
+        a,
+        {
+            **_feature("a cell"),
+            "properties": {"objectType": "detection", "classification": {"name": "Tumor"}},
+        },
+    )
+    other = fq.add_child(b, {**_feature("b tile"), "properties": {"objectType": "detection",
+                             "classification": {"name": "WSI-LLaVA evidence"}}})  # fmt: skip
+    ask = ["ask", "Is there necrosis?", "--model", tiny_model, "--max-new-tokens", "3"]
+    r = _run(fq, *ask)
+    assert r.exit_code == 0, r.output
+    assert _evidence_of(fq, a) == [] and "evidence tiles" not in r.output  # none unless asked
+
+    r = _run(fq, *ask, "--evidence")
+    assert r.exit_code == 0, r.output
+    first = _evidence_of(fq, a)
+    assert len(first) == _n_tiles_said(r.output, "a") > 0
+    _check_tiles(first, (100, 100, 700, 700))
+    assert fq.ep.testHierarchyUpdates() >= 1
+
+    # asking again replaces this annotation's evidence; other objects stay
+    r = _run(fq, *ask, "--evidence", "--evidence-tiles", "2")
+    assert r.exit_code == 0, r.output
+    second = _evidence_of(fq, a)
+    assert len(second) == _n_tiles_said(r.output, "a") == min(2, len(first))  # greedy: the same answer
+    assert not {t["id"] for t in first} & {t["id"] for t in second}
+    ids = {d["id"]: d["parent"] for d in fq.detections()}
+    assert ids[own] == a and ids[other] == b  # the user's detection and b's evidence are untouched
+    assert len(ids) == 2 + len(second)
+
+    # a tiny mass keeps the top tile only; the annotation's description and measurements are written as ever
+    r = _run(fq, *ask, "--evidence", "--evidence-mass", "0.000001")
+    assert r.exit_code == 0, r.output
+    assert [t["properties"]["measurements"]["WSI-LLaVA relevance"] for t in _evidence_of(fq, a)] == [1.0]
+    assert _by_name(fq)["a"]["properties"]["metadata"][DESCRIPTION_KEY].strip()
+
+    # describe --evidence too; a QuPath <= 0.3 annotation gets its evidence measurements as a list
+    fq.add_object(_feature("old", measurements=[{"name": "Area", "value": 1.0}]), selected=True)
+    r = _run(fq, "describe", "--all", "--evidence", "--model", tiny_model, "--max-new-tokens", "3")
+    assert r.exit_code == 0, r.output
+    old_id = _by_name(fq)["old"]["id"]
+    legacy = _evidence_of(fq, old_id)
+    assert legacy and all(isinstance(t["properties"]["measurements"], list) for t in legacy)
+    _check_tiles(legacy, (100, 100, 700, 700))
+    assert len(_evidence_of(fq, b)) == _n_tiles_said(r.output, "b")  # b's earlier evidence replaced
+    assert other not in {d["id"] for d in fq.detections()}
+
+
+def test_ask_whole_slide_evidence_replaces_the_earlier_whole_slide_evidence(
+    fake_qupath, world_png, tiny_model
+):
+    fq = fake_qupath
+    slide, png = world_png
+    fq.open_image(slide.as_uri(), png, 2048, 2048, 0.5)
+    ask = ["ask", "Summarise this slide.", "--whole-slide", "--evidence", "--model", tiny_model]
+    r = _run(fq, *ask, "--max-new-tokens", "3")
+    assert r.exit_code == 0, r.output
+    (first,) = [f for f in fq.objects() if f["properties"].get("name") == WHOLE_SLIDE_NAME]
+    tiles = _evidence_of(fq, first["id"])
+    assert r.output.strip().endswith(f"[{len(tiles)} evidence tiles]")
+    _check_tiles(tiles, (0, 0, 2048, 2048))
+    r = _run(fq, *ask, "--max-new-tokens", "4")
+    assert r.exit_code == 0, r.output
+    whole = [f for f in fq.objects() if f["properties"].get("name") == WHOLE_SLIDE_NAME]
+    assert len(whole) == 2 and whole[0]["id"] == first["id"]
+    assert _evidence_of(fq, first["id"]) == []
+    assert len(fq.detections()) == len(_evidence_of(fq, whole[1]["id"])) > 0
+
+
+def test_evidence_options_need_evidence(fake_qupath):
+    r = CliRunner().invoke(qupath, ["ask", "Q?", "--evidence-tiles", "5", "--port", str(fake_qupath.port)])
+    assert r.exit_code == 2 and "--evidence-tiles and --evidence-mass go with --evidence" in r.output
+    r = CliRunner().invoke(qupath, ["describe", "--evidence", "--evidence-mass", "1.5"])
+    assert r.exit_code == 2 and "--evidence-mass" in r.output
+    r = CliRunner().invoke(qupath, ["ask", "--help"])
+    text = " ".join(r.output.split())
+    assert "hold 90 % of the answer's relevance, at most 300" in text and "relevant tile = 1" in text

@@ -563,3 +563,105 @@ def test_describe_escapes_control_characters_in_labels(world, tiny_model, tmp_pa
     r = _describe(world, tiny_model, inp, tmp_path / "out.geojson")
     assert r.exit_code == 0, r.output
     assert "\x1b" not in r.output and "\x07" not in r.output and "\\x1b]0;pwned\\x07Tumour: " in r.output
+
+
+# --- evidence tiles as detections in the output GeoJSON ---------------------------------------------------
+def _tiles_in(features: list, box: tuple[int, int, int, int]) -> list[dict]:
+    """The evidence detections among ``features`` whose centre lies in ``box`` (xmin, ymin, xmax, ymax)."""
+    from wsi_llava.evidence_tiles import is_evidence_feature
+
+    out = []
+    for f in features:
+        if not is_evidence_feature(f):
+            continue
+        ring = f["geometry"]["coordinates"][0]
+        cx = (min(p[0] for p in ring) + max(p[0] for p in ring)) / 2
+        cy = (min(p[1] for p in ring) + max(p[1] for p in ring)) / 2
+        if box[0] <= cx <= box[2] and box[1] <= cy <= box[3]:
+            out.append(f)
+    return out
+
+
+def _relevance(feature: dict) -> float:
+    ms = feature["properties"]["measurements"]
+    if isinstance(ms, list):
+        (value,) = [m["value"] for m in ms if m["name"] == "WSI-LLaVA relevance"]
+        return value
+    return ms["WSI-LLaVA relevance"]
+
+
+def test_describe_evidence_writes_qupath_detections_and_replaces_them(world, tiny_model, tmp_path, caplog):  # noqa: F811
+    from wsi_llava.evidence_tiles import EVIDENCE_CLASS, EVIDENCE_COLOR
+
+    inp = tmp_path / "export.geojson"
+    inp.write_text(_qupath_written_text(), encoding="utf-8")
+    src = json.loads(inp.read_text(encoding="utf-8"))
+    n_src = len(src["features"])
+    out = tmp_path / "described.geojson"
+    slide = str(world / "slides" / "slide_000.tif")
+    args = ["--slide", slide, "--model", tiny_model, "--max-new-tokens", "3"]
+    r = _invoke(*args, "--geojson", str(inp), "-o", str(out), "--evidence")
+    assert r.exit_code == 0, r.output
+    got = json.loads(out.read_text(encoding="utf-8"))
+    assert [k for k in got if k != "features"] == ["type", "qupathVersion", "imageName"]
+    assert json.dumps(got["features"][2:n_src]) == json.dumps(src["features"][2:])  # nothing else changed
+    tiles = got["features"][n_src:]
+    assert tiles and f"; {len(tiles)} evidence tile detection(s); wrote {out}" in r.output
+    tumour, stroma = _tiles_in(tiles, (100, 100, 900, 900)), _tiles_in(tiles, (1000, 1000, 1600, 1600))
+    assert tumour and stroma and len(tumour) + len(stroma) == len(tiles)
+    for f in tiles:  # QuPath's own detection form, one child-less square per tile
+        assert set(f) == {"type", "id", "geometry", "properties"} and f["type"] == "Feature"
+        p = f["properties"]
+        assert p["objectType"] == "detection"
+        assert p["classification"] == {"name": EVIDENCE_CLASS, "color": list(EVIDENCE_COLOR)}
+        ring = f["geometry"]["coordinates"][0]
+        assert f["geometry"]["type"] == "Polygon" and len(ring) == 5 and ring[0] == ring[-1]
+        assert ring[2][0] - ring[0][0] == ring[2][1] - ring[0][1] > 0
+        assert 0 < _relevance(f) <= 1
+    # each annotation's tiles take its measurement form: an object, or QuPath <= 0.3's list
+    assert all(isinstance(f["properties"]["measurements"], dict) for f in tumour)
+    assert all(isinstance(f["properties"]["measurements"], list) for f in stroma)
+    assert max(map(_relevance, tumour)) == max(map(_relevance, stroma)) == 1.0
+
+    # describing the output again replaces the evidence instead of adding more
+    again = tmp_path / "again.geojson"
+    with caplog.at_level(logging.WARNING, logger="wsi_llava.describe"):
+        r = _invoke(*args, "--geojson", str(out), "-o", str(again), "--evidence", "--evidence-tiles", "1")
+    assert r.exit_code == 0, r.output
+    assert f"replacing {len(tiles)} earlier one(s)" in r.output
+    # its own tiles are not counted as left out
+    assert "(30 detection, 1 Point, 1 no geometry)" in caplog.text
+    d2 = json.loads(again.read_text(encoding="utf-8"))["features"]
+    assert json.dumps(d2[2:n_src]) == json.dumps(src["features"][2:]) and len(d2) == n_src + 2
+    assert [_relevance(f) for f in d2[n_src:]] == [1.0, 1.0]
+    assert {f["id"] for f in d2[n_src:]}.isdisjoint({f["id"] for f in tiles})
+
+    # an annotation that fails keeps its earlier evidence; without --evidence none is touched
+    moved = json.loads(again.read_text(encoding="utf-8"))
+    moved["features"][1]["geometry"] = {
+        "type": "Polygon",
+        "coordinates": [[[9000, 9000], [9100, 9000], [9100, 9100], [9000, 9000]]],
+    }
+    (tmp_path / "moved.geojson").write_text(json.dumps(moved), encoding="utf-8")
+    third = tmp_path / "third.geojson"
+    r = _invoke(*args, "--geojson", str(tmp_path / "moved.geojson"), "-o", str(third), "--evidence")
+    assert r.exit_code == 0 and "described 1 of 2" in r.output, r.output
+    d3 = json.loads(third.read_text(encoding="utf-8"))["features"]
+    assert _tiles_in(d3, (1000, 1000, 1600, 1600)) == _tiles_in(d2, (1000, 1000, 1600, 1600))
+    assert len(_tiles_in(d3, (100, 100, 900, 900))) == len(tumour)  # replaced with the default selection
+    r = _invoke(*args, "--geojson", str(third), "-o", str(tmp_path / "fourth.geojson"))
+    assert r.exit_code == 0, r.output
+    d4 = json.loads((tmp_path / "fourth.geojson").read_text(encoding="utf-8"))["features"]
+    assert d4[n_src:] == d3[n_src:]
+
+
+def test_describe_evidence_options_are_checked(world, tmp_path):
+    inp = _one_annotation(tmp_path / "in.geojson")
+    slide = str(world / "slides" / "slide_000.tif")
+    r = CliRunner().invoke(
+        describe_command,
+        ["--slide", slide, "--geojson", str(inp), "-o", str(tmp_path / "o.geojson"), "--evidence-tiles", "3"],
+    )
+    assert r.exit_code == 2 and "go with --evidence" in r.output and not (tmp_path / "o.geojson").exists()
+    r = CliRunner().invoke(describe_command, ["--help"])
+    assert "most relevant tiles that together hold 90 %" in " ".join(r.output.split())

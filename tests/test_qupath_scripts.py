@@ -181,3 +181,67 @@ def test_scripts_run_against_stub_qupath(world, tmp_path, shared_cache):
     assert [o["properties"] for o in out["objects"]] == [
         o["properties"] for o in json.loads(state.read_text())["objects"]
     ]
+
+
+@pytest.mark.skipif(shutil.which("groovy") is None, reason="groovy not installed (apt-get install groovy)")
+def test_scripts_add_evidence_tiles_below_their_annotations(world, tmp_path, shared_cache):
+    """EVIDENCE = true: ``--evidence`` is passed, and each annotation's tiles become its child detections,
+    replacing its earlier evidence; other objects (a user's detection, an unselected annotation's tiles) stay."""
+    from wsi_llava.evidence_tiles import EVIDENCE_CLASS, RELEVANCE_MEASUREMENT
+
+    slide = world / "slides" / "slide_000.tif"
+
+    def square(x0, y0, x1, y1):
+        return {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}
+
+    def obj(i, geometry, selected=False, parent=None, **props):
+        return {"type": "Feature", "id": f"00000000-0000-4000-8000-{i:012d}", "geometry": geometry,
+                "selected": selected, "parent": parent, "properties": props}  # fmt: skip
+
+    a, b, c = (f"00000000-0000-4000-8000-{i:012d}" for i in (1, 2, 3))
+    evidence = {"objectType": "detection", "classification": {"name": EVIDENCE_CLASS}}
+    objs = [
+        obj(1, square(100, 100, 700, 700), True, objectType="annotation", name="A"),
+        obj(2, square(1000, 1000, 1600, 1600), True, objectType="annotation", name="B"),
+        obj(3, square(1700, 100, 2000, 400), False, objectType="annotation", name="C"),
+        obj(4, square(256, 256, 512, 512), parent=a, **evidence, measurements={RELEVANCE_MEASUREMENT: 1.0}),
+        obj(
+            5, square(300, 300, 310, 310), parent=a, objectType="detection", classification={"name": "Tumor"}
+        ),
+        obj(6, square(1792, 0, 2048, 256), parent=c, **evidence, measurements={RELEVANCE_MEASUREMENT: 1.0}),
+    ]
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"uri": slide.as_uri(), "objects": objs}))
+    script = tmp_path / "describe_selected.groovy"
+    text = (ROOT / "qupath_ext" / "scripts" / "describe_selected.groovy").read_text()
+    assert "boolean EVIDENCE = false" in text
+    script.write_text(text.replace("boolean EVIDENCE = false", "boolean EVIDENCE = true"))
+    env = {
+        **os.environ,
+        "JAVA_HOME": os.environ.get("JAVA_HOME", JAVA_HOME),
+        "WSI_LLAVA": str(_launcher(tmp_path)),
+        "ARGV_LOG": str(tmp_path / "argv.json"),
+    }
+    result = tmp_path / "result.json"
+    proc = _run_groovy(script, state, result, env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "--evidence" in json.loads((tmp_path / "argv.json").read_text())
+    out = json.loads(result.read_text())
+    by_id = {o["id"]: o for o in out["objects"]}
+    tiles = [
+        o for o in out["objects"] if o["properties"].get("classification", {}).get("name") == EVIDENCE_CLASS
+    ]
+    mine = {p: [t for t in tiles if t["parent"] == p] for p in (a, b, c)}
+    assert out["dialogs"] == [
+        f"info: WSI-LLaVA: answers written into 2 of 2 annotation(s), {len(mine[a]) + len(mine[b])} evidence tile(s)."
+    ]
+    assert mine[a] and mine[b] and objs[3]["id"] not in by_id  # A's earlier tile replaced
+    assert [t["id"] for t in mine[c]] == [objs[5]["id"]]  # C was not described: its tile stays
+    assert by_id[objs[4]["id"]]["parent"] == a  # the user's own detection stays
+    for parent, (x0, y0, x1, y1) in ((a, (100, 100, 700, 700)), (b, (1000, 1000, 1600, 1600))):
+        for t in mine[parent]:
+            ring = t["geometry"]["coordinates"][0]
+            cx, cy = (ring[0][0] + ring[2][0]) / 2, (ring[0][1] + ring[2][1]) / 2
+            assert x0 <= cx <= x1 and y0 <= cy <= y1 and t["properties"]["objectType"] == "detection"
+            assert 0 < t["properties"]["measurements"][RELEVANCE_MEASUREMENT] <= 1
+    assert out["updates"] == 1

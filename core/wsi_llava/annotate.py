@@ -111,16 +111,23 @@ def apply_to_properties(
     if update.name is not None:
         props["name"] = update.name
     if update.measurements:
-        values = {k: _finite(k, v) for k, v in update.measurements.items()}
-        current = props.get("measurements")
-        if isinstance(current, list):  # QuPath's older array-of-{name, value} form
-            kept = [m for m in current if not (isinstance(m, dict) and m.get("name") in values)]
-            props["measurements"] = kept + [{"name": k, "value": v} for k, v in values.items()]
-        else:
-            merged = dict(current) if isinstance(current, dict) else {}
-            merged.update(values)
-            props["measurements"] = merged
+        props["measurements"] = merge_measurements(props.get("measurements"), update.measurements)
     return props
+
+
+def merge_measurements(current: Any, values: dict[str, float]) -> list[dict[str, Any]] | dict[str, Any]:
+    """``current`` measurements (as a QuPath feature holds them) with ``values`` set, in the same form.
+
+    QuPath <= 0.3 writes a list of ``{name, value}``, later versions an object; anything else becomes an
+    object. The input is unchanged; a non-finite value raises ``ValueError``.
+    """
+    checked = {k: _finite(k, v) for k, v in values.items()}
+    if isinstance(current, list):  # QuPath's older array-of-{name, value} form
+        kept = [m for m in current if not (isinstance(m, dict) and m.get("name") in checked)]
+        return kept + [{"name": k, "value": v} for k, v in checked.items()]
+    merged = dict(current) if isinstance(current, dict) else {}
+    merged.update(checked)
+    return merged
 
 
 def annotate_region(region: Region, update: AnnotationUpdate, overwrite: bool = False) -> Region:

@@ -225,6 +225,12 @@ def _extract_encoder(
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @click.option("--cache", type=click.Path(path_type=Path), help="Cache folder (default ~/.cache/wsi-llava).")
 @click.option("--mpp", type=float, help=MPP_HELP)
+@click.option(
+    "--evidence-png",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also write the slide's thumbnail with the answer's relevance map over it (one cell per tile, "
+    "colour and opacity by relevance, the most relevant tile = 1) and the region's outline, as a PNG.",
+)
 @generation_options
 def ask(
     slide: str | None,
@@ -241,6 +247,7 @@ def ask(
     as_json: bool,
     cache: Path | None,
     mpp: float | None,
+    evidence_png: Path | None,
     max_new_tokens: int | None,
     temperature: float | None,
 ) -> None:
@@ -260,12 +267,16 @@ def ask(
         raise WsiLlavaError("question is empty: type a question about the slide or region")
     kw = {"max_new_tokens": max_new_tokens, "temperature": temperature}
     if features is not None:
-        if region or geojson or annotation_id or annotation_index is not None:
+        if region or geojson or annotation_id or annotation_index is not None or evidence_png:
             raise WsiLlavaError(
-                "--region / --geojson need a slide: precomputed tokens have no tile positions"
+                "--region / --geojson / --evidence-png need a slide: precomputed tokens have no tile positions"
             )
         answer = _ask_features(features, question, model, model_base, device, dtype, as_json, cache, **kw)
     else:
+        if evidence_png is not None:
+            from wsi_llava.evidence_image import check_png_path
+
+            check_png_path(evidence_png)  # before any model work
         answer = _ask_slide(
             Path(slide),
             question,
@@ -277,6 +288,7 @@ def ask(
             as_json,
             cache,
             mpp,
+            evidence_png=evidence_png,
             **kw,
         )
     if as_json:
@@ -285,10 +297,14 @@ def ask(
         click.echo("")
         for note in ([answer.notice] if answer.notice else []) + [f"warning: {w}" for w in answer.warnings]:
             click.echo(f"[{note}]", err=True)
+    if evidence_png is not None:
+        click.echo(f"[evidence map written to {evidence_png}]", err=True)
     _emit_to_sinks(answer)
 
 
-def _ask_slide(slide, question, reg, model, model_base, device, dtype, as_json, cache, mpp, **kw):
+def _ask_slide(
+    slide, question, reg, model, model_base, device, dtype, as_json, cache, mpp, evidence_png=None, **kw
+):
     from wsi_llava.session import SlideSession
 
     with SlideSession(
@@ -297,11 +313,17 @@ def _ask_slide(slide, question, reg, model, model_base, device, dtype, as_json, 
         session.check_question(question, **kw)  # a bad question fails here, before any featurization
         session.extract(progress=TerminalProgress())
         if as_json:
-            return session.ask(question, reg, **kw)
-        for chunk in session.ask_stream(question, reg, **kw):
-            click.echo(chunk, nl=False)
-        assert session.last_answer is not None
-        return session.last_answer
+            answer = session.ask(question, reg, **kw)
+        else:
+            for chunk in session.ask_stream(question, reg, **kw):
+                click.echo(chunk, nl=False)
+            assert session.last_answer is not None
+            answer = session.last_answer
+        if evidence_png is not None:
+            from wsi_llava.evidence_image import write_png
+
+            write_png(evidence_png, session.reader, answer)
+        return answer
 
 
 def _ask_features(features, question, model, model_base, device, dtype, as_json, cache, **kw):

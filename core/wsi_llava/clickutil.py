@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 from pathlib import Path
 
 import click
@@ -91,5 +92,53 @@ def model_options(default: str | None = "demo", device: str = "auto"):
         ):
             fn = opt(fn)
         return fn
+
+    return decorate
+
+
+def evidence_options(what: str):
+    """``--evidence``, ``--evidence-tiles``, ``--evidence-mass``: write an answer's relevant tiles as QuPath
+    detections (``what`` says where they go). The command receives one ``evidence`` argument: an
+    ``EvidenceSelection``, or None without ``--evidence``."""
+    from wsi_llava.evidence_tiles import DEFAULT_MASS, DEFAULT_MAX_TILES, EvidenceSelection
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def command(*args, evidence: bool, evidence_tiles: int | None, evidence_mass: float | None, **kw):
+            if not evidence:
+                if evidence_tiles is not None or evidence_mass is not None:
+                    raise click.UsageError("--evidence-tiles and --evidence-mass go with --evidence")
+                return fn(*args, evidence=None, **kw)
+            selection = EvidenceSelection(
+                mass=DEFAULT_MASS if evidence_mass is None else evidence_mass,
+                max_tiles=DEFAULT_MAX_TILES if evidence_tiles is None else evidence_tiles,
+            )
+            return fn(*args, evidence=selection, **kw)
+
+        for opt in reversed(
+            [
+                click.option(
+                    "--evidence",
+                    is_flag=True,
+                    help="Also add the answer's relevant tiles as square detections classified "
+                    f"'WSI-LLaVA evidence' {what}, replacing the evidence of an earlier answer there: "
+                    + EvidenceSelection().describe()
+                    + ". Colour them by it with QuPath's Measure > Show measurement maps.",
+                ),
+                click.option(
+                    "--evidence-tiles",
+                    type=click.IntRange(min=1),
+                    help=f"With --evidence: most tiles per answer (default {DEFAULT_MAX_TILES}).",
+                ),
+                click.option(
+                    "--evidence-mass",
+                    type=click.FloatRange(0, 1, min_open=True),
+                    help="With --evidence: share of the answer's relevance the tiles hold "
+                    f"(default {DEFAULT_MASS:g}).",
+                ),
+            ]
+        ):
+            command = opt(command)
+        return command
 
     return decorate

@@ -4,7 +4,8 @@ Each region is asked the same question; a region that fails (outside the slide, 
 reported and left unchanged while the others continue. The command reads a QuPath GeoJSON export
 and writes one that QuPath imports with the answers in place; every feature, property and top-level
 member it came with is preserved, features that are not polygon annotations (points, lines,
-detections) are passed through untouched.
+detections) are passed through untouched. With ``--evidence`` each described annotation's relevant
+tiles follow as detections, replacing the ones an earlier run wrote for it.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from pydantic import BaseModel, ConfigDict
 from wsi_llava.annotate import annotate_region, update_from_answer
 from wsi_llava.answer import Answer
 from wsi_llava.atomic import check_writable
-from wsi_llava.clickutil import model_options
+from wsi_llava.clickutil import evidence_options, model_options
 from wsi_llava.errors import AnnotationError, Cancelled, WsiLlavaError
+from wsi_llava.evidence_tiles import EvidenceSelection, is_evidence_feature, replace_evidence
 from wsi_llava.progress import CancelToken, ProgressCallback, no_progress
 from wsi_llava.slide.geojson import (
     GeoJSONFile,
@@ -64,6 +66,8 @@ class DescribeReport(BaseModel):
 
     question: str
     results: list[RegionResult]
+    evidence_added: int = 0
+    evidence_removed: int = 0
 
     @property
     def n_ok(self) -> int:
@@ -176,7 +180,7 @@ def load_features(path: Path) -> tuple[GeoJSONFile, list[int], list[Region]]:
         if otype in DESCRIBED_TYPES:
             keep_idx.append(i)
             keep_regions.append(region)
-        else:
+        elif not is_evidence_feature(gj.features[i]):  # wsi-llava's own evidence tiles go unmentioned
             left_out[printable(otype)] += 1
     if left_out:
         n = sum(left_out.values())
@@ -190,10 +194,26 @@ def load_features(path: Path) -> tuple[GeoJSONFile, list[int], list[Region]]:
     return gj, keep_idx, keep_regions
 
 
-def write_features(path: Path, gj: GeoJSONFile, replaced: dict[int, Region]) -> None:
-    """Write ``gj`` as a FeatureCollection with the features at ``replaced``'s indices re-encoded."""
+def write_features(
+    path: Path,
+    gj: GeoJSONFile,
+    replaced: dict[int, Region],
+    evidence: Sequence[tuple[Region, Answer]] = (),
+    selection: EvidenceSelection | None = None,
+) -> tuple[int, int]:
+    """Write ``gj`` as a FeatureCollection with the features at ``replaced``'s indices re-encoded.
+
+    ``evidence``: described regions and their answers whose relevant tiles are written as detections
+    (after the last feature), replacing those regions' earlier evidence. Returns ``(removed, added)``.
+    """
     features = [region_to_feature(replaced[i]) if i in replaced else f for i, f in enumerate(gj.features)]
+    removed = added = 0
+    if evidence:
+        features, removed, added = replace_evidence(
+            features, [(r, a.evidence) for r, a in evidence], selection
+        )
     dump_geojson(path, gj.collection(features))
+    return removed, added
 
 
 def check_output(output: Path) -> None:
@@ -213,13 +233,16 @@ def describe_geojson(
     output: Path,
     question: str = DEFAULT_QUESTION,
     model: str | Path = "demo",
+    *,
+    evidence: EvidenceSelection | None = None,
     **kw: Any,
 ) -> DescribeReport:
     """Describe the annotations of a QuPath GeoJSON export and write the result to ``output``.
 
     ``output`` is checked for writability before any model work. Raises when nothing could be
     described (nothing is written then); otherwise writes every feature, the described ones with
-    their answers.
+    their answers. With ``evidence`` each described annotation's relevant tiles are added as
+    detections, replacing the ones an earlier run added for it.
     """
     gj, idx, regions = load_features(Path(geojson))
     if not regions:
@@ -229,9 +252,11 @@ def describe_geojson(
     if report.n_ok == 0:
         reasons = "; ".join(f"{printable(r.label)}: {r.error}" for r in report.failures)
         raise WsiLlavaError(f"no annotation was described, {output} not written ({reasons})")
-    replaced = {idx[r.index]: r.region for r in report.results if r.ok}
-    write_features(Path(output), gj, replaced)
-    return report
+    ok = [r for r in report.results if r.ok]
+    replaced = {idx[r.index]: r.region for r in ok}
+    answered = [(r.region, r.answer) for r in ok if r.answer is not None] if evidence is not None else []
+    removed, added = write_features(Path(output), gj, replaced, answered, evidence)
+    return report.model_copy(update={"evidence_added": added, "evidence_removed": removed})
 
 
 @click.command("describe")
@@ -249,6 +274,7 @@ def describe_geojson(
 @click.option("--max-new-tokens", type=int, help="Longest answer in tokens.")
 @click.option("--mpp", type=float, help="µm/px of level 0 for files that record none.")
 @click.option("--cache", type=click.Path(path_type=Path), help="Cache folder (default ~/.cache/wsi-llava).")
+@evidence_options("to the output, after the last feature")
 def describe_command(
     slide: Path,
     geojson: Path,
@@ -263,6 +289,7 @@ def describe_command(
     max_new_tokens: int | None,
     mpp: float | None,
     cache: Path | None,
+    evidence: EvidenceSelection | None,
 ) -> None:
     """Describe every annotation of a QuPath GeoJSON export; write a GeoJSON QuPath imports."""
     from wsi_llava.progress import TerminalProgress
@@ -292,6 +319,7 @@ def describe_command(
             device=device,
             dtype=dtype,
             model_base=model_base,
+            evidence=evidence,
         )
     except Cancelled as e:
         raise click.ClickException(f"cancelled: {e}") from None
@@ -306,5 +334,7 @@ def describe_command(
     click.echo(
         f"described {report.n_ok} of {len(report.results)} annotations"
         + (f" ({failed} failed, left unchanged)" if failed else "")
+        + (f"; {report.evidence_added} evidence tile detection(s)" if evidence is not None else "")
+        + (f" replacing {report.evidence_removed} earlier one(s)" if report.evidence_removed else "")
         + f"; wrote {output}"
     )

@@ -6,7 +6,10 @@
  * the answers are read back
  * (with QuPath's own GeoJSON reader) into the same annotations: description, short name and
  * "WSI-LLaVA" measurements. Nothing else changes; an existing description is kept and the answer
- * appended under a dated heading unless OVERWRITE is true.
+ * appended under a dated heading unless OVERWRITE is true. With EVIDENCE the answer's most relevant
+ * tiles are added below each annotation as square "WSI-LLaVA evidence" detections with a
+ * "WSI-LLaVA relevance" measurement (0-1; colour them with Measure > Show measurement maps),
+ * replacing the annotation's earlier evidence.
  *
  * Needs the `wsi-llava` program (pip install "wsi-llava[qupath]"). If it is not on PATH, set the
  * environment variable WSI_LLAVA to its full path before starting QuPath.
@@ -22,6 +25,7 @@ String QUESTION = "Is there necrosis?"  // the default shown in the question dia
 boolean OVERWRITE = false   // true: replace descriptions instead of appending
 boolean SET_NAME = true     // also set a short name from the answer
 String MODEL = "demo"       // a registered model name or a checkpoint folder
+boolean EVIDENCE = false    // true: also add the answer's relevant tiles as "WSI-LLaVA evidence" detections
 // -----------------------------------------------------------------------------------------------------
 
 /** The wsi-llava program: $WSI_LLAVA, else the first `wsi-llava` on PATH, else null. */
@@ -42,13 +46,15 @@ String findWsiLlava() {
 
 /** The command line that describes the exported annotations (one argument per element). */
 List<String> buildCommand(String exe, String slide, String inJson, String outJson, String question,
-                          boolean overwrite, boolean setName, String model) {
+                          boolean overwrite, boolean setName, String model, boolean evidence) {
     def cmd = [exe, "describe", "--slide", slide, "--geojson", inJson, "-o", outJson,
                "--question", question, "--model", model]
     if (overwrite)
         cmd << "--overwrite"
     if (setName)
         cmd << "--name"
+    if (evidence)
+        cmd << "--evidence"
     return cmd
 }
 
@@ -70,8 +76,37 @@ int applyAnswers(Collection<PathObject> targets, Collection<PathObject> describe
     return n
 }
 
+boolean isEvidence(PathObject p) {
+    return p.isDetection() && p.getPathClass()?.toString() == "WSI-LLaVA evidence"
+}
+
+/** Put each evidence tile of the described file below the annotation it lies in (its centre, as QuPath
+ *  places detections; a tile of an annotation smaller than a tile: the one it overlaps), replacing that
+ *  annotation's earlier evidence. Returns the number of tiles added. */
+int applyEvidence(Collection<PathObject> targets, Collection<PathObject> described) {
+    def tiles = described.findAll { isEvidence(it) }
+    def owner = [:]
+    def overlap = { a, b ->
+        a.getBoundsX() < b.getBoundsX() + b.getBoundsWidth() && b.getBoundsX() < a.getBoundsX() + a.getBoundsWidth() &&
+            a.getBoundsY() < b.getBoundsY() + b.getBoundsHeight() && b.getBoundsY() < a.getBoundsY() + a.getBoundsHeight()
+    }
+    for (tile in tiles) {
+        def r = tile.getROI()
+        def t = targets.find { it.getROI().contains(r.getCentroidX(), r.getCentroidY()) } ?:
+                targets.find { overlap(it.getROI(), r) }
+        if (t != null)
+            owner[tile] = t
+    }
+    def hierarchy = getCurrentHierarchy()
+    for (target in new LinkedHashSet(owner.values())) {
+        hierarchy.removeObjects(target.getChildObjects().findAll { isEvidence(it) }, false)
+        owner.findAll { it.value == target }.each { tile, t -> hierarchy.addObjectBelowParent(t, tile, false) }
+    }
+    return owner.size()
+}
+
 /** Run wsi-llava on the selected annotations; returns a message for the user. */
-String describeSelected(String question, boolean overwrite, boolean setName, String model) {
+String describeSelected(String question, boolean overwrite, boolean setName, String model, boolean evidence) {
     def imageData = getCurrentImageData()
     if (imageData == null)
         return "ERROR: open an image first."
@@ -93,22 +128,24 @@ String describeSelected(String question, boolean overwrite, boolean setName, Str
     def outJson = new File(dir, "described.geojson")
     exportSelectedObjectsToGeoJson(inJson.getAbsolutePath(), "FEATURE_COLLECTION")
     def cmd = buildCommand(exe, slide, inJson.getAbsolutePath(), outJson.getAbsolutePath(), question,
-                           overwrite, setName, model)
+                           overwrite, setName, model, evidence)
     println "WSI-LLaVA: running " + cmd.collect { it.contains(" ") ? "'" + it + "'" : it }.join(" ")
     def proc = new ProcessBuilder(cmd).redirectErrorStream(true).start()
     proc.inputStream.eachLine { println it }
     int rc = proc.waitFor()
     if (rc != 0 || !outJson.isFile())
         return "ERROR: wsi-llava describe failed (exit code " + rc + "); see the log above."
-    int n = applyAnswers(selected, PathIO.readObjects(outJson.toPath()))
+    def described = PathIO.readObjects(outJson.toPath())
+    int n = applyAnswers(selected, described)
+    String tiles = evidence ? ", " + applyEvidence(selected, described) + " evidence tile(s)" : ""
     fireHierarchyUpdate()
-    return "WSI-LLaVA: answers written into " + n + " of " + selected.size() + " annotation(s)."
+    return "WSI-LLaVA: answers written into " + n + " of " + selected.size() + " annotation(s)" + tiles + "."
 }
 
 def question = Dialogs.showInputDialog("WSI-LLaVA", "Question about the selected annotations", QUESTION)
 if (question == null || question.trim().isEmpty())
     return
-def message = describeSelected(question.trim(), OVERWRITE, SET_NAME, MODEL)
+def message = describeSelected(question.trim(), OVERWRITE, SET_NAME, MODEL, EVIDENCE)
 println message
 if (message.startsWith("ERROR"))
     Dialogs.showErrorMessage("WSI-LLaVA", message.substring(7))

@@ -35,6 +35,8 @@ public class FakeQuPath {
         private String name;
         private String description;
         protected final Map<String, Number> measurements = new LinkedHashMap<>();
+        private FakeObjectBase parent;                 // null: below the hierarchy's root
+        private final List<FakeObjectBase> children = new ArrayList<>();
 
         @SuppressWarnings("unchecked")
         FakeObjectBase(Map<String, Object> feature) {
@@ -60,6 +62,10 @@ public class FakeQuPath {
         }
         public UUID getID() { return id; }
         public boolean isAnnotation() { return "annotation".equals(objectType); }
+        public boolean isDetection() { return "detection".equals(objectType) || "cell".equals(objectType); }
+        public FakeObjectBase getParent() { return parent; }
+        public List<FakeObjectBase> getChildObjects() { return new ArrayList<>(children); } // unmodifiable in QuPath
+        public FakePathClass getPathClass() { return FakePathClass.of(otherProperties.get("classification")); }
         public String getName() { return name; }
         public void setName(String name) { this.name = name; }
         public String getDescription() { return description; }    // PathAnnotationObject
@@ -80,6 +86,24 @@ public class FakeQuPath {
             f.put("geometry", geometry);
             f.put("properties", p);
             return Json.write(f);
+        }
+    }
+
+    /** QuPath's PathClass: toString() is the full name ("Tumor: Positive"), getName() its last part. */
+    public static class FakePathClass {
+        private final List<String> names;
+        FakePathClass(List<String> names) { this.names = names; }
+        public String getName() { return names.get(names.size() - 1); }
+        @Override public String toString() { return String.join(": ", names); }
+
+        @SuppressWarnings("unchecked")
+        static FakePathClass of(Object classification) {
+            if (classification instanceof String) return new FakePathClass(List.of(((String) classification).split(": ")));
+            if (!(classification instanceof Map)) return null;
+            Map<String, Object> c = (Map<String, Object>) classification;
+            if (c.get("names") instanceof List) return new FakePathClass((List<String>) c.get("names"));
+            if (c.get("name") instanceof String) return new FakePathClass(List.of(((String) c.get("name")).split(": ")));
+            return null;
         }
     }
 
@@ -123,9 +147,40 @@ public class FakeQuPath {
             for (FakeObjectBase o : objects) if (o.isAnnotation()) out.add(o);
             return out;
         }
+        public List<FakeObjectBase> getDetectionObjects() {
+            List<FakeObjectBase> out = new ArrayList<>();
+            for (FakeObjectBase o : objects) if (o.isDetection()) out.add(o);
+            return out;
+        }
         public List<FakeObjectBase> getAllObjects(boolean includeRoot) { return objects; }
         public FakeSelectionModel getSelectionModel() { return selection; }
         public boolean addObjects(Collection<FakeObjectBase> toAdd) { return objects.addAll(toAdd); }
+
+        /** As QuPath's: ``pathObject`` becomes a child of ``parent`` (null: the root), without resolving. */
+        public boolean addObjectBelowParent(FakeObjectBase parent, FakeObjectBase pathObject, boolean fireUpdate) {
+            if (parent == pathObject) throw new IllegalArgumentException("Cannot add a PathObject as a descendent of itself!");
+            if (parent != null && !objects.contains(parent)) throw new IllegalArgumentException("parent is not in the hierarchy");
+            if (pathObject.parent != null) pathObject.parent.children.remove(pathObject);
+            pathObject.parent = parent;
+            if (parent != null) parent.children.add(pathObject);
+            if (!objects.contains(pathObject)) objects.add(pathObject);
+            return true;
+        }
+
+        /** As QuPath's: removes the objects (and, unless keepChildren, their descendants). */
+        public void removeObjects(Collection<FakeObjectBase> toRemove, boolean keepChildren) {
+            for (FakeObjectBase o : new ArrayList<>(toRemove)) {
+                if (!objects.contains(o)) continue;
+                if (o.parent != null) o.parent.children.remove(o);
+                for (FakeObjectBase child : new ArrayList<>(o.children)) {
+                    if (keepChildren) addObjectBelowParent(o.parent, child, false);
+                    else removeObjects(List.of(child), false);
+                }
+                objects.remove(o);
+                selection.selected.remove(o);
+                o.parent = null;
+            }
+        }
     }
 
     // --- image ------------------------------------------------------------------------------------------

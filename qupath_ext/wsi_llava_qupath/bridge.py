@@ -2,8 +2,9 @@
 
 Uses only calls that QuPath's py4j entry point (``QuPathEntryPoint extends QPEx``) offers:
 ``getCurrentImageData``, ``getHierarchy().getAnnotationObjects()``, the selection model,
-``toGeoJsonFeatureList``, ``getImageBase64``, ``fireHierarchyUpdate`` and the objects' own
-``setDescription`` / ``setName`` / ``getMeasurements().put``. Coordinates are level-0 pixels, as QuPath's.
+``toGeoJsonFeatureList``, ``toPathObjects``, ``getImageBase64``, ``fireHierarchyUpdate``, the hierarchy's
+``addObjects`` / ``addObjectBelowParent`` / ``removeObjects`` and the objects' own ``setDescription`` /
+``setName`` / ``getMeasurements().put`` / ``getChildObjects``. Coordinates are level-0 pixels, as QuPath's.
 """
 
 from __future__ import annotations
@@ -340,14 +341,52 @@ class QuPathBridge:
                 logger.debug("no getMeasurements(): writing through the QuPath <= 0.3 measurement list")
         return self._call("getMeasurementList", obj.getMeasurementList).putMeasurement
 
-    def add_annotation(self, feature: dict[str, Any]) -> None:
-        """Add a new object from a GeoJSON feature (qubalab ``add_objects``)."""
-        import geojson
-        from qubalab.qupath.qupath_gateway import add_objects
+    def add_annotation(self, feature: dict[str, Any]) -> Any:
+        """Add a new object from a GeoJSON feature, as qubalab's ``add_objects`` does; the new Java object."""
+        hierarchy = self._call("getHierarchy", self.image_data().getHierarchy)
+        with self._replies("toPathObjects, addObjects (a new annotation)"):
+            objs = self.ep.toPathObjects(json.dumps([feature], allow_nan=True))
+            hierarchy.addObjects(objs)
+            return objs[0]
 
-        self._call(
-            "toPathObjects", add_objects, [geojson.Feature(**feature)], self.image_data(), self.gateway
-        )
+    def _java_list(self, objs: list[Any]) -> Any:
+        """A ``java.util.ArrayList`` of ``objs`` (qubalab's gateway does not convert Python lists)."""
+        out = self.gateway.jvm.java.util.ArrayList()
+        for o in objs:
+            out.add(o)
+        return out
+
+    def evidence_children(self, parents: list[Any]) -> list[Any]:
+        """The evidence detections (classified ``EVIDENCE_CLASS``) directly below each of ``parents``."""
+        from wsi_llava.evidence_tiles import EVIDENCE_CLASS
+
+        found = []
+        with self._replies("the annotations' child objects (getChildObjects)"):
+            for parent in parents:
+                for child in self.gateway.jvm.java.util.ArrayList(parent.getChildObjects()):
+                    if not child.isDetection():
+                        continue
+                    path_class = child.getPathClass()
+                    if path_class is not None and str(path_class.toString()) == EVIDENCE_CLASS:
+                        found.append(child)
+        return found
+
+    def put_detections(self, parent: Any, features: list[dict[str, Any]], replace: list[Any]) -> int:
+        """Remove the objects ``replace``, then add ``features`` (GeoJSON detections) as children of
+        ``parent``, as QuPath holds detections inside an annotation; how many were added.
+
+        The caller redraws QuPath (:meth:`refresh`) once after its last change.
+        """
+        hierarchy = self._call("getHierarchy", self.image_data().getHierarchy)
+        with self._replies("removeObjects, toPathObjects, addObjectBelowParent (evidence detections)"):
+            if replace:
+                hierarchy.removeObjects(self._java_list(replace), False)
+            if not features:
+                return 0
+            objs = self.ep.toPathObjects(json.dumps(features, allow_nan=True))
+            for obj in objs:
+                hierarchy.addObjectBelowParent(parent, obj, False)
+            return len(features)
 
     def refresh(self) -> None:
         """Let QuPath redraw and update its panes (qubalab ``refresh_qupath``)."""

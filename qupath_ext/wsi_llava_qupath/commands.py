@@ -9,8 +9,9 @@ from typing import Any
 
 import click
 
-from wsi_llava.clickutil import UserErrorGroup, model_options
+from wsi_llava.clickutil import UserErrorGroup, evidence_options, model_options
 from wsi_llava.errors import WsiLlavaError
+from wsi_llava.evidence_tiles import EvidenceSelection, relevant_tiles
 from wsi_llava_qupath.bridge import (
     CONNECT_TIMEOUT,
     DEFAULT_PORT,
@@ -40,6 +41,7 @@ class AskOptions:
     set_name: bool
     dtype: str | None = None
     model_base: Path | None = None
+    evidence: EvidenceSelection | None = None
 
     def context(self, bridge: QuPathBridge, annotation: QuPathAnnotation | None) -> dict[str, Any]:
         """The result sinks' context for an answer about ``annotation`` (None: the whole image)."""
@@ -50,7 +52,14 @@ class AskOptions:
             "overwrite": self.overwrite,
             "set_name": self.set_name,
             "refresh": annotation is None,  # region answers: one refresh after the last
+            "evidence": self.evidence,
         }
+
+    def evidence_note(self, answer: Any) -> str:
+        """`` [N evidence tiles]`` when evidence detections were asked for, else nothing."""
+        if self.evidence is None:
+            return ""
+        return f" [{len(relevant_tiles(answer.evidence, self.evidence))} evidence tiles]"
 
 
 def _connection_options(fn):
@@ -79,6 +88,7 @@ def _model_options(fn):
             click.option("--cache", type=click.Path(path_type=Path), help="Cache folder."),
             click.option("--overwrite", is_flag=True, help="Replace descriptions instead of appending."),
             click.option("--name/--no-name", "set_name", default=False, help="Also set a short name."),
+            evidence_options("below the annotation (a whole-slide answer: below its new annotation)"),
         ]
     ):
         fn = opt(fn)
@@ -167,7 +177,7 @@ def run_annotations(
             except WsiLlavaError as e:
                 result.error = f"answer not written: {e}"
         if result.ok:
-            click.echo(f"{result.label}: {result.answer.answer}")  # type: ignore[union-attr]
+            click.echo(f"{result.label}: {result.answer.answer}{opts.evidence_note(result.answer)}")
         else:
             click.echo(f"{result.label}: FAILED: {result.error}", err=True)
 
@@ -257,4 +267,4 @@ def _ask_whole_slide(bridge: QuPathBridge, question: str, opts: AskOptions) -> N
     for warning in answer.warnings:
         click.echo(f"[warning: {warning}]", err=True)
     _report_failures(deliver(answer, opts.context(bridge, None)))
-    click.echo("added a whole-image annotation with the answer to QuPath")
+    click.echo("added a whole-image annotation with the answer to QuPath" + opts.evidence_note(answer))

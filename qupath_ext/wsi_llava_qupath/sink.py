@@ -2,8 +2,9 @@
 
 The bridge's commands hand every finished ``Answer`` to all registered sinks (:func:`deliver`), with a
 context naming the bridge and the annotation asked about; this sink writes the answer into that
-annotation, or adds a whole-image annotation for a whole-slide answer. Answers from other frontends
-(no bridge in the context) are ignored, and other plugins' sinks see the same answers.
+annotation, or adds a whole-image annotation for a whole-slide answer, and, when asked, the answer's
+relevant tiles as evidence detections below it (:mod:`wsi_llava.evidence_tiles`). Answers from other
+frontends (no bridge in the context) are ignored, and other plugins' sinks see the same answers.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from wsi_llava.annotate import AnnotationUpdate, apply_to_properties, update_from_answer
 from wsi_llava.answer import Answer
 from wsi_llava.errors import WsiLlavaError
+from wsi_llava.evidence_tiles import EvidenceSelection, evidence_features
 
 logger = logging.getLogger(__name__)
 
@@ -34,18 +36,33 @@ def qupath_sink(answer: Answer, context: dict[str, Any]) -> None:
     """Write ``answer`` into QuPath when ``context`` names a bridge (``qupath_bridge``).
 
     ``qupath_annotation``: the annotation asked about (None for a whole-slide answer, which becomes a
-    new annotation); optional ``overwrite``, ``set_name``, ``refresh`` (default True: redraw QuPath now).
+    new annotation); optional ``overwrite``, ``set_name``, ``refresh`` (default True: redraw QuPath now),
+    ``evidence`` (an ``EvidenceSelection``: also add the answer's relevant tiles as detections).
     """
     bridge = context.get("qupath_bridge")
     if bridge is None:
         return
     annotation = context.get("qupath_annotation")
+    selection: EvidenceSelection | None = context.get("evidence")
     update = update_from_answer(answer, set_name=bool(context.get("set_name", False)))
     if annotation is not None:
         bridge.write(annotation, update, overwrite=bool(context.get("overwrite", False)))
+        if selection is not None:
+            legacy = isinstance(annotation.region.properties.get("measurements"), list)
+            parent = annotation.java_object
+            features = evidence_features(answer.evidence, selection, legacy_measurements=legacy)
+            bridge.put_detections(parent, features, replace=bridge.evidence_children([parent]))
     elif answer.scope == "slide":
         info = bridge.image_info()
-        bridge.add_annotation(whole_slide_feature(update, info.width, info.height))
+        earlier = []
+        if selection is not None:  # the evidence of earlier whole-slide answers is replaced
+            earlier = [
+                a.java_object for a in bridge.annotations(selected=False) if a.region.name == WHOLE_SLIDE_NAME
+            ]
+        new = bridge.add_annotation(whole_slide_feature(update, info.width, info.height))
+        if selection is not None:
+            features = evidence_features(answer.evidence, selection)
+            bridge.put_detections(new, features, replace=bridge.evidence_children(earlier))
     else:
         logger.warning("a region answer without its QuPath annotation: not written")
         return

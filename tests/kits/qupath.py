@@ -125,6 +125,25 @@ class FakeQuPath:
         objs = self.ep.getCurrentImageData().getHierarchy().getAnnotationObjects()
         return [json.loads(s) for s in self.ep.toGeoJsonFeatureList(objs)]
 
+    def detections(self) -> list[dict]:
+        """Every stored detection as the feature the double serialises, with its parent's id under ``parent``."""
+        objs = self.ep.getCurrentImageData().getHierarchy().getDetectionObjects()
+        out = []
+        for obj, text in zip(objs, self.ep.toGeoJsonFeatureList(objs), strict=True):
+            parent = obj.getParent()
+            out.append(
+                {**json.loads(text), "parent": None if parent is None else str(parent.getID().toString())}
+            )
+        return out
+
+    def add_child(self, parent_id: str, feature: dict) -> str:
+        """Add an object from a QuPath-style feature below the stored object ``parent_id``; returns its id."""
+        hierarchy = self.ep.getCurrentImageData().getHierarchy()
+        parent = next(o for o in hierarchy.getAllObjects(False) if str(o.getID().toString()) == parent_id)
+        child = self.ep.toPathObjects(json.dumps(feature))[0]
+        hierarchy.addObjectBelowParent(parent, child, False)
+        return str(child.getID().toString())
+
     def close(self) -> None:
         """Disconnect and stop the JVM; the JVM is stopped even when disconnecting fails."""
         try:

@@ -13,12 +13,45 @@ abstract class FakeQP extends Script {
         state = new JsonSlurper().parse(f) as Map
         objects = state.objects.collect { PathObject.fromFeature(it as Map) }
         selected = state.objects.findAll { it.selected }.collect { UUID.fromString(it.id as String) } as Set
+        state.objects.eachWithIndex { feature, i ->  // an object may start below another: "parent": its id
+            def parent = feature.parent ? objects.find { it.getID().toString() == feature.parent } : null
+            if (parent != null) new FakeHierarchy().addObjectBelowParent(parent, objects[i], false)
+        }
     }
 
+    /** Every object as a feature; a detection also names its parent's id under "parent". */
     static Map dump() {
-        return [objects: objects.collect { it.toFeature() }, updates: updates,
-                dialogs: qupath.fx.dialogs.Dialogs.shown]
+        def features = objects.collect { o ->
+            def f = o.toFeature()
+            if (o.isDetection()) f.parent = o.parent?.getID()?.toString()
+            return f
+        }
+        return [objects: features, updates: updates, dialogs: qupath.fx.dialogs.Dialogs.shown]
     }
+
+    /** The few PathObjectHierarchy methods the scripts call, over ``objects``. */
+    static class FakeHierarchy {
+        boolean addObjectBelowParent(PathObject parent, PathObject child, boolean fireUpdate) {
+            child.parent?.children?.remove(child)
+            child.parent = parent
+            parent?.children?.add(child)
+            if (!FakeQP.objects.contains(child)) FakeQP.objects << child
+            return true
+        }
+
+        void removeObjects(Collection<PathObject> toRemove, boolean keepChildren) {
+            for (o in new ArrayList<PathObject>(toRemove)) {
+                o.parent?.children?.remove(o)
+                new ArrayList<PathObject>(o.children).each {
+                    if (keepChildren) addObjectBelowParent(o.parent, it, false) else removeObjects([it], false)
+                }
+                FakeQP.objects.remove(o)
+                o.parent = null
+            }
+        }
+    }
+
+    def getCurrentHierarchy() { new FakeHierarchy() }
 
     def getCurrentImageData() {
         if (state.uri == null) return null
