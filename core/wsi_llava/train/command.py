@@ -34,18 +34,14 @@ def _run(
     from wsi_llava.train.loop import init_dist
 
     d = init_dist(device)
+    runner: Callable[..., Path]
     if stage == "tiles":
-        from wsi_llava.train.tiles import run_tile_stage
-
-        final = run_tile_stage(cfg, out_dir, d, resume=resume, stop_after=stop_after, config_path=str(config))
+        from wsi_llava.train.tiles import run_tile_stage as runner
     elif stage == "stage1":
-        from wsi_llava.train.stage1 import run_stage1
-
-        final = run_stage1(cfg, out_dir, d, resume=resume, stop_after=stop_after, config_path=str(config))
+        from wsi_llava.train.stage1 import run_stage1 as runner
     else:
-        from wsi_llava.train.lm import run_lm_stage
-
-        final = run_lm_stage(cfg, out_dir, d, resume=resume, stop_after=stop_after, config_path=str(config))
+        from wsi_llava.train.lm import run_lm_stage as runner
+    final = runner(cfg, out_dir, d, resume=resume, stop_after=stop_after, config_path=str(config))
     if d.main:
         click.echo(
             f"{stage}: done; checkpoint {final}"
