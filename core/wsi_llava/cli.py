@@ -468,16 +468,11 @@ def models_add(
 @click.argument("name")
 def models_check(name: str) -> None:
     """Check every part of a registered model (files, shapes, widths) without loading its weights."""
-    from wsi_llava import plugins
     from wsi_llava.model.parts import check_spec
     from wsi_llava.model.spec import ModelSpec
-    from wsi_llava.registry import user_model
+    from wsi_llava.registry import registered_model
 
-    folder = user_model(name)
-    if folder is None:
-        if name in plugins.models():
-            raise WsiLlavaError(f"{name!r} is a built-in model: it ships complete (nothing to check)")
-        raise WsiLlavaError(f"no registered model named {name!r} (see `wsi-llava models`)")
+    folder = registered_model(name, "check")
     try:
         report = check_spec(ModelSpec.load(folder))
     except WsiLlavaError as e:

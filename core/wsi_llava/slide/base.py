@@ -10,6 +10,7 @@ import logging
 import math
 import numbers
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -221,3 +222,31 @@ class BaseSlideReader(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, dims={self.dimensions}, levels={self.level_count})"
+
+
+class StoredLevelsReader(BaseSlideReader):
+    """A backend that learns its pyramid once, on opening: :meth:`_set_levels` stores the level sizes
+    (refusing a slide without pixels) and the two level properties serve them."""
+
+    _level_dimensions: tuple[tuple[int, int], ...] = ()
+    _level_downsamples: tuple[float, ...] = ()
+
+    def _set_levels(
+        self, dims: Sequence[tuple[int, int]], downsamples: Sequence[float] | None = None
+    ) -> None:
+        """Store the ``(width, height)`` of each level and its downsample (default: from the sizes)."""
+        if not dims or min(dims[0]) < 1:
+            raise SlideError(f"{self.path}: the slide has no pixels")
+        self._level_dimensions = tuple((int(w), int(h)) for w, h in dims)
+        w0, h0 = self._level_dimensions[0]
+        if downsamples is None:
+            downsamples = [(w0 / w + h0 / h) / 2.0 for w, h in self._level_dimensions]
+        self._level_downsamples = tuple(float(d) for d in downsamples)
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self._level_dimensions
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self._level_downsamples
