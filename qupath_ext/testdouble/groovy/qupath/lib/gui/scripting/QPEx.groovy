@@ -1,9 +1,11 @@
+package qupath.lib.gui.scripting
+
 import groovy.json.JsonOutput
 import groovy.json.JsonSlurper
 import qupath.lib.objects.PathObject
 
-/** Base class standing in for QuPath's default QPEx imports, over the state file $FAKE_QUPATH_STATE. */
-abstract class FakeQP extends Script {
+/** Stub of QuPath's QPEx static methods the scripts call, over a state file (see run_script.groovy). */
+class QPEx {
     static Map state
     static List<PathObject> objects = []
     static Set<UUID> selected = [] as Set
@@ -20,19 +22,19 @@ abstract class FakeQP extends Script {
                 dialogs: qupath.fx.dialogs.Dialogs.shown]
     }
 
-    def getCurrentImageData() {
+    static def getCurrentImageData() {
         if (state.uri == null) return null
         def server = [getURIs: { -> [new URI(state.uri as String)] }]
         return [getServer: { -> server }]
     }
 
-    List<PathObject> getSelectedObjects() { objects.findAll { selected.contains(it.getID()) } }
+    static List<PathObject> getSelectedObjects() { objects.findAll { selected.contains(it.getID()) } }
 
-    boolean exportSelectedObjectsToGeoJson(String path, String... options) {
+    static boolean exportSelectedObjectsToGeoJson(String path, String... options) {
         def fc = [type: "FeatureCollection", features: getSelectedObjects().collect { it.toFeature() }]
         new File(path).text = JsonOutput.toJson(fc)
         return true
     }
 
-    void fireHierarchyUpdate() { updates++ }
+    static void fireHierarchyUpdate() { updates++ }
 }
