@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from wsi_llava.clickutil import cache_option
 from wsi_llava.errors import WsiLlavaError
 from wsi_llava.features.feature_stats import DEFAULT_QUANTILE, DEFAULT_SLIDE_FRACTION
 
@@ -90,7 +91,7 @@ def train_command() -> None:
 @click.option("--weights", type=click.Path(path_type=Path), help="Tile encoder weights (default: built-in).")
 @click.option("--tile-size", default=256, show_default=True)
 @click.option("--mpp", "target_mpp", default=0.5, show_default=True, help="Target resolution of the tiles.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), help="Feature cache root.")
+@cache_option("Cache folder of the tile features (default ~/.cache/wsi-llava), as on ask.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--batch-size", default=64, show_default=True)
 def prepare_command(
@@ -100,7 +101,7 @@ def prepare_command(
     weights: Path | None,
     tile_size: int,
     target_mpp: float,
-    cache_dir: Path | None,
+    cache: Path | None,
     device: str,
     batch_size: int,
 ) -> None:
@@ -115,7 +116,7 @@ def prepare_command(
         weights=weights,
         target_mpp=target_mpp,
         tile_size=tile_size,
-        cache_dir=cache_dir,
+        cache_dir=cache,
         device=device,
         batch_size=batch_size,
     )
