@@ -230,11 +230,13 @@ def _slide_layer(path: Path, reader: Any) -> tuple[Any, dict[str, Any]]:
 
     try:
         slide_mpp: float | None = reader.mpp
+        mpp_problem = None
     except SlideError:
         slide_mpp = None
+        mpp_problem = reader.mpp_problem() or "the file's µm/px cannot be used"
         show_warning(
-            f"{path}: the file records no microns per pixel (µm/px); the scale bar shows pixels. "
-            "Enter the µm/px in the WSI-LLaVA widget before asking."
+            f"{path}: {mpp_problem}; the scale bar shows pixels. "
+            "Enter the slide's µm/px in the WSI-LLaVA widget before asking."
         )
     levels = slide_pyramid(reader)
     scale = (slide_mpp, slide_mpp) if slide_mpp else (1.0, 1.0)
@@ -251,6 +253,7 @@ def _slide_layer(path: Path, reader: Any) -> tuple[Any, dict[str, Any]]:
             META_KEY: {
                 "path": str(path.resolve()),
                 "mpp": slide_mpp,
+                "mpp_problem": mpp_problem,  # why the file's µm/px is not used (the core's words)
                 "reader": reader.reader_name,
                 "dimensions": [int(w), int(h)],
                 "level_dimensions": [list(d) for d in reader.level_dimensions],

@@ -499,9 +499,10 @@ class WsiLlavaWidget(QWidget):
         info = image.metadata[META_KEY]
         mpp = self._mpp.value() or None
         if mpp is None and not info.get("mpp"):
+            problem = info.get("mpp_problem") or "the slide records no microns per pixel (µm/px)"
             raise WsiLlavaError(
-                f"{info['path']}: the slide records no microns per pixel (µm/px); enter it in the "
-                "WSI-LLaVA widget's µm/px box (e.g. 0.5)"
+                f"{info['path']}: {problem}; enter the slide's true µm/px in the WSI-LLaVA widget's µm/px box "
+                "(e.g. 0.5)"
             )
         model = self._model.currentData(NAME_ROLE)
         if not model:

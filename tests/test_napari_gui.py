@@ -89,7 +89,8 @@ def test_bad_files_and_bad_input_notify(make_napari_viewer, tmp_path, notes, wor
     widget = _widget(viewer)
     widget._question.setPlainText("What is this?")
     widget._ask_btn.click()
-    assert widget._worker is None and any("enter it in the" in m for m in notes())
+    assert widget._worker is None and any("records no microns per pixel" in m for m in notes())
+    assert any("enter the slide's true µm/px in the WSI-LLaVA widget" in m for m in notes())
 
     # empty question, no selection, a shape outside the slide, no model: notifications, nothing lost
     widget._mpp.setValue(0.5)
@@ -110,6 +111,32 @@ def test_bad_files_and_bad_input_notify(make_napari_viewer, tmp_path, notes, wor
     widget._ask_btn.click()
     assert any("no model is registered" in m for m in notes())
     assert widget._worker is None and len(layer.data) == 1 and layer.features.loc[0, "answer"] == "kept"
+
+
+def test_implausible_mpp_is_named_as_read_not_as_missing(make_napari_viewer, tmp_path, notes):
+    """A 72-dpi TIFF in centimetres reads as 352.8 µm/px: the reader and the widget say what was read and
+    that it is implausible (the core's words), never that the slide records none."""
+    import tifffile
+
+    screen = tmp_path / "screen.tif"
+    res = 72 / 2.54
+    tifffile.imwrite(
+        screen, np.full((512, 512, 3), 200, np.uint8), tile=(256, 256), photometric="rgb",
+        resolution=(res, res), resolutionunit="CENTIMETER",
+    )  # fmt: skip
+    viewer = make_napari_viewer()
+    (image,) = viewer.open(screen, plugin=PLUGIN)
+    read = "352.8 µm/px read from the TIFF XResolution/ResolutionUnit tags (28.3465 px per centimetre)"
+    plausible = "is outside the 0.05–50 µm/px of a slide scan (wrong metadata?)"
+    assert tuple(image.scale) == (1.0, 1.0)
+    opened = [m for m in notes() if "screen.tif" in m]
+    assert any(read in m and plausible in m and "scale bar shows pixels" in m for m in opened), opened
+    widget = _widget(viewer)
+    widget._question.setPlainText("What is this?")
+    widget._ask_btn.click()
+    asked = [m for m in notes() if "enter the slide's true µm/px in the WSI-LLaVA widget" in m]
+    assert widget._worker is None and asked and read in asked[-1] and plausible in asked[-1], notes()
+    assert not any("records no" in m for m in notes()), notes()
 
 
 def test_sample_ask_region_streams_answer_history_evidence(make_napari_viewer, qtbot, notes, tmp_path):

@@ -24,7 +24,9 @@ from wsi_llava.annotate import DESCRIPTION_KEY
 from wsi_llava.describe import describe_command
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted((ROOT / "qupath_ext" / "scripts").glob("*.groovy"))
+#: the code the scripts share, loaded by each from beside its own file
+COMMON = ROOT / "qupath_ext" / "scripts" / "wsi_llava_common.groovy"
+SCRIPTS = sorted(p for p in (ROOT / "qupath_ext" / "scripts").glob("*.groovy") if p != COMMON)
 STUBS = ROOT / "qupath_ext" / "testdouble" / "groovy"
 JAVA_HOME = "/usr/lib/jvm/java-17-openjdk-amd64"
 
@@ -37,8 +39,11 @@ def _build_command_body(text: str) -> str:
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_script_builds_a_valid_describe_command_line(script: Path):
-    """Parser-free: every flag the script passes exists on ``wsi-llava describe``; required ones are there."""
-    text = script.read_text()
+    """Parser-free: every flag the scripts pass exists on ``wsi-llava describe``; required ones are there."""
+    own = script.read_text()
+    assert f'"{COMMON.name}"' in own and "evaluate(common)" in own and "wsiLlava.describeSelected(" in own
+    text = COMMON.read_text()
+    assert "import static qupath.lib.gui.scripting.QPEx.*" in text  # no default imports in an evaluated file
     body = _build_command_body(text)
     literal = re.search(r"def cmd = \[(.*?)\]", body, re.S).group(1)
     parts = [p.strip() for p in literal.split(",")]
@@ -170,6 +175,20 @@ def test_scripts_run_against_stub_qupath(world, tmp_path, shared_cache):
         o["properties"] for o in json.loads(state.read_text())["objects"]
     ]
 
+    # a script without the shared file beside it: a message in QuPath, nothing changed
+    alone = tmp_path / "alone" / "describe_selected.groovy"
+    alone.parent.mkdir()
+    shutil.copy(by_name["describe_selected.groovy"], alone)
+    state, result = _state(tmp_path, slide), tmp_path / "alone.json"
+    proc = _run_groovy(alone, state, result, env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = json.loads(result.read_text())
+    assert out["dialogs"] == [
+        "error: wsi_llava_common.groovy must be in the folder of this script; run the script from its file "
+        "(File > Open in the script editor)."
+    ]
+    assert out["updates"] == 0
+
     # wsi-llava missing: a message in QuPath, nothing changed
     env_missing = {**env, "WSI_LLAVA": "", "PATH": "/usr/bin:/bin"}
     state, result = _state(tmp_path, slide), tmp_path / "missing.json"
@@ -216,6 +235,7 @@ def test_scripts_add_evidence_tiles_below_their_annotations(world, tmp_path, sha
     text = (ROOT / "qupath_ext" / "scripts" / "describe_selected.groovy").read_text()
     assert "boolean EVIDENCE = false" in text
     script.write_text(text.replace("boolean EVIDENCE = false", "boolean EVIDENCE = true"))
+    shutil.copy(COMMON, tmp_path)  # the shared code, beside the script
     env = {
         **os.environ,
         "JAVA_HOME": os.environ.get("JAVA_HOME", JAVA_HOME),

@@ -138,6 +138,12 @@ def test_bad_registrations_write_nothing(parts, tmp_path):
                   cache=cache, env=env, check=False)  # fmt: skip
     assert_user_error(out, "slide_encoder.pth", "--slide-encoder")
     assert not home.exists() or not any(home.iterdir())
+    # check / remove name what is wrong with the name: built in, or not registered
+    for verb in ("check", "remove"):
+        out = run_cli("models", verb, "demo", cache=cache, env=env, check=False)
+        assert_user_error(out, "'demo' is built in", f"nothing to {verb}")
+        out = run_cli("models", verb, "nobody", cache=cache, env=env, check=False)
+        assert_user_error(out, f"no user model named 'nobody' to {verb}", "registered: none")
 
 
 def test_moved_parts_and_unready_models_fail_before_featurizing(parts, tmp_path, world):

@@ -27,6 +27,24 @@ def pack(tmp_path_factory) -> Path:
     return out
 
 
+def test_prepare_takes_cache_and_its_hidden_old_spelling(pack: Path, tmp_path):
+    """``train prepare --cache`` (as ask / eval) puts the features there; ``--cache-dir`` still does, unlisted."""
+    from wsi_llava.features.cache import FeatureCache
+
+    world = pack.parent / "world"
+    shown = CliRunner().invoke(train_command, ["prepare", "--help"]).output
+    assert "--cache " in shown and "--cache-dir" not in shown
+    for flag in ("--cache", "--cache-dir"):
+        cache = tmp_path / flag.strip("-")
+        _train(["prepare", "--bench", str(world), "--out", str(tmp_path / f"{flag}.pt"), flag, str(cache)])
+        assert (tmp_path / f"{flag}.pt").is_file() and len(FeatureCache(cache / "features").list()) == 2
+    both = ["--cache", str(tmp_path / "a"), "--cache-dir", str(tmp_path / "b")]
+    res = CliRunner().invoke(
+        train_command, ["prepare", "--bench", str(world), "--out", str(tmp_path / "x.pt"), *both]
+    )
+    assert res.exit_code != 0 and "give --cache only" in res.output and not (tmp_path / "x.pt").exists()
+
+
 @pytest.fixture(scope="module")
 def tiny_llm(tmp_path_factory) -> Path:
     """A 2-layer Llama with SmolLM2's tokenizer and chat template (real model code, CPU-fast)."""

@@ -2,7 +2,7 @@
 
 For every held-out slide: do the Histological_Typing / Grading answers name the right diagnosis and
 grade, and do Region_Description answers about tumour and stroma regions name the right tissue?
-Usage: python training/check_demo.py WORLD_DIR OUT.json [--model demo] [--cache-dir DIR]
+Usage: python training/check_demo.py WORLD_DIR OUT.json [--model demo] [--cache DIR]
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def main() -> None:
     ap.add_argument("world", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--model", default="demo")
-    ap.add_argument("--cache-dir", type=Path)
+    ap.add_argument("--cache", type=Path, help="cache folder, as on wsi-llava ask")
+    ap.add_argument("--cache-dir", dest="cache", type=Path, help=argparse.SUPPRESS)  # its old spelling
     ap.add_argument("--zero-visual", action="store_true", help="blind run: visual tokens zeroed")
     args = ap.parse_args()
 
@@ -50,7 +51,7 @@ def main() -> None:
             by_slide[it.image].append(it)
     rows = []
     for image, items in sorted(by_slide.items()):
-        sess = SlideSession(args.world / image, model, cache_dir=args.cache_dir, device="cpu")
+        sess = SlideSession(args.world / image, model, cache_dir=args.cache, device="cpu")
         t = truth[Path(image).stem]
         for it in items:
             region = None

@@ -234,7 +234,8 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--model", default="demo")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--cache-dir", type=Path)
+    ap.add_argument("--cache", type=Path, help="cache folder, as on wsi-llava ask")
+    ap.add_argument("--cache-dir", dest="cache", type=Path, help=argparse.SUPPRESS)  # its old spelling
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's (as front ends)")
     ap.add_argument("--slides", type=int, default=None, help="only the first N slides")
     ap.add_argument(
@@ -268,7 +269,7 @@ def main() -> None:
             logger.warning("time limit %.0f s: stopping before %s", args.time_limit, entry.stem)
             break
         regions = read_geojson(args.world / entry.annotations)
-        with SlideSession(args.world / entry.path, model, cache_dir=args.cache_dir, device=args.device) as s:
+        with SlideSession(args.world / entry.path, model, cache_dir=args.cache, device=args.device) as s:
             for q, _src in questions["slide"]:
                 kind = question_kind(q)
                 answer = s.ask(q, None, **kw).answer

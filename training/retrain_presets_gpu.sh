@@ -135,7 +135,7 @@ SHIPPED=core/wsi_llava/model/demo_weights
 pids=()
 for seed in 101 102; do
   OMP_NUM_THREADS=$WORKERS python3 -m wsi_llava.train prepare --bench "$RUN/worlds/train_$seed" \
-    --out "$RUN/pack_$seed.pt" --weights "$SHIPPED/tile_encoder.safetensors" --cache-dir "$RUN/cache" \
+    --out "$RUN/pack_$seed.pt" --weights "$SHIPPED/tile_encoder.safetensors" --cache "$RUN/cache" \
     --device "$PREP_DEVICE" >"$RUN/prepare_$seed.log" 2>&1 &
   pids+=($!)
 done
@@ -223,7 +223,7 @@ PY
 left=$((DEADLINE - SECONDS - 30))
 limit=$((left < CHECK_SECONDS ? (left > 0 ? left : 0) : CHECK_SECONDS))
 python3 training/check_presets.py "$RUN/worlds/heldout_777" "$OUT/presets_after_gpu.json" --model "$FINAL" \
-  --device "$DEVICE" --cache-dir "$RUN/cache" --time-limit "$limit" \
+  --device "$DEVICE" --cache "$RUN/cache" --time-limit "$limit" \
   ${CHECK_SLIDES:+--slides "$CHECK_SLIDES"} ||
   log "check_presets failed (the weights are in \$OUT all the same)"
 log "done: $(cd "$OUT" && find . -type f | sort | tr '\n' ' ')"

@@ -459,29 +459,13 @@ def _parse_kv(items: tuple[str, ...]) -> dict:
     help="Prompt template (default: llava_v1 for LLaVA checkpoints, else the checkpoint's own).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace a model registered under NAME.")
-def models_add(
-    name: str,
-    llava: str,
-    llava_base: str | None,
-    tile_encoder: str,
-    slide_encoder: str | None,
-    tile_args: tuple[str, ...],
-    template: str | None,
-    overwrite: bool,
-) -> None:
+def models_add(name: str, tile_args: tuple[str, ...], overwrite: bool, **parts: str | None) -> None:
     """Register the model NAME from its parts (nothing is copied); every part is checked first."""
     from wsi_llava.registry import add_model
 
-    report = add_model(
-        name,
-        llava=llava,
-        llava_base=llava_base,
-        tile_encoder=tile_encoder,
-        slide_encoder=slide_encoder,
-        tile_encoder_args=_parse_kv(tile_args),
-        template=template,
-        overwrite=overwrite,
-    )
+    # the part options (--llava, --llava-base, --tile-encoder, --slide-encoder, --template) are
+    # add_model's PartSources by name
+    report = add_model(name, overwrite=overwrite, tile_encoder_args=_parse_kv(tile_args), **parts)
     click.echo(f"registered {name} in {report.folder}")
     _print_report(report)
 
@@ -490,16 +474,11 @@ def models_add(
 @click.argument("name")
 def models_check(name: str) -> None:
     """Check every part of a registered model (files, shapes, widths) without loading its weights."""
-    from wsi_llava import plugins
     from wsi_llava.model.parts import check_spec
     from wsi_llava.model.spec import ModelSpec
-    from wsi_llava.registry import user_model
+    from wsi_llava.registry import registered_model
 
-    folder = user_model(name)
-    if folder is None:
-        if name in plugins.models():
-            raise WsiLlavaError(f"{name!r} is a built-in model: it ships complete (nothing to check)")
-        raise WsiLlavaError(f"no registered model named {name!r} (see `wsi-llava models`)")
+    folder = registered_model(name, "check")
     try:
         report = check_spec(ModelSpec.load(folder))
     except WsiLlavaError as e:

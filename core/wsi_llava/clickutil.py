@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import functools
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -33,6 +35,31 @@ class UserErrorGroup(click.Group):
                 raise
             where = f"{e.filename}: " if e.filename else ""
             raise click.ClickException(f"{where}disk full ({e.strerror or e}); free some space") from None
+
+
+def cache_option(help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--cache DIR`` (the command gets ``cache``); ``--cache-dir``, its old spelling, still works but is
+    hidden from ``--help``, and the two naming different folders is refused."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def command(*args: Any, cache_dir_alias: Path | None = None, **kw: Any) -> Any:
+            if cache_dir_alias is not None:
+                if kw.get("cache") is not None and Path(kw["cache"]) != Path(cache_dir_alias):
+                    raise click.UsageError("give --cache only (--cache-dir is its old spelling)")
+                kw["cache"] = cache_dir_alias
+            return fn(*args, **kw)
+
+        command = click.option(
+            "--cache-dir",
+            "cache_dir_alias",
+            type=click.Path(path_type=Path),
+            hidden=True,
+            help="Old spelling of --cache, kept so existing scripts run.",
+        )(command)
+        return click.option("--cache", type=click.Path(path_type=Path), help=help)(command)
+
+    return decorate
 
 
 def generation_setting(ctx: click.Context, param: click.Parameter, value: object) -> object:

@@ -13,11 +13,14 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Unpack
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from wsi_llava.errors import ModelError
+
+if TYPE_CHECKING:
+    from wsi_llava.model.parts import PartSources
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +71,22 @@ def user_model(name: str) -> Path | None:
     return user_models().get(name)
 
 
+def registered_model(name: str, to: str) -> Path:
+    """The folder of the user model ``name``; else ``ModelError`` saying why there is nothing ``to`` do
+    (``to``: "check", "remove"): ``name`` is built in, or no model is registered under it."""
+    from wsi_llava import plugins
+
+    folder = user_model(name)
+    if folder is not None:
+        return folder
+    if name in plugins.models():
+        raise ModelError(f"model {name!r} is built in: it ships complete, there is nothing to {to}")
+    raise ModelError(
+        f"no user model named {name!r} to {to} (registered: {', '.join(user_models()) or 'none'}; "
+        "see `wsi-llava models`)"
+    )
+
+
 class ModelEntry(BaseModel):
     """One model as ``wsi-llava models`` lists it."""
 
@@ -107,17 +126,7 @@ def list_models() -> list[ModelEntry]:
     return entries
 
 
-def add_model(
-    name: str,
-    *,
-    llava: str | Path,
-    tile_encoder: str | Path,
-    llava_base: str | Path | None = None,
-    slide_encoder: str | Path | None = None,
-    tile_encoder_args: dict[str, Any] | None = None,
-    template: str | None = None,
-    overwrite: bool = False,
-) -> Any:
+def add_model(name: str, *, overwrite: bool = False, **parts: Unpack[PartSources]) -> Any:
     """Check every part and register the model as ``models_dir()/name``; returns the ``ModelReport``.
 
     Nothing is written when a part is missing or the widths do not fit (``ModelError`` says which).
@@ -134,15 +143,7 @@ def add_model(
         raise ModelError(
             f"model {name!r} is already registered ({target}); remove it first or pass --overwrite"
         )
-    spec, report = assemble_spec(
-        name,
-        llava=llava,
-        llava_base=llava_base,
-        tile_encoder=tile_encoder,
-        slide_encoder=slide_encoder,
-        tile_encoder_args=tile_encoder_args or {},
-        template=template,
-    )
+    spec, report = assemble_spec(name, **parts)
     try:
         with atomic_folder(target, replace=overwrite) as tmp:
             spec.save(tmp)
@@ -155,12 +156,6 @@ def add_model(
 
 def remove_model(name: str) -> Path:
     """Forget the user model ``name`` (its folder under ``models_dir()``; the weights it names stay)."""
-    from wsi_llava import plugins
-
-    folder = user_model(name)
-    if folder is None:
-        if name in plugins.models():
-            raise ModelError(f"model {name!r} is built in and cannot be removed")
-        raise ModelError(f"no user model named {name!r} (registered: {', '.join(user_models()) or 'none'})")
+    folder = registered_model(name, "remove")
     shutil.rmtree(folder)
     return folder

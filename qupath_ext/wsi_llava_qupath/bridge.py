@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 25333
 CONNECT_TIMEOUT = 30.0  # seconds for the handshake; QuPath answers it at once when its gateway runs
+#: seconds one call may wait for QuPath's reply once connected (the pixels of a large region are the slowest)
+CALL_TIMEOUT = 60.0
 T = TypeVar("T")
 
 
@@ -152,15 +154,58 @@ def _quiet_py4j_root_logs() -> None:
         root.addFilter(_Py4JRootNoise())
 
 
+class _NoReply(TimeoutError):
+    """A call's reply did not come within the gateway's read timeout (its connection is closed)."""
+
+
+def _open_gateway(port: int, token: str | None, call_timeout: float) -> Any:
+    """A py4j gateway to ``port`` (as qubalab's ``create_gateway`` makes it) whose calls wait at most
+    ``call_timeout`` seconds for a reply, then raise :class:`_NoReply`; checked with ``getQuPath()``."""
+    from py4j.java_gateway import GatewayClient, GatewayConnection, GatewayParameters, JavaGateway
+    from py4j.protocol import Py4JNetworkError
+
+    class Connection(GatewayConnection):
+        def send_command(self, command: str) -> str:
+            try:
+                return super().send_command(command)
+            except Py4JNetworkError as e:
+                if not isinstance(e.cause, TimeoutError):
+                    raise
+                self.close(True)  # py4j would give this connection back, its late reply still to come
+                raise _NoReply() from None
+
+    class Client(GatewayClient):
+        def _create_connection(self) -> GatewayConnection:
+            connection = Connection(self.gateway_parameters, self.gateway_property)
+            connection.start()
+            return connection
+
+    class Gateway(JavaGateway):
+        def _create_gateway_client(self) -> GatewayClient:
+            return Client(gateway_parameters=self.gateway_parameters)
+
+    params = GatewayParameters(port=port, auth_token=token, read_timeout=call_timeout)
+    gateway = Gateway(gateway_parameters=params)
+    try:
+        if gateway.entry_point.getQuPath() is None:
+            raise RuntimeError("the entry point has no QuPath")
+    except BaseException:
+        gateway.close()
+        raise
+    return gateway
+
+
 def connect(
-    port: int = DEFAULT_PORT, token: str | None = None, timeout: float = CONNECT_TIMEOUT
+    port: int = DEFAULT_PORT,
+    token: str | None = None,
+    timeout: float = CONNECT_TIMEOUT,
+    call_timeout: float = CALL_TIMEOUT,
 ) -> QuPathBridge:
-    """Connect to QuPath's py4j gateway with qubalab; a clear ``QuPathError`` when nothing listens or answers.
+    """Connect to QuPath's py4j gateway; a clear ``QuPathError`` when nothing listens or answers.
 
-    ``timeout`` bounds the handshake only (later calls, such as reading pixels, may take long).
+    ``timeout`` bounds the handshake; ``call_timeout`` each later call's wait for its reply (reading
+    pixels may take long, a QuPath that stops answering must not hang the caller).
     """
-    from qubalab.qupath.qupath_gateway import create_gateway
-
     _quiet_py4j_root_logs()
     if not 0 < port < 65536:
         raise QuPathError(f"--port {port}: expected a TCP port number (QuPath's default is {DEFAULT_PORT})")
@@ -172,8 +217,8 @@ def connect(
             logging.CRITICAL
         )  # py4j logs a traceback for a refused connection; we say it once
         try:
-            return create_gateway(port=port, auth_token=token, set_as_default=False)
-        except Exception as e:  # RuntimeError from qubalab, Py4JError on a wrong token
+            return _open_gateway(port, token, call_timeout)
+        except Exception as e:  # Py4JNetworkError when nothing listens, Py4JError on a wrong token
             raise QuPathError(
                 f"cannot connect to QuPath on port {port}: is QuPath running with its Python gateway started "
                 "(Extensions > Py4J > Start Py4J Gateway), on this port"
@@ -184,15 +229,15 @@ def connect(
             py4j_logger.setLevel(level)
 
     gateway = within(timeout, f"connecting to QuPath on port {port}", handshake)
-    return QuPathBridge(gateway, port)
+    return QuPathBridge(gateway, port, call_timeout)
 
 
 def status_within(port: int, token: str | None, timeout: float) -> QuPathStatus:
     """Connect, read what ``qupath status`` shows and disconnect, all within ``timeout`` seconds."""
-    import qubalab.qupath.qupath_gateway  # noqa: F401 - imported before the clock starts (it is slow)
+    import py4j.java_gateway  # noqa: F401 - imported before the clock starts
 
     def read() -> QuPathStatus:
-        bridge = connect(port, token, timeout=timeout)
+        bridge = connect(port, token, timeout=timeout, call_timeout=timeout)
         try:
             return bridge.status()
         finally:
@@ -204,10 +249,13 @@ def status_within(port: int, token: str | None, timeout: float) -> QuPathStatus:
 class QuPathBridge:
     """One connection to QuPath; every call goes through ``gateway.entry_point``."""
 
-    def __init__(self, gateway: Any, port: int = DEFAULT_PORT) -> None:
+    def __init__(self, gateway: Any, port: int = DEFAULT_PORT, call_timeout: float = CALL_TIMEOUT) -> None:
         self.gateway = gateway
         self.port = port
+        self.host = str(getattr(getattr(gateway, "gateway_parameters", None), "address", "127.0.0.1"))
+        self.call_timeout = call_timeout
         self.ep = gateway.entry_point
+        self._stalled: str | None = None  # the error of a call QuPath did not answer: every later call's too
 
     def _call(self, what: str, fn, *args):
         with self._replies(what):
@@ -222,10 +270,21 @@ class QuPathBridge:
         """
         from py4j.protocol import Py4JError, Py4JNetworkError
 
+        if self._stalled is not None:
+            raise QuPathError(self._stalled)
         try:
             yield
         except WsiLlavaError:
             raise
+        except _NoReply:
+            self._stalled = (
+                f"QuPath at {self.host}:{self.port} did not answer {what} within {self.call_timeout:g} s: is "
+                "QuPath busy (an open dialog, a long command)? Try again once it responds, or give --timeout "
+                "more seconds"
+            )
+            # no more calls through this connection, nor releases of Java objects, to a peer that stalled
+            self.gateway._gateway_client.is_connected = False
+            raise QuPathError(self._stalled) from None
         except Py4JNetworkError as e:
             raise QuPathError(
                 f"lost the connection to QuPath on port {self.port} during {what} ({_first_line(e)}): "
@@ -289,7 +348,7 @@ class QuPathBridge:
                 objs = list(hierarchy.getAnnotationObjects())
             if not objs:
                 return []
-            # qubalab's create_gateway passes gateway_parameters, so py4j's auto_convert is off: a Java list
+            # the gateway is made without py4j's auto_convert (as qubalab's create_gateway makes it): a Java list
             java_objs = self.gateway.jvm.java.util.ArrayList()
             for o in objs:
                 java_objs.add(o)
@@ -396,9 +455,11 @@ class QuPathBridge:
 
     def extension_version(self) -> str | None:
         try:
-            return str(self.ep.getExtensionVersion())
-        except Exception:  # noqa: BLE001 - older py4j extensions lack it
-            return None
+            return self._call("getExtensionVersion", lambda: str(self.ep.getExtensionVersion()))
+        except QuPathError:
+            if self._stalled is not None:
+                raise
+            return None  # older py4j extensions lack it
 
     def status(self) -> QuPathStatus:
         info = None
@@ -455,6 +516,7 @@ def _feature_regions(features: list[dict[str, Any]]) -> list[Region]:
 
 
 __all__ = [
+    "CALL_TIMEOUT",
     "CONNECT_TIMEOUT",
     "DEFAULT_PORT",
     "ImageInfo",

@@ -13,6 +13,7 @@ from wsi_llava.clickutil import UserErrorGroup, evidence_options, model_options
 from wsi_llava.errors import WsiLlavaError
 from wsi_llava.evidence_tiles import EvidenceSelection, relevant_tiles
 from wsi_llava_qupath.bridge import (
+    CALL_TIMEOUT,
     CONNECT_TIMEOUT,
     DEFAULT_PORT,
     QuPathAnnotation,
@@ -77,6 +78,17 @@ def _connection_options(fn):
         help="Port of QuPath's Python (py4j) gateway.",
     )(fn)
     return fn
+
+
+_call_timeout_option = click.option(
+    "--timeout",
+    "call_timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=CALL_TIMEOUT,
+    show_default=True,
+    help="Seconds each call to QuPath may wait for its reply once connected (the pixels of a large region "
+    "take longest); a QuPath that stops answering ends the command with an error.",
+)
 
 
 def _model_options(fn):
@@ -218,9 +230,10 @@ def _finish(ok: int, failed: int) -> None:
 @click.option("--question", default=DESCRIBE_QUESTION, show_default=True)
 @_model_options
 @_connection_options
-def describe(scope: str, question: str, port: int, token: str | None, **kw: Any) -> None:
+@_call_timeout_option
+def describe(scope: str, question: str, port: int, token: str | None, call_timeout: float, **kw: Any) -> None:
     """Write a generated description into each selected annotation."""
-    bridge = connect(port, token)
+    bridge = connect(port, token, call_timeout=call_timeout)
     try:
         anns = _annotations(bridge, scope)
         _finish(*run_annotations(bridge, anns, question, AskOptions(**kw)))
@@ -239,11 +252,12 @@ def describe(scope: str, question: str, port: int, token: str | None, **kw: Any)
 )
 @_model_options
 @_connection_options
-def ask(question: str, scope: str, port: int, token: str | None, **kw: Any) -> None:
+@_call_timeout_option
+def ask(question: str, scope: str, port: int, token: str | None, call_timeout: float, **kw: Any) -> None:
     """Ask QUESTION about each selected annotation, or about the whole image."""
     if not question.strip():
         raise QuPathError("question is empty: type a question about the slide or the annotations")
-    bridge = connect(port, token)
+    bridge = connect(port, token, call_timeout=call_timeout)
     try:
         if scope != "slide":
             anns = _annotations(bridge, scope)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from wsi_llava.clickutil import model_options
+from wsi_llava.clickutil import cache_option, model_options
 from wsi_llava.errors import Cancelled, WsiLlavaError
 from wsi_llava.progress import TerminalProgress
 
@@ -101,16 +101,7 @@ logger = logging.getLogger(__name__)
     type=click.Path(path_type=Path),
     help="Training files/folders: adds the slide-disjoint subset score (repeatable).",
 )
-@click.option(
-    "--cache", type=click.Path(path_type=Path), help="Cache folder (default ~/.cache/wsi-llava), as on ask."
-)
-@click.option(
-    "--cache-dir",
-    "cache_dir_deprecated",
-    type=click.Path(path_type=Path),
-    hidden=True,
-    help="Deprecated spelling of --cache, kept so existing scripts run.",
-)
+@cache_option("Cache folder (default ~/.cache/wsi-llava), as on ask.")
 @click.option("--max-new-tokens", default=512, show_default=True, help="Decoding: answer length limit.")
 @click.option("--temperature", default=0.0, show_default=True, help="Decoding: 0 = greedy.")
 @click.option("--seed", type=int, default=None, help="Decoding: sampling seed (temperature > 0).")
@@ -121,11 +112,6 @@ def eval_command(**kw) -> None:
     WSI-P / WSI-R). One OUT holds one run: a model run resumes there with the same model and decoding
     settings only, and no run replaces another run's predictions.jsonl (give another --out).
     """
-    deprecated = kw.pop("cache_dir_deprecated")
-    if deprecated is not None:
-        if kw["cache"] is not None and Path(kw["cache"]) != Path(deprecated):
-            raise click.UsageError("give --cache only (--cache-dir is its old spelling)")
-        kw["cache"] = deprecated
     bar = TerminalProgress()
     try:
         _run(progress=bar, **kw)

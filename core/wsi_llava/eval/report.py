@@ -87,6 +87,17 @@ def _f(v: float | None, digits: int = 3) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
+def _pr_rows(s: EvalScores, level: str) -> list[tuple[str, str]]:
+    """``(key, "WSI-P | n | WSI-R | n")`` for every key of ``level`` (``per_task``, ``per_metadata``) that
+    either metric scored, in the order they list them."""
+    tables = [getattr(agg, level) if agg else {} for agg in (s.wsi_precision, s.wsi_relevance)]
+    rows = []
+    for key in dict.fromkeys(k for t in tables for k in t):
+        cells = [t.get(key) for t in tables]
+        rows.append((key, " | ".join(f"{_f(c.mean if c else None)} | {c.n if c else 0}" for c in cells)))
+    return rows
+
+
 def _title(task: str) -> str:
     info = KNOWN_TASKS.get(task)
     return info.title if info else task.replace("_", " ")
@@ -203,23 +214,10 @@ def render_markdown(s: EvalScores) -> str:
             "| task | capability | WSI-P | n | WSI-R | n | paper WSI-P (radar, ±0.03) | paper WSI-R (radar) |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        tasks = list(
-            dict.fromkeys(
-                [
-                    *(s.wsi_precision.per_task if s.wsi_precision else {}),
-                    *(s.wsi_relevance.per_task if s.wsi_relevance else {}),
-                ]
-            )
-        )
-        for t in tasks:
-            p = s.wsi_precision.per_task.get(t) if s.wsi_precision else None
-            r = s.wsi_relevance.per_task.get(t) if s.wsi_relevance else None
+        for t, pr in _pr_rows(s, "per_task"):
             ref = paper.RADAR.get(t, (None, None))
             cap = KNOWN_TASKS[t].capability if t in KNOWN_TASKS else ""
-            lines.append(
-                f"| {_title(t)} | {cap} | {_f(p.mean if p else None)} | {p.n if p else 0} | "
-                f"{_f(r.mean if r else None)} | {r.n if r else 0} | {_f(ref[0], 2)} | {_f(ref[1], 2)} |"
-            )
+            lines.append(f"| {_title(t)} | {cap} | {pr} | {_f(ref[0], 2)} | {_f(ref[1], 2)} |")
         lines += [
             "",
             "### per metadata type",
@@ -227,20 +225,8 @@ def render_markdown(s: EvalScores) -> str:
             "| metadata | WSI-P | n | WSI-R | n |",
             "|---|---|---|---|---|",
         ]
-        metas = list(
-            dict.fromkeys(
-                [
-                    *(s.wsi_precision.per_metadata if s.wsi_precision else {}),
-                    *(s.wsi_relevance.per_metadata if s.wsi_relevance else {}),
-                ]
-            )
-        )
-        for m in metas:
-            p = s.wsi_precision.per_metadata.get(m) if s.wsi_precision else None
-            r = s.wsi_relevance.per_metadata.get(m) if s.wsi_relevance else None
-            lines.append(
-                f"| {m} | {_f(p.mean if p else None)} | {p.n if p else 0} | {_f(r.mean if r else None)} | {r.n if r else 0} |"
-            )
+        for m, pr in _pr_rows(s, "per_metadata"):
+            lines.append(f"| {m} | {pr} |")
         lines += ["", "### judge replies that could not be scored", ""]
         for name, agg in (("WSI-P", s.wsi_precision), ("WSI-R", s.wsi_relevance)):
             if agg is not None:

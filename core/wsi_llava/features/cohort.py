@@ -321,44 +321,31 @@ def _describe(exc: BaseException, path: Path) -> str:
 _COMPILE = True
 
 
-def _extract_one(
-    path: Path,
-    index: int,
-    rank: int,
-    encoder: Any,
-    cache: Any,
-    *,
-    device: str,
-    target_mpp: float,
-    tile_size: int,
-    mpp: float | None,
-    batch_size: int | None,
-    workers: int,
-    progress: ProgressCallback,
-    cancel: CancelToken | None,
-) -> SlideOutcome:
+@dataclass(frozen=True)
+class _Job:
+    """What every slide of one rank's run shares: the encoder, the cache, the device and the tiling."""
+
+    encoder: Any
+    cache: Any
+    device: str
+    target_mpp: float
+    tile_size: int
+    mpp: float | None
+    batch_size: int | None
+    workers: int
+    cancel: CancelToken | None
+
+
+def _extract_one(path: Path, index: int, rank: int, job: _Job, progress: ProgressCallback) -> SlideOutcome:
     from wsi_llava.features.extract import cache_key_for, extract_features
     from wsi_llava.slide import open_slide
     from wsi_llava.slide.tiling import make_tile_grid
 
     t0 = time.perf_counter()
     key = None
-    try:
-        with open_slide(path, mpp=mpp) as reader:
-            grid = make_tile_grid(reader, target_mpp=target_mpp, tile_size=tile_size)
-            key = cache_key_for(reader, grid, encoder)
-            feats = extract_features(
-                reader,
-                grid,
-                encoder,
-                cache,
-                device=device,
-                batch_size=batch_size,
-                progress=progress,
-                cancel=cancel,
-                workers=workers,
-                compile=_COMPILE if device.startswith("cuda") else None,
-            )
+    cache = job.cache
+
+    def cached(feats: Any, from_cache: bool) -> SlideOutcome:
         return SlideOutcome(
             path=str(path),
             index=index,
@@ -367,26 +354,36 @@ def _extract_one(
             n_tiles=feats.n_tiles,
             dim=feats.dim,
             cache_path=str(feats.path) if feats.path is not None else None,
-            from_cache=not feats.encoded,  # also when another process encoded it while this one waited
+            from_cache=from_cache,
             seconds=time.perf_counter() - t0,
         )
+
+    try:
+        with open_slide(path, mpp=job.mpp) as reader:
+            grid = make_tile_grid(reader, target_mpp=job.target_mpp, tile_size=job.tile_size)
+            key = cache_key_for(reader, grid, job.encoder)
+            feats = extract_features(
+                reader,
+                grid,
+                job.encoder,
+                cache,
+                device=job.device,
+                batch_size=job.batch_size,
+                progress=progress,
+                cancel=job.cancel,
+                workers=job.workers,
+                compile=_COMPILE if job.device.startswith("cuda") else None,
+            )
+        return cached(
+            feats, not feats.encoded
+        )  # from the cache also when another process encoded it meanwhile
     except Cancelled:
         raise
     except Exception as exc:  # noqa: BLE001 - one bad slide must not stop the cohort
         done = cache.get(key) if key is not None else None
         if done is not None:  # another process finished the same entry (same file under two names)
             logger.info("%s: cached concurrently by another process (%s)", path, exc)
-            return SlideOutcome(
-                path=str(path),
-                index=index,
-                rank=rank,
-                ok=True,
-                n_tiles=done.n_tiles,
-                dim=done.dim,
-                cache_path=str(done.path),
-                from_cache=True,
-                seconds=time.perf_counter() - t0,
-            )
+            return cached(done, True)
         msg = _describe(exc, path)
         logger.error("rank %d: %s: %s", rank, path, msg)
         logger.debug("traceback of the failure on %s", path, exc_info=True)
@@ -477,10 +474,9 @@ def extract_cohort(
 
         torch.cuda.set_device(torch.device(dev))
     created = _process_group(env)
+    job = _Job(encoder, cache, dev, target_mpp, tile_size, mpp, batch_size, workers, cancel)
     try:
-        return _run(
-            paths, encoder, cache, env, dev, target_mpp, tile_size, mpp, batch_size, workers, progress, cancel
-        )
+        return _run(paths, job, env, progress)
     finally:
         if created:
             import torch.distributed as dist
@@ -516,24 +512,12 @@ def _queue(
     return _SlideQueue(claim_order(weights), _default_store())
 
 
-def _run(
-    paths: list[Path],
-    encoder: Any,
-    cache: Any,
-    env: DistEnv,
-    dev: str,
-    target_mpp: float,
-    tile_size: int,
-    mpp: float | None,
-    batch_size: int | None,
-    workers: int,
-    progress: ProgressCallback,
-    cancel: CancelToken | None,
-) -> CohortReport:
+def _run(paths: list[Path], job: _Job, env: DistEnv, progress: ProgressCallback) -> CohortReport:
     tag = f"rank {env.rank}/{env.world_size}"
-    warmup_s = _warm_up(encoder, dev, batch_size, tile_size)
+    dev, cancel = job.device, job.cancel
+    warmup_s = _warm_up(job.encoder, dev, job.batch_size, job.tile_size)
     t0 = time.perf_counter()
-    slide_queue = _queue(paths, env, tile_size, target_mpp, mpp)
+    slide_queue = _queue(paths, env, job.tile_size, job.target_mpp, job.mpp)
     sizing_s = time.perf_counter() - t0
     if env.distributed:
         import torch.distributed as dist
@@ -557,21 +541,7 @@ def _run(
         def on_tiles(d: int, total: int, _msg: str, _name: str = name) -> None:
             progress(d, total, _name)
 
-        outcome = _extract_one(
-            path,
-            i,
-            env.rank,
-            encoder,
-            cache,
-            device=dev,
-            target_mpp=target_mpp,
-            tile_size=tile_size,
-            mpp=mpp,
-            batch_size=batch_size,
-            workers=workers,
-            progress=on_tiles,
-            cancel=cancel,
-        )
+        outcome = _extract_one(path, i, env.rank, job, on_tiles)
         if outcome.ok:
             logger.info(
                 "%s: %s: %d tiles in %.1f s%s",
@@ -614,7 +584,7 @@ def _run(
     return CohortReport(
         world_size=env.world_size,
         rank=env.rank,
-        encoder_id=str(getattr(encoder, "encoder_id", "")),
+        encoder_id=str(getattr(job.encoder, "encoder_id", "")),
         outcomes=outcomes,
         timings=timings,
     )

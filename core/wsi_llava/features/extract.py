@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -142,37 +143,45 @@ def _encode_into(
     progress(0, n, MESSAGE)
     with cache.write(key, n, int(encoder.embed_dim), attrs=attrs) as writer:
         writer.write_coords(grid.coords)
+        job = _Encoding(reader, grid, encoder, writer, dev, batch_size, workers, cancel, progress)
         if use_fast:
-            _extract_fast(reader, grid, encoder, writer, dev, batch_size, workers, cancel, progress, compile)
+            _extract_fast(job, compile)
         else:
-            _extract_reference(reader, grid, encoder, writer, dev, batch_size, workers, cancel, progress)
+            _extract_reference(job)
         if cancel is not None:
             cancel.raise_if_cancelled()
 
 
-def _extract_reference(
-    reader: Any,
-    grid: Any,
-    encoder: Any,
-    writer: CacheWriter,
-    dev: Any,
-    batch_size: int,
-    workers: int,
-    cancel: CancelToken | None,
-    progress: ProgressCallback,
-) -> None:
+@dataclass(frozen=True)
+class _Encoding:
+    """One slide's encoding as both pipelines see it: what to read, the encoder, where to write, how to
+    report progress (tiles done of the grid's) and when to stop."""
+
+    reader: Any
+    grid: Any
+    encoder: Any
+    writer: CacheWriter
+    dev: Any
+    batch_size: int
+    workers: int
+    cancel: CancelToken | None
+    progress: ProgressCallback
+
+
+def _extract_reference(job: _Encoding) -> None:
     """The plain loop: ``iter_tile_batches`` -> eager encoder (bf16 autocast on CUDA) -> cache writer."""
     import torch
 
     from wsi_llava.slide.tiling import iter_tile_batches
 
-    n, done = len(grid.coords), 0
+    reader, encoder, cancel = job.reader, job.encoder, job.cancel
+    n, done = len(job.grid.coords), 0
     autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+        torch.autocast("cuda", dtype=torch.bfloat16) if job.dev.type == "cuda" else contextlib.nullcontext()
     )
     with torch.inference_mode(), autocast:
         for idx, tiles in iter_tile_batches(
-            reader, grid, indices=None, batch_size=batch_size, workers=workers, cancel=cancel
+            reader, job.grid, indices=None, batch_size=job.batch_size, workers=job.workers, cancel=cancel
         ):
             if cancel is not None:
                 cancel.raise_if_cancelled()
@@ -181,48 +190,37 @@ def _extract_reference(
                 raise ModelError(
                     f"{reader.path}: tile encoder {encoder.encoder_id} produced non-finite features"
                 )
-            writer.write(idx, feats)
+            job.writer.write(idx, feats)
             done += len(idx)
-            progress(done, n, MESSAGE)
+            job.progress(done, n, MESSAGE)
 
 
-def _extract_fast(
-    reader: Any,
-    grid: Any,
-    encoder: Any,
-    writer: CacheWriter,
-    dev: Any,
-    batch_size: int,
-    workers: int,
-    cancel: CancelToken | None,
-    progress: ProgressCallback,
-    compile: bool | None,
-) -> None:
+def _extract_fast(job: _Encoding, compile: bool | None) -> None:
     """The overlapped pipeline (:func:`wsi_llava.features.fast_extract.run_fast_pipeline`)."""
     from wsi_llava.features.fast import fast_encoder
     from wsi_llava.features.fast_extract import run_fast_pipeline
 
-    n = len(grid.coords)
+    n = len(job.grid.coords)
     done = [0]
 
     def on_batch(k: int) -> None:
         done[0] += k
-        progress(done[0], n, MESSAGE)
+        job.progress(done[0], n, MESSAGE)
 
-    fenc = fast_encoder(encoder, dev, compile=compile)
+    fenc = fast_encoder(job.encoder, job.dev, compile=compile)
     stats = run_fast_pipeline(
-        reader,
-        grid,
+        job.reader,
+        job.grid,
         fenc,
-        writer.write,
-        batch_size=batch_size,
-        workers=workers,
-        cancel=cancel,
+        job.writer.write,
+        batch_size=job.batch_size,
+        workers=job.workers,
+        cancel=job.cancel,
         on_batch=on_batch,
     )
     logger.info(
         "%s: fast featurization: %d tiles from JPEG streams, %d through the reader, compiled encoder: %s%s",
-        reader.path,
+        job.reader.path,
         stats.direct_tiles,
         stats.reader_tiles,
         fenc.compiled,

@@ -88,11 +88,9 @@ def _shape(x: object) -> tuple[int, ...]:
     return tuple(x.shape) if hasattr(x, "shape") else tuple(x)  # type: ignore[arg-type, attr-defined]
 
 
-def check_fits(own: dict[str, object], sd: dict[str, object], path: Path, what: str) -> None:
-    """Raise ``ModelError`` naming a few missing, unexpected or mis-shaped keys when ``sd`` does not fit.
-
-    Values are tensors or shapes, so the check also runs on headers alone.
-    """
+def misfit(own: dict[str, object], sd: dict[str, object]) -> list[str]:
+    """How the weights ``sd`` miss the layout ``own``: a few missing, unexpected and mis-shaped keys
+    (one phrase each kind); empty when they fit. Values are tensors or shapes (headers alone do)."""
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     shapes = [
@@ -100,12 +98,18 @@ def check_fits(own: dict[str, object], sd: dict[str, object], path: Path, what: 
         for k, v in own.items()
         if k in sd and _shape(sd[k]) != _shape(v)
     ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:4])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:4])})")
-        if shapes:
-            parts.append(f"{len(shapes)} mis-shaped (e.g. {'; '.join(shapes[:3])})")
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:4])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:4])})")
+    if shapes:
+        parts.append(f"{len(shapes)} mis-shaped (e.g. {'; '.join(shapes[:3])})")
+    return parts
+
+
+def check_fits(own: dict[str, object], sd: dict[str, object], path: Path, what: str) -> None:
+    """Raise ``ModelError`` naming a few missing, unexpected or mis-shaped keys when ``sd`` does not fit."""
+    parts = misfit(own, sd)
+    if parts:
         raise ModelError(f"{path}: weights do not fit the {what}: {'; '.join(parts)}")

@@ -582,21 +582,10 @@ def _expected_shapes(config: Any) -> dict[str, Shape]:
 
 
 def _match_llama(llm: dict[str, Shape], expected: dict[str, Shape], source: str, cfg: Any) -> None:
-    missing = set(expected) - set(llm)
-    unexpected = set(llm) - set(expected)
-    wrong = {k for k in set(llm) & set(expected) if tuple(llm[k]) != expected[k]}
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {_few(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {_few(unexpected)}")
-        if wrong:
-            parts.append(
-                "wrong shape "
-                + ", ".join(f"{k} {tuple(llm[k])} (config: {expected[k]})" for k in sorted(wrong)[:4])
-                + (f" (+{len(wrong) - 4} more)" if len(wrong) > 4 else "")
-            )
+    from wsi_llava.features.weights import misfit
+
+    parts = misfit(expected, llm)  # type: ignore[arg-type]
+    if parts:
         raise ModelError(
             f"{source}: weights do not fit the Llama config (hidden_size {cfg.hidden_size}, "
             f"{cfg.num_hidden_layers} layers, vocab_size {cfg.vocab_size}): {'; '.join(parts)}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Required, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -56,6 +56,10 @@ class ModelReport(BaseModel):
     folder: str | None = None
     parts: list[PartReport] = Field(default_factory=list)
     widths: list[str] = Field(default_factory=list)
+
+    def add(self, part: str, source: str, path: str | Path, summary: str) -> None:
+        """Record one checked part."""
+        self.parts.append(PartReport(part=part, source=source, path=str(path), summary=summary))
 
 
 class LanguageInfo(BaseModel):
@@ -190,6 +194,17 @@ def _slide_encoder_config(path: Path, lang: LanguageInfo) -> Any:
     return gigapath_config(path, n_tokens=576, pad_to=lang.projector_in, head=None)
 
 
+class PartSources(TypedDict, total=False):
+    """The parts a model is made of, as :func:`assemble_spec` and ``registry.add_model`` take them."""
+
+    llava: Required[str | Path]
+    tile_encoder: Required[str | Path]
+    llava_base: str | Path | None
+    slide_encoder: str | Path | None
+    tile_encoder_args: dict[str, Any] | None
+    template: str | None
+
+
 def assemble_spec(
     name: str,
     *,
@@ -219,14 +234,12 @@ def assemble_spec(
     te_path = resolve_source(te_src, "tile encoder")
     tile = inspect_folder(te_path, tile_encoder_args)
     prep = tile.preprocessing
-    report.parts.append(
-        PartReport(
-            part="tile encoder",
-            source=te_src,
-            path=str(te_path),
-            summary=f"{tile.architecture}, {tile.n_params:,} parameters, {tile.embed_dim}-d, "
-            f"{prep.input_size} px (resize {prep.resize_size}, {prep.interpolation})",
-        )
+    report.add(
+        "tile encoder",
+        te_src,
+        te_path,
+        f"{tile.architecture}, {tile.n_params:,} parameters, {tile.embed_dim}-d, "
+        f"{prep.input_size} px (resize {prep.resize_size}, {prep.interpolation})",
     )
     try:
         se_path = resolve_source(se_src, "slide encoder")
@@ -235,26 +248,16 @@ def assemble_spec(
             raise
         raise ModelError(f"{e}; pass --slide-encoder FILE (Prov-GigaPath's slide_encoder.pth)") from None
     se_cfg = _slide_encoder_config(se_path, lang)
-    report.parts.append(
-        PartReport(
-            part="slide encoder",
-            source=se_src,
-            path=str(se_path),
-            summary=f"LongNet {se_cfg.depth} layers x {se_cfg.embed_dim}, input {se_cfg.in_dim}-d, "
-            f"{se_cfg.n_tokens} tokens, zero-padded to {se_cfg.out_dim}",
-        )
+    report.add(
+        "slide encoder",
+        se_src,
+        se_path,
+        f"LongNet {se_cfg.depth} layers x {se_cfg.embed_dim}, input {se_cfg.in_dim}-d, "
+        f"{se_cfg.n_tokens} tokens, zero-padded to {se_cfg.out_dim}",
     )
-    report.parts.append(
-        PartReport(
-            part="LLaVA", source=llava_src, path=str(resolve_source(llava_src, "LLaVA")), summary=lang.summary
-        )
-    )
+    report.add("LLaVA", llava_src, resolve_source(llava_src, "LLaVA"), lang.summary)
     if base_src:
-        report.parts.append(
-            PartReport(
-                part="LLaVA base", source=base_src, path=str(resolve_source(base_src)), summary="base LLM"
-            )
-        )
+        report.add("LLaVA base", base_src, resolve_source(base_src), "base LLM")
     problems = []
     if tile.embed_dim != se_cfg.in_dim:
         problems.append(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from wsi_llava.errors import ModelError, WsiLlavaError
@@ -197,14 +197,15 @@ def build_prompt(template: str, tokenizer: Any, question: str, answer: str | Non
     if template == "chat":
         end = chat_end_of_turn(tokenizer)
         end_ids = [end] if end is not None else []
+    prompt = PromptParts(
+        input_ids=prompt_ids,
+        prompt_len=len(prompt_ids),
+        text=text,
+        stop_strings=stops,
+        stop_token_ids=end_ids,
+    )
     if answer is None:
-        return PromptParts(
-            input_ids=prompt_ids,
-            prompt_len=len(prompt_ids),
-            text=text,
-            stop_strings=stops,
-            stop_token_ids=end_ids,
-        )
+        return prompt
     answer = strip_control_tokens(tokenizer, check_text(answer, "answer"), "answer").strip()
     if not answer:
         raise WsiLlavaError("answer is empty")
@@ -219,13 +220,5 @@ def build_prompt(template: str, tokenizer: Any, question: str, answer: str | Non
     ends = {*end_ids, *([eos_id] if eos_id is not None else [])}
     if eos_id is not None and (not answer_ids or answer_ids[-1] not in ends):
         answer_ids.append(eos_id)
-    input_ids = [*prompt_ids, *answer_ids]
     labels = [IGNORE_INDEX] * len(prompt_ids) + list(answer_ids)
-    return PromptParts(
-        input_ids=input_ids,
-        prompt_len=len(prompt_ids),
-        text=text,
-        labels=labels,
-        stop_strings=stops,
-        stop_token_ids=end_ids,
-    )
+    return replace(prompt, input_ids=[*prompt_ids, *answer_ids], labels=labels)

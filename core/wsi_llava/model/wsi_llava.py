@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from torch import nn
 from wsi_llava.errors import ModelError
 from wsi_llava.model import evidence, generation
 from wsi_llava.model.build import build_tile_encoder, tile_encoder_id
-from wsi_llava.model.generation import CancelLike, GenerationResult
+from wsi_llava.model.generation import GenerationResult
 from wsi_llava.model.spec import GenerationSpec, ModelSpec
 from wsi_llava.model.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX, PromptParts, build_prompt
 
@@ -362,31 +362,8 @@ class WSILlava(nn.Module):
         """Free the fast decoder's KV buffers and CUDA graph now (the next :meth:`stream` rebuilds them)."""
         self._fast = None
 
-    def stream(
-        self,
-        question: str,
-        visual_tokens: torch.Tensor,
-        *,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        no_repeat_ngram_size: int | None = None,
-        seed: int | None = None,
-        cancel: CancelLike = None,
-    ) -> Iterator[str]:
-        """Answer ``question`` about ``visual_tokens``, yielding text as it is decoded (see
-        :func:`generation.stream`); ``self.last_generation`` holds the result afterwards."""
-        return generation.stream(
-            self,
-            question,
-            visual_tokens,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-            seed=seed,
-            cancel=cancel,
-        )
+    #: ``model.stream(question, visual_tokens, ...)``: the decode loop of :mod:`.generation`, as a method
+    stream = generation.stream
 
     def generate_text(self, question: str, visual_tokens: torch.Tensor, **kwargs: Any) -> str:
         """The whole answer at once (drains :meth:`stream`)."""

@@ -10,6 +10,7 @@ import logging
 import math
 import numbers
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -24,6 +25,20 @@ logger = logging.getLogger(__name__)
 PLAUSIBLE_MPP = (0.05, 50.0)
 #: the range an explicit ``--mpp`` may give (a warning outside the plausible range, refused beyond this)
 HARD_MPP = (0.001, 1000.0)
+
+
+def native_mpp_problem(native: float | None, source: Callable[[], str]) -> str | None:
+    """What is wrong with the µm/px a file records (``native``; ``source()`` names where it was read), or
+    None when it is a plausible slide scan's."""
+    if native is None or not (native > 0 and math.isfinite(native)):
+        return "the file records no microns per pixel (µm/px)"
+    lo, hi = PLAUSIBLE_MPP
+    if not lo <= native <= hi:
+        return (
+            f"{native:.4g} µm/px read from {source()} is outside the {lo:g}–{hi:g} µm/px of a slide scan "
+            "(wrong metadata?)"
+        )
+    return None
 
 
 def check_mpp_override(mpp: object, path: str | Path, warn: bool = True) -> float | None:
@@ -134,18 +149,17 @@ class BaseSlideReader(ABC):
         if self._mpp_override is not None:
             return self._mpp_override
         native = self._native_mpp()
-        if native is None or not (native > 0 and math.isfinite(native)):
-            raise SlideError(
-                f"{self.path}: the file records no microns per pixel (µm/px); "
-                "pass it explicitly, e.g. --mpp 0.5"
-            )
-        lo, hi = PLAUSIBLE_MPP
-        if not lo <= native <= hi:
-            raise SlideError(
-                f"{self.path}: {native:.4g} µm/px read from {self._mpp_source()} is outside the {lo:g}–{hi:g} "
-                "µm/px of a slide scan (wrong metadata?); pass the true value, e.g. --mpp 0.5"
-            )
-        return float(native)
+        problem = native_mpp_problem(native, self._mpp_source)
+        if problem is not None:
+            raise SlideError(f"{self.path}: {problem}; pass the slide's true µm/px, e.g. --mpp 0.5")
+        return float(native)  # type: ignore[arg-type]
+
+    def mpp_problem(self) -> str | None:
+        """Why the file's own µm/px cannot be used (none recorded, or outside the plausible range), for a
+        front end to say in its own words what to do; None when :attr:`mpp` is known."""
+        if self._mpp_override is not None:
+            return None
+        return native_mpp_problem(self._native_mpp(), self._mpp_source)
 
     @property
     def has_mpp(self) -> bool:
@@ -221,3 +235,31 @@ class BaseSlideReader(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, dims={self.dimensions}, levels={self.level_count})"
+
+
+class StoredLevelsReader(BaseSlideReader):
+    """A backend that learns its pyramid once, on opening: :meth:`_set_levels` stores the level sizes
+    (refusing a slide without pixels) and the two level properties serve them."""
+
+    _level_dimensions: tuple[tuple[int, int], ...] = ()
+    _level_downsamples: tuple[float, ...] = ()
+
+    def _set_levels(
+        self, dims: Sequence[tuple[int, int]], downsamples: Sequence[float] | None = None
+    ) -> None:
+        """Store the ``(width, height)`` of each level and its downsample (default: from the sizes)."""
+        if not dims or min(dims[0]) < 1:
+            raise SlideError(f"{self.path}: the slide has no pixels")
+        self._level_dimensions = tuple((int(w), int(h)) for w, h in dims)
+        w0, h0 = self._level_dimensions[0]
+        if downsamples is None:
+            downsamples = [(w0 / w + h0 / h) / 2.0 for w, h in self._level_dimensions]
+        self._level_downsamples = tuple(float(d) for d in downsamples)
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self._level_dimensions
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self._level_downsamples

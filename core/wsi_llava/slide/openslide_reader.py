@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_llava.errors import SlideError
-from wsi_llava.slide.base import BaseSlideReader
+from wsi_llava.slide.base import StoredLevelsReader
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def rgba_to_rgb_white(rgba: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-class OpenSlideReader(BaseSlideReader):
+class OpenSlideReader(StoredLevelsReader):
     """A slide read through openslide-python (libopenslide from openslide-bin)."""
 
     reader_name = "openslide"
@@ -40,18 +40,7 @@ class OpenSlideReader(BaseSlideReader):
             raise SlideError(f"{self.path}: OpenSlide does not recognise this file format") from None
         except self._errors as e:
             raise SlideError(f"{self.path}: OpenSlide cannot open the file: {e}") from None
-        self._level_dimensions = tuple((int(w), int(h)) for w, h in self._slide.level_dimensions)
-        self._level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
-        if not self._level_dimensions or min(self._level_dimensions[0]) < 1:
-            raise SlideError(f"{self.path}: the slide has no pixels")
-
-    @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return self._level_dimensions
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]:
-        return self._level_downsamples
+        self._set_levels(self._slide.level_dimensions, self._slide.level_downsamples)
 
     @property
     def properties(self) -> dict[str, str]:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from wsi_llava.errors import SlideError
-from wsi_llava.slide.base import BaseSlideReader
+from wsi_llava.slide.base import StoredLevelsReader
 from wsi_llava.slide.openslide_reader import rgba_to_rgb_white
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def _resolution_mpp(page: Any) -> tuple[float | None, str]:
     return None, source  # unit NONE: no physical meaning
 
 
-class TiffReader(BaseSlideReader):
+class TiffReader(StoredLevelsReader):
     """A pyramidal TIFF read with tifffile; each level is a lazily decoded zarr array."""
 
     reader_name = "tifffile"
@@ -128,12 +128,12 @@ class TiffReader(BaseSlideReader):
         except SlideError:
             self._tif.close()
             raise
-        if not dims or min(dims[0]) < 1:
+        try:
+            self._set_levels(dims)
+        except SlideError:
             self._tif.close()
-            raise SlideError(f"{self.path}: the slide has no pixels")
-        self._level_dimensions = tuple(dims)
+            raise
         w0, h0 = dims[0]
-        self._level_downsamples = tuple((w0 / w + h0 / h) / 2.0 for w, h in dims)
         self._level_scale = tuple((w0 / w, h0 / h) for w, h in dims)
         # direct tile decoding (pread + tifffile's decoder) skips zarr's per-chunk overhead, ~3x faster
         self._direct = [self._direct_page(level) for level in series.levels]
@@ -227,14 +227,6 @@ class TiffReader(BaseSlideReader):
         return keep, kept
 
     # --- contract ------------------------------------------------------------------------------
-    @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return self._level_dimensions
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]:
-        return self._level_downsamples
-
     @property
     def axes(self) -> str:
         """Axes of the arrays from :meth:`level_arrays` after dropping singleton axes (e.g. ``YXS``)."""

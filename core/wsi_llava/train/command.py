@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from wsi_llava.clickutil import cache_option
 from wsi_llava.errors import WsiLlavaError
 from wsi_llava.features.feature_stats import DEFAULT_QUANTILE, DEFAULT_SLIDE_FRACTION
 
@@ -34,18 +35,14 @@ def _run(
     from wsi_llava.train.loop import init_dist
 
     d = init_dist(device)
+    runner: Callable[..., Path]
     if stage == "tiles":
-        from wsi_llava.train.tiles import run_tile_stage
-
-        final = run_tile_stage(cfg, out_dir, d, resume=resume, stop_after=stop_after, config_path=str(config))
+        from wsi_llava.train.tiles import run_tile_stage as runner
     elif stage == "stage1":
-        from wsi_llava.train.stage1 import run_stage1
-
-        final = run_stage1(cfg, out_dir, d, resume=resume, stop_after=stop_after, config_path=str(config))
+        from wsi_llava.train.stage1 import run_stage1 as runner
     else:
-        from wsi_llava.train.lm import run_lm_stage
-
-        final = run_lm_stage(cfg, out_dir, d, resume=resume, stop_after=stop_after, config_path=str(config))
+        from wsi_llava.train.lm import run_lm_stage as runner
+    final = runner(cfg, out_dir, d, resume=resume, stop_after=stop_after, config_path=str(config))
     if d.main:
         click.echo(
             f"{stage}: done; checkpoint {final}"
@@ -94,7 +91,7 @@ def train_command() -> None:
 @click.option("--weights", type=click.Path(path_type=Path), help="Tile encoder weights (default: built-in).")
 @click.option("--tile-size", default=256, show_default=True)
 @click.option("--mpp", "target_mpp", default=0.5, show_default=True, help="Target resolution of the tiles.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), help="Feature cache root.")
+@cache_option("Cache folder of the tile features (default ~/.cache/wsi-llava), as on ask.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--batch-size", default=64, show_default=True)
 def prepare_command(
@@ -104,7 +101,7 @@ def prepare_command(
     weights: Path | None,
     tile_size: int,
     target_mpp: float,
-    cache_dir: Path | None,
+    cache: Path | None,
     device: str,
     batch_size: int,
 ) -> None:
@@ -119,7 +116,7 @@ def prepare_command(
         weights=weights,
         target_mpp=target_mpp,
         tile_size=tile_size,
-        cache_dir=cache_dir,
+        cache_dir=cache,
         device=device,
         batch_size=batch_size,
     )

@@ -9,10 +9,9 @@ across ranks (``sharding.shard_lm``) before the optimizer is built.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +19,16 @@ import torch.nn.functional as F
 from wsi_llava.model.templates import IGNORE_INDEX
 from wsi_llava.train.config import Stage2Config, Stage3Config, TrainError
 from wsi_llava.train.data import Sample, TrainData, load_train_data
-from wsi_llava.train.loop import Dist, Task, count_params, named_trainable, seed_everything, train_loop
+from wsi_llava.train.loop import (
+    Dist,
+    RunArgs,
+    Task,
+    autocast_for,
+    count_params,
+    named_trainable,
+    seed_everything,
+    train_loop,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -180,10 +188,7 @@ def run_lm_stage(
     cfg: Stage2Config | Stage3Config,
     out: Path,
     d: Dist,
-    *,
-    resume: bool = False,
-    stop_after: int | None = None,
-    config_path: str | None = None,
+    **run: Unpack[RunArgs],
 ) -> Path:
     """Train stage 2 or 3 and save the model (our checkpoint format) to ``out/final``."""
     from wsi_llava.model.checkpoint import save_checkpoint
@@ -255,11 +260,6 @@ def run_lm_stage(
     pad_id = model.tokenizer.pad_token_id
     if pad_id is None:
         pad_id = model.tokenizer.eos_token_id or 0
-    use_bf16 = cfg.train.bf16 and d.device.type == "cuda"
-
-    def autocast() -> Any:
-        return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-
     by_token = cfg.loss_weighting == "token"
 
     def loss_sum(idx: list[int]) -> torch.Tensor:
@@ -291,13 +291,11 @@ def run_lm_stage(
         param_groups=groups,
         count=lambda m: float(sum(tok.n_answer[i] if by_token else tok.n_answer[i] > 0 for i in m)),
         loss_sum=loss_sum,
-        autocast=autocast,
+        autocast=autocast_for(cfg.train, d),
         train_mode=train_mode,
         fsdp=parts,
     )
-    result = train_loop(
-        task, cfg.train, cfg.optim, out, d, resume=resume, stop_after=stop_after, config_path=config_path
-    )
+    result = train_loop(task, cfg.train, cfg.optim, out, d, **run)
     final = out / "final"
     if not result["stopped_early"]:
         model.eval()

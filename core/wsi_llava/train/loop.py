@@ -17,6 +17,7 @@ optimizer state of a checkpoint go to ``step_NNNNNNN/dcp/`` (sharded, one file p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import json
@@ -31,7 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -278,6 +279,21 @@ class Task:
     autocast: Callable[[], Any]
     train_mode: Callable[[], None] = lambda: None
     fsdp: Any = None  # the FSDP root module (``sharding.LmParts``) under train.strategy fsdp
+
+
+class RunArgs(TypedDict, total=False):
+    """How a stage runs: the keyword arguments every ``run_*`` stage passes on to :func:`train_loop`."""
+
+    resume: bool
+    stop_after: int | None
+    config_path: str | None
+
+
+def autocast_for(loop: LoopConfig, d: Dist) -> Callable[[], Any]:
+    """The task's autocast factory: bf16 on CUDA when ``train.bf16`` is on, else none."""
+    if loop.bf16 and d.device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
 def _oom_message(stage: str, loop: LoopConfig, config_path: str | None, step: int) -> str:

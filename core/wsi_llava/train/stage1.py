@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ from torch import nn
 from wsi_llava.train.config import Stage1Config, TrainError
 from wsi_llava.train.data import TrainData, load_train_data
 from wsi_llava.train.lm import check_pack_encoder
-from wsi_llava.train.loop import Dist, Task, named_trainable, seed_everything, train_loop
+from wsi_llava.train.loop import Dist, RunArgs, Task, named_trainable, seed_everything, train_loop
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,64 @@ def contrastive_loss(
     return 0.5 * (
         torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
         + torch.sum(-target.T * F.log_softmax(logits.T, 1), 1).mean()
+    )
+
+
+def encode_texts(text: TextEncoder, texts: list[str]) -> torch.Tensor:
+    """Frozen embeddings of ``texts`` (no gradients), 64 at a time."""
+    with torch.no_grad():
+        return torch.cat([text(texts[i : i + 64]) for i in range(0, len(texts), 64)])
+
+
+def contrastive_heads(
+    widths: dict[str, int], embed_dim: int, init_temperature: float, device: Any
+) -> tuple[nn.ModuleDict, nn.Module]:
+    """A linear map per side (name -> input width) into the shared space, and a module holding the
+    learnable ``logit_scale`` (log of 1 / ``init_temperature``)."""
+    heads = nn.ModuleDict({k: nn.Linear(w, embed_dim) for k, w in widths.items()}).to(device)
+    holder = nn.Module()
+    holder.logit_scale = nn.Parameter(
+        torch.tensor(float(torch.log(torch.tensor(1.0 / init_temperature))), device=device)
+    )
+    return heads, holder
+
+
+def save_heads(heads: nn.ModuleDict, logit_scale: torch.Tensor, path: Path) -> None:
+    """The heads (``heads.<side>.*``) and the temperature (``logit_scale``) as one safetensors file."""
+    from safetensors.torch import save
+
+    from wsi_llava.atomic import atomic_write_bytes
+
+    tensors = {f"heads.{k}": v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}
+    tensors["logit_scale"] = logit_scale.detach().cpu().reshape(1)
+    atomic_write_bytes(path, save(tensors))
+
+
+def contrastive_task(
+    stage: str,
+    what: str,
+    n_pairs: int,
+    trainable: dict[str, nn.Parameter],
+    lr: float,
+    batch_size: int,
+    loss_sum: Callable[[list[int]], torch.Tensor],
+    *,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+    train_mode: Callable[[], None] | None = None,
+) -> Task:
+    """The loop's view of a contrastive stage: one parameter group, every pair counts once, and a batch
+    needs two pairs or more (``what`` names the stage in that error)."""
+    if batch_size < 2:
+        raise TrainError(f"{what} (contrastive) needs train.batch_size >= 2")
+    return Task(
+        stage=stage,
+        lengths=[1] * n_pairs,
+        trainable=trainable,
+        param_groups=[{"params": list(trainable.values()), "lr": lr}],
+        count=lambda m: 1.0,
+        loss_sum=loss_sum,
+        autocast=autocast,
+        train_mode=train_mode or (lambda: None),
     )
 
 
@@ -173,15 +232,7 @@ def report_pairs(data: TrainData) -> list[tuple[str, str]]:
     return pairs
 
 
-def run_stage1(
-    cfg: Stage1Config,
-    out: Path,
-    d: Dist,
-    *,
-    resume: bool = False,
-    stop_after: int | None = None,
-    config_path: str | None = None,
-) -> Path:
+def run_stage1(cfg: Stage1Config, out: Path, d: Dist, **run: Unpack[RunArgs]) -> Path:
     """Train stage 1 and save the checkpoint (slide encoder + heads) to ``out/final``."""
     from wsi_llava.model.checkpoint import save_checkpoint
 
@@ -197,21 +248,11 @@ def run_stage1(
     text.train(cfg.train_text_encoder)
     text.requires_grad_(cfg.train_text_encoder)
     texts = [r for _, r in pairs]
-    cached = None
-    if not cfg.train_text_encoder:
-        with torch.no_grad():
-            cached = torch.cat([text(texts[i : i + 64]) for i in range(0, len(texts), 64)])
-    heads = nn.ModuleDict(
-        {
-            "slide": nn.Linear(se.config.embed_dim, cfg.embed_dim),
-            "text": nn.Linear(text.dim, cfg.embed_dim),
-        }
-    ).to(d.device)
-    logit_scale = nn.Parameter(
-        torch.tensor(float(torch.log(torch.tensor(1.0 / cfg.init_temperature))), device=d.device)
+    cached = None if cfg.train_text_encoder else encode_texts(text, texts)
+    heads, holder = contrastive_heads(
+        {"slide": se.config.embed_dim, "text": text.dim}, cfg.embed_dim, cfg.init_temperature, d.device
     )
-    holder = nn.Module()
-    holder.logit_scale = logit_scale
+    logit_scale = holder.logit_scale
     modules = {"slide_encoder": se, "heads": heads, "temp": holder}
     if cfg.train_text_encoder:
         modules["text_encoder"] = text.model
@@ -238,20 +279,10 @@ def run_stage1(
         )
         return contrastive_loss(embed_slides(idx), embed_texts(idx), same, logit_scale)
 
-    task = Task(
-        stage="stage1",
-        lengths=[1] * len(pairs),
-        trainable=trainable,
-        param_groups=[{"params": list(trainable.values()), "lr": cfg.optim.lr}],
-        count=lambda m: 1.0,
-        loss_sum=loss_sum,
-        autocast=contextlib.nullcontext,
+    task = contrastive_task(
+        "stage1", "stage 1", len(pairs), trainable, cfg.optim.lr, cfg.train.batch_size, loss_sum
     )
-    if cfg.train.batch_size < 2:
-        raise TrainError("stage 1 (contrastive) needs train.batch_size >= 2")
-    result = train_loop(
-        task, cfg.train, cfg.optim, out, d, resume=resume, stop_after=stop_after, config_path=config_path
-    )
+    result = train_loop(task, cfg.train, cfg.optim, out, d, **run)
     final = out / "final"
     if result["stopped_early"]:
         return final
@@ -281,11 +312,7 @@ def run_stage1(
             checkpoint_dir=checkpoint_dir,
         )
         save_checkpoint(model, final)
-        from safetensors.torch import save_file
-
-        tensors = {f"heads.{k}": v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}
-        tensors["logit_scale"] = logit_scale.detach().cpu().reshape(1)
-        save_file(tensors, str(final / HEADS_FILE))
+        save_heads(heads, logit_scale, final / HEADS_FILE)
         (final / "stage1_metrics.json").write_text(
             f'{{"train_retrieval_top1": {top1:.4f}, "final_loss": {result["last_loss"]:.6f}}}\n',
             encoding="utf-8",

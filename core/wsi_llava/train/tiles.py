@@ -9,20 +9,27 @@ temperature, identical descriptions count as positives). The result is one weigh
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from wsi_llava.train.config import TileStageConfig, TrainError
-from wsi_llava.train.loop import Dist, Task, named_trainable, seed_everything, train_loop
-from wsi_llava.train.stage1 import TextEncoder, contrastive_loss, resolve_text_encoder
+from wsi_llava.train.loop import Dist, RunArgs, autocast_for, named_trainable, seed_everything, train_loop
+from wsi_llava.train.stage1 import (
+    TextEncoder,
+    contrastive_heads,
+    contrastive_loss,
+    contrastive_task,
+    encode_texts,
+    resolve_text_encoder,
+    save_heads,
+)
 from wsi_llava.train.tile_pack import TileTextData, load_tile_packs
 
 logger = logging.getLogger(__name__)
@@ -91,19 +98,10 @@ def _text_features(cfg: TileStageConfig, data: TileTextData) -> torch.Tensor:
     }:
         return data.text_features.float()
     text = TextEncoder(resolve_text_encoder(cfg.text_encoder), cfg.text_max_length).eval()
-    with torch.no_grad():
-        return torch.cat([text(data.texts[i : i + 64]) for i in range(0, len(data.texts), 64)]).float()
+    return encode_texts(text, data.texts).float()
 
 
-def run_tile_stage(
-    cfg: TileStageConfig,
-    out: Path,
-    d: Dist,
-    *,
-    resume: bool = False,
-    stop_after: int | None = None,
-    config_path: str | None = None,
-) -> Path:
+def run_tile_stage(cfg: TileStageConfig, out: Path, d: Dist, **run: Unpack[RunArgs]) -> Path:
     """Train the tile encoder on tile-text pairs; save ``out/final/tile_encoder.safetensors`` + metrics."""
     from safetensors.torch import save_file
 
@@ -128,19 +126,14 @@ def run_tile_stage(
         )
     encoder.requires_grad_(True)
     text_feats = _text_features(cfg, data).to(d.device)
-    heads = nn.ModuleDict(
-        {
-            "tile": nn.Linear(encoder.embed_dim, cfg.embed_dim),
-            "text": nn.Linear(text_feats.shape[1], cfg.embed_dim),
-        }
-    ).to(d.device)
-    holder = nn.Module()
-    holder.logit_scale = nn.Parameter(
-        torch.tensor(float(torch.log(torch.tensor(1.0 / cfg.init_temperature))), device=d.device)
+    heads, holder = contrastive_heads(
+        {"tile": encoder.embed_dim, "text": text_feats.shape[1]},
+        cfg.embed_dim,
+        cfg.init_temperature,
+        d.device,
     )
     trainable = named_trainable({"tile_encoder": encoder.model, "heads": heads, "temp": holder})
     text_ids = torch.tensor(data.text_ids)
-    use_bf16 = cfg.train.bf16 and d.device.type == "cuda"
 
     def loss_sum(micro: list[int]) -> torch.Tensor:
         sel = [train_idx[i] for i in micro]
@@ -153,23 +146,18 @@ def run_tile_stage(
         same = (ids[:, None] == ids[None, :]).float()
         return contrastive_loss(zt, zx, same, holder.logit_scale)
 
-    task = Task(
-        stage="tiles",
-        lengths=[1] * len(train_idx),
-        trainable=trainable,
-        param_groups=[{"params": list(trainable.values()), "lr": cfg.optim.lr}],
-        count=lambda m: 1.0,
-        loss_sum=loss_sum,
-        autocast=(lambda: torch.autocast("cuda", dtype=torch.bfloat16))
-        if use_bf16
-        else contextlib.nullcontext,
+    task = contrastive_task(
+        "tiles",
+        "tile-text alignment",
+        len(train_idx),
+        trainable,
+        cfg.optim.lr,
+        cfg.train.batch_size,
+        loss_sum,
+        autocast=autocast_for(cfg.train, d),
         train_mode=lambda: encoder.train(),
     )
-    if cfg.train.batch_size < 2:
-        raise TrainError("tile-text alignment (contrastive) needs train.batch_size >= 2")
-    result = train_loop(
-        task, cfg.train, cfg.optim, out, d, resume=resume, stop_after=stop_after, config_path=config_path
-    )
+    result = train_loop(task, cfg.train, cfg.optim, out, d, **run)
     final = out / "final"
     if result["stopped_early"] or not d.main:
         return final
@@ -196,8 +184,6 @@ def run_tile_stage(
     final.mkdir(parents=True, exist_ok=True)
     encoder.cpu().float()
     save_file(_state(encoder), str(final / TILE_ENCODER_FILE))
-    tensors = {f"heads.{k}": v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}
-    tensors["logit_scale"] = holder.logit_scale.detach().cpu().reshape(1)
-    save_file(tensors, str(final / HEADS_FILE))
+    save_heads(heads, holder.logit_scale, final / HEADS_FILE)
     (final / METRICS_FILE).write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
     return final

@@ -1,9 +1,11 @@
+package qupath.lib.gui.scripting
+
 import groovy.json.JsonOutput
 import groovy.json.JsonSlurper
 import qupath.lib.objects.PathObject
 
-/** Base class standing in for QuPath's default QPEx imports, over the state file $FAKE_QUPATH_STATE. */
-abstract class FakeQP extends Script {
+/** Stub of QuPath's QPEx static methods the scripts call, over a state file (see run_script.groovy). */
+class QPEx {
     static Map state
     static List<PathObject> objects = []
     static Set<UUID> selected = [] as Set
@@ -35,7 +37,7 @@ abstract class FakeQP extends Script {
             child.parent?.children?.remove(child)
             child.parent = parent
             parent?.children?.add(child)
-            if (!FakeQP.objects.contains(child)) FakeQP.objects << child
+            if (!QPEx.objects.contains(child)) QPEx.objects << child
             return true
         }
 
@@ -45,27 +47,27 @@ abstract class FakeQP extends Script {
                 new ArrayList<PathObject>(o.children).each {
                     if (keepChildren) addObjectBelowParent(o.parent, it, false) else removeObjects([it], false)
                 }
-                FakeQP.objects.remove(o)
+                QPEx.objects.remove(o)
                 o.parent = null
             }
         }
     }
 
-    def getCurrentHierarchy() { new FakeHierarchy() }
+    static def getCurrentHierarchy() { new FakeHierarchy() }
 
-    def getCurrentImageData() {
+    static def getCurrentImageData() {
         if (state.uri == null) return null
         def server = [getURIs: { -> [new URI(state.uri as String)] }]
         return [getServer: { -> server }]
     }
 
-    List<PathObject> getSelectedObjects() { objects.findAll { selected.contains(it.getID()) } }
+    static List<PathObject> getSelectedObjects() { objects.findAll { selected.contains(it.getID()) } }
 
-    boolean exportSelectedObjectsToGeoJson(String path, String... options) {
+    static boolean exportSelectedObjectsToGeoJson(String path, String... options) {
         def fc = [type: "FeatureCollection", features: getSelectedObjects().collect { it.toFeature() }]
         new File(path).text = JsonOutput.toJson(fc)
         return true
     }
 
-    void fireHierarchyUpdate() { updates++ }
+    static void fireHierarchyUpdate() { updates++ }
 }
