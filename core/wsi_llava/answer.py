@@ -19,7 +19,8 @@ class Evidence(BaseModel):
         default_factory=list, description="tile top-left, level-0 px (x, y)"
     )
     scores: list[float] = Field(
-        default_factory=list, description="relevance to the answer (not a diagnosis), sums to 1 over the tiles"
+        default_factory=list,
+        description="relevance to the answer (not a diagnosis), sums to 1 over the tiles",
     )
     tile_size: int = Field(0, description="tile edge in level-0 px")
     method: str = "integrated gradients of the answer's log-probability w.r.t. tile features"
