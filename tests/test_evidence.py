@@ -115,3 +115,17 @@ def test_evidence_needs_a_slide_encoder_and_steps(session):
     finally:
         model.slide_encoder = encoder
     assert evidence.tile_attributions(model, Q, x, c, tile, []).tolist() == [0.0] * len(x)
+
+
+def test_recomputed_layers_give_the_same_attributions(session, monkeypatch):
+    """The CUDA memory path (LongNet and LLM layers recomputed in the backward) changes no number."""
+    model = session.model
+    x, c, tile = _inputs(session)
+    plain = evidence.tile_attributions(model, Q, x, c, tile, [5, 6], steps=2)
+    original = evidence._recompute
+    monkeypatch.setattr(evidence, "_recompute", lambda m, enable: original(m, True))
+    again = evidence.tile_attributions(model, Q, x, c, tile, [5, 6], steps=2)
+    assert np.allclose(plain, again, rtol=1e-5, atol=1e-9)
+    layers = evidence._decoder_layers(model.llm)
+    assert layers and all("forward" not in vars(layer) for layer in layers)
+    assert not model.slide_encoder.longnet.encoder.grad_checkpointing
