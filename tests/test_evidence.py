@@ -128,4 +128,11 @@ def test_recomputed_layers_give_the_same_attributions(session, monkeypatch):
     assert np.allclose(plain, again, rtol=1e-5, atol=1e-9)
     layers = evidence._decoder_layers(model.llm)
     assert layers and all("forward" not in vars(layer) for layer in layers)
+    hooked = layers[0].forward  # an instance forward set by someone else (e.g. accelerate) survives
+    layers[0].forward = hooked
+    try:
+        evidence.tile_attributions(model, Q, x, c, tile, [5, 6], steps=1)
+        assert vars(layers[0])["forward"] is hooked
+    finally:
+        del layers[0].forward
     assert not model.slide_encoder.longnet.encoder.grad_checkpointing

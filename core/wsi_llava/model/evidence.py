@@ -59,16 +59,20 @@ def _recompute(model: WSILlava, enable: bool) -> Iterator[None]:
 
     encoder = getattr(getattr(model.slide_encoder, "longnet", None), "encoder", None)
     was = getattr(encoder, "grad_checkpointing", None)
-    layers = _decoder_layers(model.llm)
-    for layer in layers:
+    # a layer may already have an instance ``forward`` (e.g. accelerate's device-map hooks): keep it
+    saved = [(layer, vars(layer).get("forward")) for layer in _decoder_layers(model.llm)]
+    for layer, _ in saved:
         layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
     if encoder is not None:
         encoder.grad_checkpointing = True
     try:
         yield
     finally:
-        for layer in layers:
-            del layer.forward  # back to the class's forward
+        for layer, own in saved:
+            if own is None:
+                del layer.forward  # back to the class's forward
+            else:
+                layer.forward = own
         if encoder is not None:
             encoder.grad_checkpointing = was
 

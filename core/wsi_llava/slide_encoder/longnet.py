@@ -124,6 +124,12 @@ def _attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: 
     return out, lse.to(torch.promote_types(lse.dtype, torch.float32))
 
 
+def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kernel: str):
+    """Out and LSE without a graph: a fused kernel where one takes the default scale, else the math path."""
+    fused = _attention_fused(q, k, v, kernel) if math.isclose(scale, q.shape[-1] ** -0.5) else None
+    return fused if fused is not None else _attention_math(q, k, v, scale)
+
+
 class _AttentionLSE(torch.autograd.Function):
     """Attention with LSE whose backward recomputes the softmax chunk by chunk (as FlashAttention does).
 
@@ -135,8 +141,7 @@ class _AttentionLSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale: float, kernel: str):  # noqa: ANN001, ANN205 - autograd signature
         with torch.no_grad():
-            fused = _attention_fused(q, k, v, kernel) if math.isclose(scale, q.shape[-1] ** -0.5) else None
-            out, lse = fused if fused is not None else _attention_math(q, k, v, scale)
+            out, lse = _attention_forward(q, k, v, scale, kernel)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale = scale
         return out, lse
@@ -179,11 +184,7 @@ def attention_with_lse(
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if needs_grad:
         return _AttentionLSE.apply(q, k, v, scale, kernel)
-    if math.isclose(scale, q.shape[-1] ** -0.5):
-        fused = _attention_fused(q, k, v, kernel)
-        if fused is not None:
-            return fused
-    return _attention_math(q, k, v, scale)
+    return _attention_forward(q, k, v, scale, kernel)
 
 
 # --------------------------------------------------------------------------------------------------------
