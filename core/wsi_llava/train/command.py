@@ -32,9 +32,26 @@ def _run(
 
     cfg = load_config(config, stage)  # type: ignore[arg-type]
     out_dir = _out_for(config, out)
-    from wsi_llava.train.loop import init_dist
+    from wsi_llava.train.loop import close_dist, init_dist
 
     d = init_dist(device)
+    try:
+        final = _run_stage(stage, cfg, out_dir, d, resume, stop_after, config)
+    except BaseException:
+        close_dist(d, wait=False)  # the other ranks may be inside another collective
+        raise
+    close_dist(d)
+    if d.main:
+        click.echo(
+            f"{stage}: done; checkpoint {final}"
+            if final.exists()
+            else f"{stage}: stopped; resume with --resume"
+        )
+
+
+def _run_stage(
+    stage: str, cfg: Any, out_dir: Path, d: Any, resume: bool, stop_after: int | None, config: Path
+) -> Path:
     runner: Callable[..., Path]
     if stage == "tiles":
         from wsi_llava.train.tiles import run_tile_stage as runner
@@ -42,13 +59,7 @@ def _run(
         from wsi_llava.train.stage1 import run_stage1 as runner
     else:
         from wsi_llava.train.lm import run_lm_stage as runner
-    final = runner(cfg, out_dir, d, resume=resume, stop_after=stop_after, config_path=str(config))
-    if d.main:
-        click.echo(
-            f"{stage}: done; checkpoint {final}"
-            if final.exists()
-            else f"{stage}: stopped; resume with --resume"
-        )
+    return runner(cfg, out_dir, d, resume=resume, stop_after=stop_after, config_path=str(config))
 
 
 def _stage_command(stage: str, help_text: str) -> click.Command:

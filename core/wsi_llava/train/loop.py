@@ -80,6 +80,17 @@ def init_dist(device: str | None = None) -> Dist:
     return Dist(rank=rank, world=world, local_rank=local, device=dev)
 
 
+def close_dist(d: Dist, wait: bool = True) -> None:
+    """Leave the process group ``init_dist`` joined (after a barrier when ``wait``): a gloo group left to
+    interpreter shutdown can abort the process (``terminate called without an active exception``)."""
+    if d.world > 1 and dist.is_initialized():
+        try:
+            if wait:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
 def all_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
     """Sum ``x`` over ranks (identity on one process)."""
     if d.world > 1:
