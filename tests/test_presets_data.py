@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from wsi_llava.synth.text import _PER_SLIDE
+
 ROOT = Path(__file__).resolve().parents[1]
 #: the phrasing groups of ``FRONT_END_QUESTIONS`` that ``check_presets`` judges under another kind
 JUDGED_AS = {"describe": "tissue"}
@@ -77,7 +79,11 @@ def test_preset_rows_answer_by_the_rules_they_are_judged_by(world: Path) -> None
             assert all(asked[(r.id, k)] >= 1 for k in kinds), r.name
             assert asked[(r.id, "tissue")] >= 2  # "describe" and "what tissue" phrasings
     assert slide_kinds.keys() >= set(kinds) | {"tissue+diagnosis"}
-    assert sum(slide_kinds.values()) == len(manifest.slides) * 7
+    assert sum(slide_kinds.values()) == len(manifest.slides) * 7 * _PER_SLIDE
+    necrotic = [r.id for e in manifest.slides for r in e.regions if cp.region_class(r) == "necrosis"]
+    assert necrotic
+    for rid in necrotic:  # the rare class is asked more often
+        assert asked[(rid, "necrosis?")] == 3 and asked[(rid, "tissue")] == 3 * 3
 
 
 def _pixels_sha(path: Path) -> str:
@@ -120,7 +126,7 @@ def test_pack_gives_whole_annotation_rows_the_tiles_the_front_ends_select(
         rows = [s for s in pack["samples"] if s["slide"] == key and s["task"] == "Preset_Questions"]
         whole = {tuple(s["tiles"]) for s in rows if s["tiles"] is not None}
         assert whole == polygons
-        assert sum(s["tiles"] is None for s in rows) == 7  # the slide questions: every tile
+        assert sum(s["tiles"] is None for s in rows) == 7 * _PER_SLIDE  # the slide questions: every tile
         boxes = [
             s["tiles"] for s in pack["samples"] if s["slide"] == key and s["task"] == "Region_Description"
         ]

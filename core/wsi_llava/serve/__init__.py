@@ -1,0 +1,1 @@
+"""``wsi-llava serve``: one model server for many napari, QuPath and CLI users (FastAPI + uvicorn, ``/v1``)."""
