@@ -105,6 +105,7 @@ def run_tile_stage(cfg: TileStageConfig, out: Path, d: Dist, **run: Unpack[RunAr
     """Train the tile encoder on tile-text pairs; save ``out/final/tile_encoder.safetensors`` + metrics."""
     from safetensors.torch import save_file
 
+    from wsi_llava.atomic import atomic_folder
     from wsi_llava.features.tile import build_tile_encoder
     from wsi_llava.model.checkpoint import TILE_ENCODER_FILE, _state
 
@@ -181,9 +182,9 @@ def run_tile_stage(cfg: TileStageConfig, out: Path, d: Dist, **run: Unpack[RunAr
         ),
     }
     logger.info("tiles: held-out zero-shot accuracy %s", metrics["zero_shot_val"].get("accuracy"))
-    final.mkdir(parents=True, exist_ok=True)
     encoder.cpu().float()
-    save_file(_state(encoder), str(final / TILE_ENCODER_FILE))
-    save_heads(heads, holder.logit_scale, final / HEADS_FILE)
-    (final / METRICS_FILE).write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
+    with atomic_folder(final, replace=True) as tmp:  # a crash leaves the old final/ or none, never half
+        save_file(_state(encoder), str(tmp / TILE_ENCODER_FILE))
+        save_heads(heads, holder.logit_scale, tmp / HEADS_FILE)
+        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
     return final
