@@ -78,15 +78,17 @@ class BatchDecoder:
     ``load(slot, cache, length)`` takes an eager prefill's cache; ``step(tokens, positions)`` feeds
     ``tokens[i]`` at ``positions[i]`` to slot ``i`` (``0..b-1``) and returns logits (b, vocab), a buffer
     the next step may overwrite. Raises ``UnsupportedModel`` for LLMs the fast decoder cannot run.
+    ``pad`` (default: with graphs) runs every step on a whole bucket, the rows past ``b`` masked dummies.
     """
 
-    def __init__(self, llm: Any, use_graphs: bool = False) -> None:
+    def __init__(self, llm: Any, use_graphs: bool = False, pad: bool | None = None) -> None:
         self.cfg, self.layers, (self.norm_w, self.norm_eps), (self.head_w, self.head_b) = _parts(llm)
         self.embed_w = llm.model.embed_tokens.weight
         self.rotary = llm.model.rotary_emb
         self.device = self.embed_w.device
         self.dtype = self.embed_w.dtype
         self.use_graphs = bool(use_graphs) and self.device.type == "cuda"
+        self.pad = self.use_graphs if pad is None else bool(pad)
         heads = int(self.cfg.num_attention_heads)
         self.n_kv = int(getattr(self.cfg, "num_key_value_heads", None) or heads)
         self.head_dim = int(getattr(self.cfg, "head_dim", None) or self.cfg.hidden_size // heads)
@@ -195,7 +197,7 @@ class BatchDecoder:
             raise ModelError(f"batched decode: {b} rows for {self.slots} slots")
         if max(positions) >= self.capacity:
             raise ModelError(f"batched decode: position {max(positions)} beyond the {self.capacity} buffered")
-        rows = bucket(b) if self.use_graphs else b
+        rows = bucket(b) if self.use_graphs or self.pad else b
         pad = rows - b  # dummy rows: token 0 at position 0 of free slots, never read
         self._tok[:rows, 0].copy_(torch.tensor(tokens + [0] * pad, dtype=torch.long))
         self._pos[:rows].copy_(torch.tensor(positions + [0] * pad, dtype=torch.long))
@@ -210,14 +212,15 @@ class BatchDecoder:
                         type(e).__name__,
                         e,
                     )
-                    self.use_graphs = False
+                    self.use_graphs = self.pad = False
                     self._graphs.clear()
-                    torch.cuda.synchronize(self.device)
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
                     entry = None
             if entry is not None:
                 entry[0].replay()
                 return entry[1][:b], True
-        return self._forward(b), False
+        return self._forward(rows)[:b], False
 
 
 class BatchedStream:
