@@ -7,9 +7,12 @@ K/V into a slot of static buffers ``[slots, kv_heads, capacity, head_dim]`` per 
 for every active answer (the per-token rules of :class:`~wsi_llava.model.generation.AnswerState`, shared
 with ``stream``), and runs one decode step for all of them at once, each row at its own position behind
 its own key mask. Active answers stay compacted in slots ``0..b-1`` (one that leaves is replaced by the
-last), so a step works on views of ``[:b]``. On CUDA in the ``graph``/``compile`` fast-decode modes the
-step is captured once per batch-size bucket (1, 2, 4, ..., 64; padded with masked dummy rows) and
-replayed; elsewhere it runs eagerly (``decode_path`` ``batched-graph`` or ``batched``).
+last), so a step works on views of ``[:b]``. On CUDA in the ``graph``/``compile`` modes of
+``resolve_mode(model.fast_decode, ...)`` the step is captured once per batch-size bucket (1, 2, 4, ..., 64;
+padded with masked dummy rows) and replayed (``compile`` captures the same uncompiled step); otherwise,
+``off`` included, and after a failed capture, it runs eagerly (``decode_path`` ``batched-graph`` or
+``batched``). Answers equal ``stream``'s alone: the step's logits match the single-stream step's to float
+rounding, and each answer keeps its own sampling generator.
 
 Models the fast decoder does not support (peft-wrapped, other architectures, ...) still batch their
 admission: the loop then advances each active answer with its own eager Hugging Face step, round-robin,
@@ -183,7 +186,8 @@ class BatchDecoder:
                 self._forward(b)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread-local: work of other threads on this card (featurizing a slide) cannot spoil the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             out = self._forward(b)
         self.capture_seconds += time.perf_counter() - t0
         logger.info("batched decode: captured the step for %d rows in %.2f s", b, time.perf_counter() - t0)
