@@ -31,11 +31,22 @@ QUESTIONS = [
 ]
 
 
+def _in_thread(fn):
+    """``fn()`` in a worker thread, like the batcher's loop: on a loaded 2-core machine torch ran several
+    times slower from the main thread, which only made this file slow."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn()))
+    t.start()
+    t.join()
+    assert out, "the worker thread raised (see its traceback)"
+    return out[0]
+
+
 @pytest.fixture(scope="module")
 def demo():
     from wsi_llava.model import load_model
 
-    return load_model("demo", device="cpu")
+    return _in_thread(lambda: load_model("demo", device="cpu"))
 
 
 def _visual(model, seed: int) -> torch.Tensor:
@@ -44,8 +55,8 @@ def _visual(model, seed: int) -> torch.Tensor:
 
 
 def _alone(model, question, vis, **kw):
-    chunks = list(model.stream(question, vis, **kw))
-    return chunks, model.last_generation
+    """``model.stream`` alone: its chunks and result."""
+    return _in_thread(lambda: (list(model.stream(question, vis, **kw)), model.last_generation))
 
 
 def _same(chunks, result, ref) -> None:
@@ -214,6 +225,8 @@ def test_a_failure_ends_only_the_answers_it_concerns(tiny, monkeypatch):
         bad = batcher.submit(Q, _tiny_vis(6) * 1000, max_new_tokens=10)
         with pytest.raises(RuntimeError, match="simulated prefill failure"):
             list(bad)
+        with pytest.raises(ZeroDivisionError):  # a cancel callable that raises ends its own answer
+            list(batcher.submit(Q, _tiny_vis(6), max_new_tokens=10, cancel=lambda: 1 / 0))
         _same(list(good), good.result, ref)
 
         # a failing decode step ends every answer in it; the loop serves the next ones

@@ -299,7 +299,8 @@ class Batcher:
         self._cv = threading.Condition()
         self._waiting: deque[_Request] = deque()
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
-        self._active: list[_Request] = []  # slot i holds _active[i]; touched by the loop thread only
+        self._active: list[_Request] = []  # slot i holds _active[i]; changed by the loop thread only
+        self._joining = 0  # taken from _waiting, being prefilled
         self._closed = False
         self._dec: BatchDecoder | None = None
         self._dec_key: tuple | None = None
@@ -374,7 +375,7 @@ class Batcher:
     def waiting(self) -> int:
         """Answers submitted and not yet prefilled."""
         with self._cv:
-            return len(self._waiting)
+            return len(self._waiting) + self._joining
 
     def _wake(self) -> None:
         with self._cv:
@@ -447,14 +448,22 @@ class Batcher:
     def _turn(self) -> None:
         """Admit, choose one token for every active answer, then one decode step for those going on."""
         with self._cv:
-            for r in [r for r in self._waiting if r.stream._wants_stop()]:
-                self._waiting.remove(r)
-                r.result.stop_reason = "cancelled"
-                r.stream.result = r.result
-                r.put("end")
+            for r in list(self._waiting):
+                try:
+                    stop = r.stream._wants_stop()
+                except Exception as e:  # a cancel callable that raises fails its own answer
+                    self._waiting.remove(r)
+                    self._fail(r, e)
+                    continue
+                if stop:
+                    self._waiting.remove(r)
+                    r.result.stop_reason = "cancelled"
+                    r.stream.result = r.result
+                    r.put("end")
             joiners = []
             while self._waiting and len(self._active) + len(joiners) < self.max_batch:
                 joiners.append(self._waiting.popleft())
+            self._joining = len(joiners)  # still counted as waiting until prefilled
         if joiners:
             self.model.wait_fast_decode()  # a warm-up thread in flight uses the LLM
             if not self._active:
@@ -464,6 +473,8 @@ class Batcher:
                     self._prefill(r)
                 except Exception as e:
                     self._fail(r, e)
+                    with self._cv:
+                        self._joining -= 1
 
         # one token for every active answer (the previous step's argmax of all rows at once)
         if self._out is not None and any(r.row is not None for r in self._active):
@@ -537,7 +548,9 @@ class Batcher:
             torch.cuda.synchronize(model.device)
         r.result.prefill_seconds = time.perf_counter() - t0
         r.t1 = time.perf_counter()
-        self._active.append(r)
+        with self._cv:
+            self._active.append(r)
+            self._joining -= 1
 
     def _step(self, going: list[_Request]) -> None:
         """One decode step for ``going`` (all the active answers, slots ``0..b-1``, in slot order)."""
