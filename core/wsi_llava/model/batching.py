@@ -12,7 +12,8 @@ last), so a step works on views of ``[:b]``. On CUDA in the ``graph``/``compile`
 padded with masked dummy rows) and replayed (``compile`` captures the same uncompiled step); otherwise,
 ``off`` included, and after a failed capture, it runs eagerly (``decode_path`` ``batched-graph`` or
 ``batched``). Answers equal ``stream``'s alone: the step's logits match the single-stream step's to float
-rounding, and each answer keeps its own sampling generator.
+rounding, and each answer keeps its own seeded sampling generator (in bf16, as with the single-stream fast
+step, a near-tie can pick another token).
 
 Models the fast decoder does not support (peft-wrapped, other architectures, ...) still batch their
 admission: the loop then advances each active answer with its own eager Hugging Face step, round-robin,
