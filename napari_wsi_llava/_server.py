@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 #: the choices of the widget's "run on" box
 LOCAL, SERVER = "this computer", "server"
+#: seconds Test connection waits for each reply
+CHECK_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ def check_connection(settings: ServerSettings) -> tuple[str, Any]:
     from wsi_llava.errors import WsiLlavaError
 
     try:
-        with settings.client(timeout=15.0) as client:
+        with settings.client(timeout=CHECK_TIMEOUT) as client:
             health = client.health()
             models = client.models()
     except WsiLlavaError as e:

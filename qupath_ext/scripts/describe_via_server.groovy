@@ -37,6 +37,7 @@ String MODEL = ""               // a model the server lists ("": the server's de
 boolean OVERWRITE = false       // true: replace descriptions instead of appending
 boolean SET_NAME = true         // also set a short name from the answer
 boolean EVIDENCE = false        // true: also add the answer's relevant tiles as "WSI-LLaVA evidence" detections
+int MAX_NEW_TOKENS = 0          // the longest answer in tokens (0: the model's default)
 int TIMEOUT_SECONDS = 900       // the longest wait for the server's answer
 // -----------------------------------------------------------------------------------------------------
 
@@ -187,6 +188,8 @@ String describeViaServer(Map s, wsiLlava) {
     def settings = [slide: slide, question: s.QUESTION, overwrite: s.OVERWRITE, set_name: s.SET_NAME]
     if (s.MODEL)
         settings.model = s.MODEL
+    if ((s.MAX_NEW_TOKENS as int) > 0)
+        settings.max_new_tokens = s.MAX_NEW_TOKENS
     if (s.EVIDENCE)
         settings.evidence = [:]
     def json = JsonOutput.toJson(settings)
@@ -216,5 +219,5 @@ String describeViaServer(Map s, wsiLlava) {
 
 def settings = [SERVER: SERVER, TOKEN_FILE: TOKEN_FILE, QUESTION: QUESTION, SLIDE: SLIDE,
                 SLIDES_ROOT_HERE: SLIDES_ROOT_HERE, MODEL: MODEL, OVERWRITE: OVERWRITE, SET_NAME: SET_NAME,
-                EVIDENCE: EVIDENCE, TIMEOUT_SECONDS: TIMEOUT_SECONDS]
+                EVIDENCE: EVIDENCE, MAX_NEW_TOKENS: MAX_NEW_TOKENS, TIMEOUT_SECONDS: TIMEOUT_SECONDS]
 wsiLlava.showResult(describeViaServer(settings, wsiLlava))
