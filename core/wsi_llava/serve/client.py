@@ -277,25 +277,11 @@ class ServerClient:
             message = ErrorBody.model_validate_json(reply.read()).error.message
         except (ValidationError, ValueError):
             message = None
-        cls = _BY_STATUS.get(status, ServerError)
         if message is None:
-            if _is_json(reply) or status in (401, 403, 404, 413, 429, 503):
-                message = reply.reason_phrase or f"HTTP {status}"
-            else:
+            if not (_is_json(reply) or status in _BY_STATUS):
                 return _not_the_api(reply, where)
-        if status == 401:
-            text = f"{where}: 401 unauthorized: {message}; give the server's token with --token-file FILE (or ${TOKEN_ENV})"
-        elif status == 403:
-            text = f"{where}: 403 forbidden: {message}"
-        elif status == 429:
-            after = _retry_after(reply)
-            when = f"; try again in {after:g} s" if after is not None else "; try again later"
-            return Busy(f"{where}: 429 the server is busy: {message}{when}", where, status, after)
-        elif status == 503:
-            text = f"{where}: 503 the server is shutting down (draining): {message}"
-        else:
-            text = f"{where}: {status} {message}"
-        return cls(text, where, status)
+            message = reply.reason_phrase or f"HTTP {status}"
+        return _named(where, status, message, _retry_after(reply))
 
     @contextmanager
     def _request(self, method: str, path: str, **kw: Any) -> Iterator[httpx.Response]:
@@ -494,19 +480,43 @@ class ServerClient:
             return BadReply(f"{where}: an error event that is not the API's ErrorBody: {data[:200]!r}", where)
         if detail.code == "cancelled":
             return _CancelledByServer(f"{where}: cancelled: {detail.message}")
-        status = {"unauthorized": 401, "forbidden": 403, "not_found": 404, "too_large": 413, "busy": 429}.get(
-            detail.code
-        )
-        cls = _BY_STATUS.get(status or 0, ServerError)
-        if detail.code == "draining":
-            cls, status = Draining, 503
-        elif detail.code == "timeout":
-            cls, status = ServerTimeout, 504
-        return cls(f"{where}: {detail.message}", where, status)
+        status = _CODES.get(detail.code, 500)
+        return _named(where, status, detail.message, None)
 
 
 class _CancelledByServer(Cancelled, ServerError):
     """The server cancelled the answer (its job was cancelled)."""
+
+
+#: the HTTP status an error event's code stands for
+_CODES = {"bad_request": 400, "unauthorized": 401, "forbidden": 403, "not_found": 404, "too_large": 413,
+          "invalid": 422, "busy": 429, "internal": 500, "draining": 503, "timeout": 504}  # fmt: skip
+
+
+def _named(where: str, status: int, message: str, retry_after: float | None) -> ServerError:
+    """The error for an HTTP status (or an error event's code) with the server's ``message``."""
+    if status == 401:
+        text = (
+            f"401 unauthorized: {message}; give the server's token with --token-file FILE (or ${TOKEN_ENV})"
+        )
+    elif status == 403:
+        text = f"403 forbidden: {message}"
+    elif status == 404:
+        text = f"404 not found: {message}"
+    elif status == 413:
+        text = f"413 too large: {message}"
+    elif status == 429:
+        when = f"; try again in {retry_after:g} s" if retry_after is not None else "; try again later"
+        return Busy(f"{where}: 429 the server is busy: {message}{when}", where, status, retry_after)
+    elif status == 503:
+        text = f"503 the server is shutting down (draining): {message}"
+    elif status == 504:
+        text = f"504 the server's time limit for a request ran out: {message}"
+    elif status in (400, 422):
+        text = message
+    else:
+        text = f"{status} {message}"
+    return _BY_STATUS.get(status, ServerError)(f"{where}: {text}", where, status)
 
 
 def _sse(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
