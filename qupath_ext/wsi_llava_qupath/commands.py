@@ -232,7 +232,7 @@ def _describe_on_server(
     ``on_result`` as it lands: the same ``DescribeReport`` as a local run."""
     from wsi_llava.describe import DescribeReport, RegionResult
     from wsi_llava.progress import TerminalProgress
-    from wsi_llava.serve.schemas import DescribeRequest
+    from wsi_llava.serve.schemas import DescribeRequest, EvidenceRequest
     from wsi_llava.slide.geojson import region_to_feature
 
     def as_result(outcome: Any) -> RegionResult:
@@ -248,12 +248,16 @@ def _describe_on_server(
 
     features = {"type": "FeatureCollection", "features": [region_to_feature(a.region) for a in anns]}
     with server_for(bridge, opts) as (client, slide):
+        # the evidence pass runs as it does here (the tile counts written back come from it); the server's
+        # detections in its reply are not used: the sink writes the answers' own into QuPath
+        selection = opts.evidence or EvidenceSelection()
         request = DescribeRequest(
             slide=slide,
             model=opts.model,
             features=features,
             question=question,
             max_new_tokens=opts.max_new_tokens,
+            evidence=EvidenceRequest(mass=selection.mass, max_tiles=selection.max_tiles),
         )
         result = client.describe(
             request, on_result=lambda o: on_result(as_result(o)), on_progress=TerminalProgress()
