@@ -566,10 +566,12 @@ def demo(out: Path | None, device: str, max_new_tokens: int) -> None:
 def _attach_builtin_commands() -> None:
     from wsi_llava.describe import describe_command
     from wsi_llava.eval.command import eval_command
+    from wsi_llava.serve.command import serve_command
     from wsi_llava.train.command import train_command
 
     cli.add_command(describe_command)
     cli.add_command(eval_command)
+    cli.add_command(serve_command)
     cli.add_command(train_command)
 
 

@@ -124,25 +124,16 @@ def describe_regions(
         results: list[RegionResult] = []
         progress(0, total, "describing annotations")
         for i, region in enumerate(regions):
-            label = region_label(region, i)
             if cancel is not None:
                 cancel.raise_if_cancelled()
-            try:
-                region.check_within(w, h, source=f"annotation {label!r}")
-                answer = session.ask(question, region, max_new_tokens=max_new_tokens, cancel=cancel)
-                if not answer.answer.strip():
-                    raise WsiLlavaError(f"annotation {label!r}: the model returned an empty answer")
-                update = update_from_answer(answer, set_name=set_name)
-                result = RegionResult(
-                    index=i, label=label, region=annotate_region(region, update, overwrite), answer=answer
-                )
-            except (Cancelled, KeyboardInterrupt):
-                raise
-            except Exception as e:  # one failing annotation must not stop the batch
-                msg = str(e) if isinstance(e, WsiLlavaError) else f"{type(e).__name__}: {e}"
-                logger.warning("annotation %r not described: %s", label, msg)
-                logger.debug("annotation %r failed", label, exc_info=True)
-                result = RegionResult(index=i, label=label, region=region, error=msg)
+            result = describe_one(
+                i,
+                region,
+                lambda r: session.ask(question, r, max_new_tokens=max_new_tokens, cancel=cancel),
+                (w, h),
+                overwrite=overwrite,
+                set_name=set_name,
+            )
             results.append(result)
             if on_result is not None:
                 on_result(result)
@@ -151,6 +142,36 @@ def describe_regions(
     finally:
         if own:
             session.close()
+
+
+def describe_one(
+    index: int,
+    region: Region,
+    ask: Callable[[Region], Answer],
+    dimensions: tuple[int, int],
+    *,
+    overwrite: bool = False,
+    set_name: bool = False,
+) -> RegionResult:
+    """One annotation of a batch: ``ask`` answers its question; a failure is logged and reported, not raised
+    (a cancel is). Shared by :func:`describe_regions` and the server."""
+    label = region_label(region, index)
+    try:
+        region.check_within(*dimensions, source=f"annotation {label!r}")
+        answer = ask(region)
+        if not answer.answer.strip():
+            raise WsiLlavaError(f"annotation {label!r}: the model returned an empty answer")
+        update = update_from_answer(answer, set_name=set_name)
+        return RegionResult(
+            index=index, label=label, region=annotate_region(region, update, overwrite), answer=answer
+        )
+    except (Cancelled, KeyboardInterrupt):
+        raise
+    except Exception as e:  # one failing annotation must not stop the batch
+        msg = str(e) if isinstance(e, WsiLlavaError) else f"{type(e).__name__}: {e}"
+        logger.warning("annotation %r not described: %s", label, msg)
+        logger.debug("annotation %r failed", label, exc_info=True)
+        return RegionResult(index=index, label=label, region=region, error=msg)
 
 
 # --- GeoJSON files ---------------------------------------------------------------------------------
@@ -168,7 +189,12 @@ def load_features(path: Path) -> tuple[GeoJSONFile, list[int], list[Region]]:
     Points, lines, features without geometry and objects that are not annotations (detections,
     cells) are left out and reported in one warning that counts them per kind.
     """
-    gj = load_geojson(path)
+    return select_features(load_geojson(path))
+
+
+def select_features(gj: GeoJSONFile) -> tuple[GeoJSONFile, list[int], list[Region]]:
+    """:func:`load_features` on an already parsed collection (``gj.path`` names it in messages)."""
+    path = gj.path
     if isinstance(gj.data, dict) and gj.data.get("crs") is not None:
         raise AnnotationError(
             f"{path}: has a coordinate reference system ('crs'): a map GeoJSON, not a QuPath export "
@@ -207,14 +233,25 @@ def write_features(
     ``evidence``: described regions and their answers whose relevant tiles are written as detections
     (after the last feature), replacing those regions' earlier evidence. Returns ``(removed, added)``.
     """
+    document, removed, added = described_collection(gj, replaced, evidence, selection)
+    dump_geojson(path, document)
+    return removed, added
+
+
+def described_collection(
+    gj: GeoJSONFile,
+    replaced: dict[int, Region],
+    evidence: Sequence[tuple[Region, Answer]] = (),
+    selection: EvidenceSelection | None = None,
+) -> tuple[dict[str, Any], int, int]:
+    """The FeatureCollection :func:`write_features` writes, as a dict: ``(document, removed, added)``."""
     features = [region_to_feature(replaced[i]) if i in replaced else f for i, f in enumerate(gj.features)]
     removed = added = 0
     if evidence:
         features, removed, added = replace_evidence(
             features, [(r, a.evidence) for r, a in evidence], selection
         )
-    dump_geojson(path, gj.collection(features))
-    return removed, added
+    return gj.collection(features), removed, added
 
 
 def check_output(output: Path) -> None:

@@ -25,6 +25,7 @@ from wsi_llava.slide.region import Region
 
 if TYPE_CHECKING:
     from wsi_llava.features.cache import CachedFeatures
+    from wsi_llava.model.generation import GenerationResult
     from wsi_llava.model.wsi_llava import WSILlava
 
 logger = logging.getLogger(__name__)
@@ -189,13 +190,8 @@ class SlideSession:
         cancel: CancelToken | None = None,
     ) -> Iterator[str]:
         """Yield the answer text chunk by chunk; ``self.last_answer`` holds the ``Answer`` afterwards."""
-        self.check_question(question, max_new_tokens=max_new_tokens, temperature=temperature)
         t0 = time.perf_counter()
-        source = region.name or region.id or "region" if region is not None else "slide"
-        if region is not None:
-            w, h = self.reader.dimensions
-            region.check_within(w, h, source=f"region {source!r}")
-        indices = self.tiles_for(region, source=f"region {source!r}")
+        indices = self.scope(question, region, max_new_tokens=max_new_tokens, temperature=temperature)
         t_feat0 = time.perf_counter()
         self.extract(progress=progress, cancel=cancel)
         visual = self.visual_tokens(indices)
@@ -208,10 +204,49 @@ class SlideSession:
         if temperature is not None:
             gen_kw["temperature"] = temperature
         yield from self.model.stream(question, visual, **gen_kw)
-        gen = self.model.last_generation
+        self.last_answer = self.build_answer(
+            question,
+            region,
+            indices,
+            self.model.last_generation,
+            evidence=evidence,
+            warnings=warnings,
+            t0=t0,
+            t_features=t_features,
+        )
+
+    def scope(
+        self,
+        question: str,
+        region: Region | None,
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> np.ndarray:
+        """Check the question and region (cheap, before any featurization); the grid indices they cover."""
+        self.check_question(question, max_new_tokens=max_new_tokens, temperature=temperature)
+        source = region.name or region.id or "region" if region is not None else "slide"
+        if region is not None:
+            w, h = self.reader.dimensions
+            region.check_within(w, h, source=f"region {source!r}")
+        return self.tiles_for(region, source=f"region {source!r}")
+
+    def build_answer(
+        self,
+        question: str,
+        region: Region | None,
+        indices: np.ndarray,
+        gen: GenerationResult,
+        *,
+        evidence: bool,
+        warnings: list[str],
+        t0: float,
+        t_features: float,
+    ) -> Answer:
+        """The ``Answer`` of a finished generation (the evidence pass runs here): the one way every front end
+        (``ask_stream``, the server) turns decoded tokens into an answer."""
         if gen.stop_reason == "cancelled":
             raise Cancelled("answer cancelled by the user")
-
         ev = Evidence(tile_size=int(self.grid.tile_size_level0))
         if evidence and len(gen.new_token_ids) > 0:
             ev = self._evidence(question, gen.new_token_ids, indices)
@@ -221,7 +256,7 @@ class SlideSession:
             notice = DEMO_NOTICE + ("; " + UNTRAINED_NOTICE if spec.untrained else "")
         elif spec.untrained:
             notice = UNTRAINED_MODEL_NOTICE
-        self.last_answer = Answer(
+        return Answer(
             question=question,
             answer=gen.text.strip(),
             scope="region" if region is not None else "slide",

@@ -111,11 +111,13 @@ def _layer_in(
     sin: Any,
     head_dim: int,
 ) -> tuple[Any, Any, Any]:
-    """Input norm, q/k/v projections and rotary embedding for one token: (1, heads, 1, head_dim) each."""
+    """Input norm, q/k/v projections and rotary embedding for one token of each of the ``b`` rows of
+    ``x`` (b, 1, hidden): (b, heads, 1, head_dim) each."""
+    b = x.shape[0]
     h = _rms(x, ln, eps)
-    q = F.linear(h, wq, bq).view(1, 1, -1, head_dim).transpose(1, 2)
-    k = F.linear(h, wk, bk).view(1, 1, -1, head_dim).transpose(1, 2)
-    v = F.linear(h, wv, bv).view(1, 1, -1, head_dim).transpose(1, 2)
+    q = F.linear(h, wq, bq).view(b, 1, -1, head_dim).transpose(1, 2)
+    k = F.linear(h, wk, bk).view(b, 1, -1, head_dim).transpose(1, 2)
+    v = F.linear(h, wv, bv).view(b, 1, -1, head_dim).transpose(1, 2)
     q = (q * cos) + (_rotate_half(q) * sin)
     k = (k * cos) + (_rotate_half(k) * sin)
     return q, k, v
@@ -139,12 +141,13 @@ def _layer_out(
     wd: Any,
     bd: Any,
 ) -> Any:
-    """Attention over the static cache (masked past the current position), output projection, MLP."""
-    n_kv = k_cache.shape[1]
+    """Attention over the static cache (masked past each row's current position), output projection,
+    MLP; row ``i`` of ``x`` / ``q`` attends to row ``i`` of the caches (b, kv_heads, capacity, head_dim)."""
+    b, n_kv = q.shape[0], k_cache.shape[1]
     # grouped-query attention without copying K/V: the query heads of one KV head act as its queries
-    qg = q.reshape(1, n_kv, -1, q.shape[-1])
+    qg = q.reshape(b, n_kv, -1, q.shape[-1])
     attn = F.scaled_dot_product_attention(qg, k_cache, v_cache, attn_mask=mask, scale=scaling)
-    x = x + F.linear(attn.reshape(1, 1, -1), wo, bo)
+    x = x + F.linear(attn.reshape(b, 1, -1), wo, bo)
     h = _rms(x, ln, eps)
     return x + F.linear(F.silu(F.linear(h, wg, bg)) * F.linear(h, wu, bu), wd, bd)
 

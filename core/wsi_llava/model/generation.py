@@ -189,6 +189,96 @@ def begin_fast(model: WSILlava, past: Any, prompt_len: int, max_new: int) -> Any
     return dec
 
 
+class AnswerState:
+    """One answer's per-token rules, shared by :func:`stream` and the batcher: token choice (greedy or
+    seeded sampling, n-gram blocking), stop tokens and strings, and the text held back until it is sure.
+    """
+
+    def __init__(self, model: WSILlava, parts: Any, gen: Any, seed: int | None) -> None:
+        self.tokenizer = model.tokenizer
+        self.stops: Sequence[str] = parts.stop_strings
+        self.stop_ids = model._stop_token_ids() | set(parts.stop_token_ids)
+        self.max_new, self.temp = int(gen.max_new_tokens), float(gen.temperature)
+        self.top_p, self.ngram = gen.top_p, gen.no_repeat_ngram_size
+        self.generator: torch.Generator | None = None
+        if self.temp > 0:
+            self.generator = torch.Generator(device=model.device)
+            self.generator.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
+        self.new_ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.reason: str = "max_tokens"
+        self.done = self.max_new <= 0
+
+    @property
+    def wants_more(self) -> bool:
+        """Whether another decode step is needed after the token just chosen."""
+        return not self.done and len(self.new_ids) < self.max_new
+
+    def choose(self, logits: torch.Tensor, greedy: int | None = None) -> int | None:
+        """Pick the next token from ``logits`` (vocab,) and keep it; None (and done) on a stop token.
+
+        ``greedy``: the argmax of these logits when already known (the batcher takes it for all rows at
+        once); used at temperature 0 unless n-gram blocking bans it.
+        """
+        banned = banned_ngram_tokens(self.new_ids, int(self.ngram)) if self.ngram else []
+        if self.temp <= 0 and greedy is not None and greedy not in banned:
+            tok = int(greedy)
+        else:
+            step = logits.float()
+            if banned:
+                step = step.clone()
+                step[banned] = float("-inf")
+            if self.temp > 0:
+                step = step / self.temp
+                if self.top_p is not None and self.top_p < 1:
+                    step = top_p_filter(step, float(self.top_p))
+                probs = torch.softmax(step, dim=-1)
+                tok = int(torch.multinomial(probs, 1, generator=self.generator))
+            else:
+                tok = int(torch.argmax(step))
+        if tok in self.stop_ids:
+            self.reason, self.done = "eos", True
+            return None
+        self.new_ids.append(tok)
+        return tok
+
+    def chunk(self) -> str:
+        """The text of the tokens so far that is now safe to show ("" when none); ends the answer on a
+        stop string (the text before it comes from :meth:`tail`) or at ``max_new`` tokens."""
+        text = self.tokenizer.decode(self.new_ids, skip_special_tokens=True).lstrip()
+        hit = min((text.find(st) for st in self.stops if st in text), default=-1)
+        if hit >= 0:
+            self.text, self.reason, self.done = text[:hit], "stop_string", True
+            return ""
+        self.text = text
+        if len(self.new_ids) >= self.max_new:
+            self.done = True
+        safe = len(text) - held_back(text, self.stops)
+        if safe <= self.emitted:
+            return ""
+        out = text[self.emitted : safe]
+        self.emitted = safe
+        return out
+
+    def cancel(self) -> None:
+        self.reason, self.done = "cancelled", True
+
+    def tail(self) -> str:
+        """The text still held back once the answer is over (a partial multi-byte character dropped)."""
+        self.text = self.text.rstrip("\ufffd")
+        out = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return out
+
+    def fill(self, result: GenerationResult) -> None:
+        """Write ids, shown text and stop reason into ``result``."""
+        result.new_token_ids = list(self.new_ids)
+        result.n_new_tokens = len(self.new_ids)
+        result.text = self.text[: self.emitted] if self.emitted else ""
+        result.stop_reason = self.reason  # type: ignore[assignment]
+
+
 @torch.inference_mode()
 def stream(
     model: WSILlava,
@@ -216,16 +306,10 @@ def stream(
         top_p=top_p,
         no_repeat_ngram_size=no_repeat_ngram_size,
     )
-    max_new, temp, top_p, ngram = gen.max_new_tokens, gen.temperature, gen.top_p, gen.no_repeat_ngram_size
     s = model.embed(torch.tensor([parts.input_ids], dtype=torch.long), vt[None])
     result = GenerationResult(prompt_len=s.inputs_embeds.shape[1], n_visual_tokens=s.n_visual)
     model.last_generation = result
-    stops = parts.stop_strings
-    stop_ids = model._stop_token_ids() | set(parts.stop_token_ids)
-    generator = None
-    if temp > 0:
-        generator = torch.Generator(device=model.device)
-        generator.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
+    ans = AnswerState(model, parts, gen, seed)
 
     cache_name = cache_arg(model)
     t0 = time.perf_counter()
@@ -238,42 +322,23 @@ def stream(
     )
     past = cache_of(out)
     logits = out.logits[:, -1, :]
-    fast = begin_fast(model, past, s.inputs_embeds.shape[1], max_new)
+    fast = begin_fast(model, past, s.inputs_embeds.shape[1], ans.max_new)
     locked = fast is not None
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     result.prefill_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
-    new_ids: list[int] = []
-    emitted = 0
     cur_len = s.inputs_embeds.shape[1]
-    reason: str = "max_tokens"
-    text = ""
     try:
-        while len(new_ids) < max_new:
+        while not ans.done:
             if is_cancelled(cancel):
-                reason = "cancelled"
+                ans.cancel()
                 break
-            step = logits[0].float()
-            if ngram:
-                banned = banned_ngram_tokens(new_ids, int(ngram))
-                if banned:
-                    step = step.clone()
-                    step[banned] = float("-inf")
-            if temp > 0:
-                step = step / temp
-                if top_p is not None and top_p < 1:
-                    step = top_p_filter(step, float(top_p))
-                probs = torch.softmax(step, dim=-1)
-                tok = int(torch.multinomial(probs, 1, generator=generator))
-            else:
-                tok = int(torch.argmax(step))
-            if tok in stop_ids:
-                reason = "eos"
+            tok = ans.choose(logits[0])
+            if tok is None:
                 break
-            new_ids.append(tok)
             launched = False
-            if fast is not None and len(new_ids) < max_new:
+            if fast is not None and ans.wants_more:
                 # start the next step now: the GPU computes it while the text below is decoded and
                 # yielded (if that text ends the answer, the step is wasted, not wrong)
                 try:
@@ -286,19 +351,11 @@ def stream(
                         raise
                     logger.warning("fast decoding failed (%s: %s); decoding eagerly", type(e).__name__, e)
                     fast = None
-            text = model.tokenizer.decode(new_ids, skip_special_tokens=True).lstrip()
-            hit = min((text.find(st) for st in stops if st in text), default=-1)
-            if hit >= 0:
-                text = text[:hit]
-                reason = "stop_string"
-                break
-            safe = len(text) - held_back(text, stops)
-            if safe > emitted:
-                chunk = text[emitted:safe]
-                emitted = safe
-                result.text = text[:emitted]
+            chunk = ans.chunk()
+            if chunk:
+                result.text = ans.text[: ans.emitted]
                 yield chunk
-            if len(new_ids) >= max_new:
+            if ans.done:
                 break
             cur_len += 1
             if launched:
@@ -311,17 +368,13 @@ def stream(
             )
             past = cache_of(out)
             logits = out.logits[:, -1, :]
-        text = text.rstrip("\ufffd")
-        if len(text) > emitted:
-            yield text[emitted:]
-            emitted = len(text)
+        tail = ans.tail()
+        if tail:
+            yield tail
     finally:
         if locked:
             model._fast_lock.release()
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         result.decode_seconds = time.perf_counter() - t1
-        result.new_token_ids = list(new_ids)
-        result.n_new_tokens = len(new_ids)
-        result.text = text[:emitted] if emitted else ""
-        result.stop_reason = reason  # type: ignore[assignment]
+        ans.fill(result)

@@ -60,6 +60,11 @@ class QueueState(_Strict):
     running: int = Field(0, description="questions being answered now (in the decode batch or extracting)")
     queued: int = Field(0, description="requests waiting for a slot")
     capacity: int = Field(description="queued requests beyond which the server answers 429")
+    extractions: int = Field(
+        0,
+        description="slide feature sets this server has obtained (extracted or read from the cache) since "
+        "it started: one per slide and model, however many requests asked",
+    )
 
 
 class Health(_Strict):
@@ -224,5 +229,6 @@ class TokenEvent(_Strict):
     text: str
 
 
-#: SSE event names, in the order a stream may send them (``answer``, ``describe`` and ``error`` end it)
-EVENTS = ("progress", "token", "result", "answer", "describe", "error")
+#: SSE event names, in the order a stream may send them (``answer``, ``describe``, ``job`` and ``error`` end
+#: it; ``job``, a :class:`Job`, ends ``GET /v1/jobs/{id}/events``)
+EVENTS = ("progress", "token", "result", "answer", "describe", "job", "error")

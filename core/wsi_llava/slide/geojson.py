@@ -175,6 +175,12 @@ def _feature_to_region(feature: Any, where: str) -> Region:
         raise AnnotationError(f"{where}: invalid polygon: {msgs}") from None
 
 
+def geometry_to_region(geometry: Any, where: str = "geometry") -> Region:
+    """A bare GeoJSON Polygon or MultiPolygon geometry as a Region, parsed as a feature's geometry is."""
+    _check_depth(geometry, where)
+    return _feature_to_region({"type": "Feature", "geometry": geometry}, where)
+
+
 # --- files -------------------------------------------------------------------------------------------
 @dataclass
 class GeoJSONFile:
@@ -261,6 +267,13 @@ def load_geojson(path: str | Path) -> GeoJSONFile:
         ) from None
     except RecursionError:
         raise AnnotationError(f"{path}: nested too deeply to read; not a QuPath export") from None
+    return parse_geojson(data, path)
+
+
+def parse_geojson(data: Any, path: str | Path) -> GeoJSONFile:
+    """Already-parsed GeoJSON (a request body, say) checked as :func:`load_geojson` checks a file;
+    ``path`` names it in messages."""
+    path = Path(path)
     features = _features_of(data, path)
     if isinstance(data, dict) and data.get("type") == "FeatureCollection":
         _check_depth({k: v for k, v in data.items() if k != "features"}, str(path))

@@ -1,0 +1,311 @@
+"""Continuous batching (``wsi_llava.model.batching``) against answering alone with ``WSILlava.stream``.
+
+CPU: the batched step runs eagerly (the CUDA-graph buckets run on the GPU benchmark). The demo model
+(SmolLM2-135M) answers with random visual tokens; every batched answer must equal its alone run.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from kits.llm import make_tiny_wsi_llava
+
+from wsi_llava.errors import ModelError
+from wsi_llava.model.batching import BatchDecoder, Batcher, bucket
+from wsi_llava.model.fast_decode import FastDecoder
+from wsi_llava.progress import CancelToken
+
+QUESTIONS = [
+    "Describe the tissue.",
+    "What is shown in this slide?",
+    "Is there necrosis?",
+    "What is the diagnosis?",
+    "Which cells dominate this region?",
+    "Is the tumour invasive?",
+    "Describe the stroma.",
+    "What grade is this carcinoma?",
+    "Are there mitoses?",
+]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from wsi_llava.model import load_model
+
+    return load_model("demo", device="cpu")
+
+
+def _visual(model, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(model.n_visual_tokens, model.spec.projector.in_dim, generator=g)
+
+
+def _alone(model, question, vis, **kw):
+    chunks = list(model.stream(question, vis, **kw))
+    return chunks, model.last_generation
+
+
+def _same(chunks, result, ref) -> None:
+    ref_chunks, ref_result = ref
+    assert chunks == ref_chunks
+    assert result is not None
+    assert (result.text, result.new_token_ids, result.stop_reason) == (
+        ref_result.text,
+        ref_result.new_token_ids,
+        ref_result.stop_reason,
+    )
+    assert result.text == "".join(chunks) and result.n_new_tokens == len(result.new_token_ids)
+    assert result.prompt_len == ref_result.prompt_len
+
+
+def _consume(stream, into: list, errors: list) -> threading.Thread:
+    def run() -> None:
+        try:
+            into.extend(stream)
+        except Exception as e:  # surfaced by the test thread
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def _no_batcher_threads() -> bool:
+    return not any(t.name == "wsi-batcher" for t in threading.enumerate())
+
+
+def test_concurrent_staggered_answers_equal_answering_alone(demo):
+    """Nine answers, joining at different times, consumed from several threads: each equals its alone run."""
+    reqs = []
+    for i, q in enumerate(QUESTIONS):
+        kw = {"max_new_tokens": 3 + (i * 2) % 7}
+        if i == 5:
+            kw.update(temperature=0.8, top_p=0.9, seed=7)
+        reqs.append((q, _visual(demo, 100 + i), kw))
+    refs = [_alone(demo, q, v, **kw) for q, v, kw in reqs]
+    # the longest answer goes first, so that the later ones join while it is mid-answer
+    order = sorted(range(len(reqs)), key=lambda i: -len(refs[i][1].new_token_ids))
+    assert len(refs[order[0]][1].new_token_ids) >= 4
+    assert len({tuple(r[1].new_token_ids) for r in refs}) > 3  # different answers, not one repeated
+    assert {r[1].stop_reason for r in refs} >= {"max_tokens"}
+
+    got: dict[int, list[str]] = {i: [] for i in order}
+    streams, threads, errors = {}, [], []
+    with Batcher(demo, max_batch=4) as batcher:
+        first = order[0]
+        q, v, kw = reqs[first]
+        streams[first] = batcher.submit(q, v, **kw)
+        got[first].append(next(streams[first]))  # it is decoding now
+        for n, i in enumerate(order[1:]):
+            q, v, kw = reqs[i]
+            streams[i] = batcher.submit(q, v, **kw)
+            threads.append(_consume(streams[i], got[i], errors))
+            if n == 3:
+                got[first].append(next(streams[first], ""))
+                time.sleep(0.05)
+        threads.append(_consume(streams[first], got[first], errors))
+        for t in threads:
+            t.join(60)
+        assert not errors
+        assert batcher.active == 0 and batcher.waiting == 0
+    for i in order:
+        _same([c for c in got[i] if c], streams[i].result, refs[i])
+        assert streams[i].result.decode_path == "batched"
+    assert _no_batcher_threads()
+
+
+# --- the tiny Llama of tests/kits (fast): cancelling, call(), errors, the fallback, the step's logits ---
+
+Q = "What is shown in this slide?"
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llm_dir):
+    return make_tiny_wsi_llava(tiny_llm_dir)
+
+
+def _tiny_vis(seed: int) -> torch.Tensor:
+    return torch.randn(8, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_cancel_frees_the_slot_for_a_waiting_answer(tiny):
+    ref = _alone(tiny, "Describe the tissue.", _tiny_vis(2), max_new_tokens=60)
+    assert len(ref[1].new_token_ids) == 60  # random weights: no early end
+    with Batcher(tiny, max_batch=1) as batcher:
+        long = batcher.submit(Q, _tiny_vis(1), max_new_tokens=200)
+        token = CancelToken()
+        held = batcher.submit(Q, _tiny_vis(3), max_new_tokens=200, cancel=token)  # cancelled while waiting
+        nxt = batcher.submit("Describe the tissue.", _tiny_vis(2), max_new_tokens=60)
+        first = next(long)
+        assert batcher.active == 1 and batcher.waiting == 2
+        token.cancel()
+        assert list(held) == [] and held.result.stop_reason == "cancelled"
+        assert held.result.new_token_ids == []
+        long.cancel()
+        rest = list(long)  # ends without running to 200 tokens
+        assert long.result.text == first + "".join(rest)
+        assert long.result.stop_reason == "cancelled" and long.result.n_new_tokens < 200
+        assert batcher.active + batcher.waiting == 1  # its slot went to the waiting answer
+        chunks = list(nxt)
+        _same(chunks, nxt.result, ref)
+    assert _no_batcher_threads()
+
+
+def test_call_runs_in_the_loop_between_steps(tiny):
+    ref = _alone(tiny, Q, _tiny_vis(4), max_new_tokens=80)
+    with Batcher(tiny) as batcher:
+        s = batcher.submit(Q, _tiny_vis(4), max_new_tokens=80)
+        first = next(s)
+        seen = []
+
+        def probe() -> tuple[str, int]:
+            seen.append(threading.current_thread().name)
+            return "evidence", batcher.active
+
+        assert batcher.call(probe) == ("evidence", 1)  # the answer is in the batch, paused
+        assert seen == ["wsi-batcher"]
+
+        def broken() -> None:
+            raise ValueError("no gradient here")
+
+        with pytest.raises(ValueError, match="no gradient here"):
+            batcher.call(broken)
+        assert batcher.call(lambda: torch.is_inference_mode_enabled()) is False  # autograd is usable
+        _same([first, *s], s.result, ref)  # decoding went on unchanged
+        assert batcher.call(lambda: 7) == 7  # with nothing active too
+    with pytest.raises(ModelError, match="closed"):
+        batcher.call(lambda: 1)
+
+
+def test_bad_requests_fail_at_submit_and_close_ends_everything(tiny):
+    batcher = Batcher(tiny, max_batch=1)
+    with pytest.raises(ModelError, match="temperature"):
+        batcher.submit(Q, _tiny_vis(1), temperature=-1.0)
+    with pytest.raises(ModelError, match="visual tokens of shape"):
+        batcher.submit(Q, torch.zeros(8, 5))
+    running = batcher.submit(Q, _tiny_vis(1), max_new_tokens=300)
+    queued = batcher.submit(Q, _tiny_vis(2), max_new_tokens=300)
+    assert next(running)
+    batcher.close()
+    batcher.close()  # idempotent
+    assert _no_batcher_threads()
+    list(running)
+    assert list(queued) == []
+    assert running.result.stop_reason == "cancelled" and queued.result.stop_reason == "cancelled"
+    with pytest.raises(ModelError, match="closed"):
+        batcher.submit(Q, _tiny_vis(1))
+
+
+def test_a_failure_ends_only_the_answers_it_concerns(tiny, monkeypatch):
+    real_embed = tiny.embed
+
+    def embed(input_ids, visual_tokens, *args, **kwargs):
+        if float(visual_tokens.abs().max()) > 100:
+            raise RuntimeError("simulated prefill failure")
+        return real_embed(input_ids, visual_tokens, *args, **kwargs)
+
+    monkeypatch.setattr(tiny, "embed", embed)
+    ref = _alone(tiny, Q, _tiny_vis(5), max_new_tokens=10)
+    with Batcher(tiny) as batcher:
+        good = batcher.submit(Q, _tiny_vis(5), max_new_tokens=10)
+        bad = batcher.submit(Q, _tiny_vis(6) * 1000, max_new_tokens=10)
+        with pytest.raises(RuntimeError, match="simulated prefill failure"):
+            list(bad)
+        _same(list(good), good.result, ref)
+
+        # a failing decode step ends every answer in it; the loop serves the next ones
+        calls = []
+        real_step = BatchDecoder.step
+
+        def step(self, tokens, positions):
+            calls.append(len(tokens))
+            if len(calls) == 2:
+                raise RuntimeError("simulated step failure")
+            return real_step(self, tokens, positions)
+
+        monkeypatch.setattr(BatchDecoder, "step", step)
+        a = batcher.submit(Q, _tiny_vis(7), max_new_tokens=10)
+        b = batcher.submit(Q, _tiny_vis(8), max_new_tokens=10)
+        for s in (a, b):
+            with pytest.raises(RuntimeError, match="simulated step failure"):
+                list(s)
+        later = batcher.submit(Q, _tiny_vis(5), max_new_tokens=10)
+        _same(list(later), later.result, ref)
+    assert _no_batcher_threads()
+
+
+def test_an_unsupported_llm_answers_round_robin(tiny_llm_dir, caplog):
+    from peft import LoraConfig, get_peft_model
+
+    m = make_tiny_wsi_llava(tiny_llm_dir)
+    m.llm = get_peft_model(
+        m.llm, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    m.llm.eval()
+    reqs = [(Q, _tiny_vis(10 + i), {"max_new_tokens": 6 + 4 * i}) for i in range(3)]
+    reqs[1][2].update(temperature=1.0, seed=3)
+    refs = [_alone(m, q, v, **kw) for q, v, kw in reqs]
+    with caplog.at_level("WARNING", logger="wsi_llava.model.batching"), Batcher(m, max_batch=2) as batcher:
+        streams = [batcher.submit(q, v, **kw) for q, v, kw in reqs]
+        got, errors = [[] for _ in streams], []
+        threads = [_consume(s, g, errors) for s, g in zip(streams, got, strict=True)]
+        for t in threads:
+            t.join(60)
+    assert not errors and "peft" in caplog.text
+    for s, g, ref in zip(streams, got, refs, strict=True):
+        _same(g, s.result, ref)
+        assert s.result.decode_path == "eager"
+
+
+def test_batched_step_logits_equal_single_stream_static_steps(tiny, monkeypatch, caplog):
+    """Three answers at different positions through one batched step (padded to a bucket, buffers
+    grown, a slot compacted away, a failed capture) against each one's own static FastDecoder."""
+    from wsi_llava.model import fast_decode
+
+    monkeypatch.setattr(fast_decode, "CAPACITY_STEP", 16)
+    llm = tiny.llm
+    prompts = [("Is there necrosis?", 20), (Q, 21), ("Describe the tissue. What is the diagnosis?", 22)]
+    dec = BatchDecoder(llm, pad=True)
+    singles, lengths = [], []
+    gen = torch.Generator().manual_seed(9)
+    with torch.inference_mode():
+        for slot, (q, seed) in enumerate(prompts):
+            s = tiny.embed(torch.tensor([tiny.prompt(q).input_ids]), _tiny_vis(seed)[None])
+            n = s.inputs_embeds.shape[1]
+            out = llm(inputs_embeds=s.inputs_embeds, position_ids=s.position_ids, use_cache=True)
+            dec.ensure(slot + 1, n + 12)
+            dec.load(slot, out.past_key_values, n)
+            one = FastDecoder(llm, "static")
+            one.ensure_capacity(n + 12)
+            one.load_prefix(out.past_key_values, n)
+            singles.append(one)
+            lengths.append(n)
+        assert len(set(lengths)) == 3 and dec.slots == bucket(3) == 4 and dec.capacity % 16 == 0
+
+        def check(rows: list[int]) -> None:
+            toks = torch.randint(0, llm.config.vocab_size, (len(rows),), generator=gen).tolist()
+            got, graphed = dec.step(toks, [lengths[r] for r in rows])
+            assert got.shape == (len(rows), llm.config.vocab_size) and not graphed
+            for i, r in enumerate(rows):
+                want = singles[r].step(toks[i], lengths[r])[0]
+                torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
+                lengths[r] += 1
+
+        for _ in range(4):
+            check([0, 1, 2])
+        dec.move(2, 0, lengths[2])  # answer 0 left: the last slot moves into its place
+        for _ in range(3):
+            check([2, 1])
+        dec.use_graphs = True  # pretend, to exercise the fallback when capturing fails
+
+        def failing_capture(rows):
+            raise RuntimeError("simulated capture failure")
+
+        monkeypatch.setattr(dec, "_capture", failing_capture)
+        with caplog.at_level("WARNING", logger="wsi_llava.model.batching"):
+            check([2, 1])
+        assert not dec.use_graphs and "simulated capture failure" in caplog.text
+        check([2, 1])
