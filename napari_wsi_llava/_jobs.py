@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,12 +233,8 @@ def ask_events(
     Errors of the user's input (``WsiLlavaError``, ``Cancelled`` included) come as an ``("error", e)``
     event; closing the generator (``worker.quit()``) cancels the work.
     """
-    from wsi_llava.errors import WsiLlavaError
 
-    events: queue.SimpleQueue[tuple] = queue.SimpleQueue()
-    emit = events.put
-
-    def answer_all() -> None:
+    def answer_all(emit: Callable[[tuple], None]) -> None:
         emit(("status", f"loading model {model!r} and opening the slide…"))
         with pool.using(slide, model, mpp, cancel) as session:
             cancel.raise_if_cancelled()
@@ -259,12 +255,29 @@ def ask_events(
                 cancel.raise_if_cancelled()  # generation stops quietly on cancel: keep no partial answer
                 emit(("answer", i, session.last_answer, session.reader.dimensions))
 
+    yield from pump_events(answer_all, cancel)  # a generator function: napari makes a GeneratorWorker
+
+
+def pump_events(
+    work: Callable[[Callable[[tuple], None]], None],
+    cancel: CancelToken,
+    on_cancel: Callable[[], None] | None = None,
+) -> Iterator[tuple]:
+    """Run ``work(emit)`` in a helper thread and yield what it emits, a ``("tick",)`` every ``POLL`` s.
+
+    A ``WsiLlavaError`` (``Cancelled`` included) ends the stream as an ``("error", e)`` event; closing the
+    generator (``worker.quit()``) cancels ``cancel`` and calls ``on_cancel`` (e.g. to close a connection).
+    """
+    from wsi_llava.errors import WsiLlavaError
+
+    events: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+
     def target() -> None:
         try:
-            answer_all()
-            emit(("_done",))
+            work(events.put)
+            events.put(("_done",))
         except BaseException as e:  # handed to the generator, which raises or reports it
-            emit(("_raise", e))
+            events.put(("_raise", e))
 
     thread = threading.Thread(target=target, name="wsi-llava-ask", daemon=True)
     thread.start()
@@ -286,3 +299,5 @@ def ask_events(
     finally:
         if thread.is_alive():
             cancel.cancel()
+            if on_cancel is not None:
+                on_cancel()

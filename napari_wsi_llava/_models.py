@@ -82,6 +82,25 @@ def fill_model_box(combo: QComboBox, entries: list[Any], select: str | None = No
     combo.currentIndexChanged.emit(combo.currentIndex())
 
 
+def fill_server_models(combo: QComboBox, models: list[Any]) -> None:
+    """Replace the box's items with a server's models (``ModelInfo``), its default model selected."""
+    keep = combo.currentData(NAME_ROLE)
+    combo.blockSignals(True)
+    combo.clear()
+    for info in models:
+        combo.addItem(info.name + (" (default)" if info.default else ""))
+        row = combo.count() - 1
+        combo.setItemData(row, info.name, NAME_ROLE)
+        combo.setItemData(row, None, ENTRY_ROLE)  # not in this computer's registry
+        combo.setItemData(row, info.description or "on the server", Qt.ItemDataRole.ToolTipRole)
+    index = combo.findData(keep, NAME_ROLE)
+    if index < 0:
+        index = next((i for i, m in enumerate(models) if m.default), 0 if models else -1)
+    combo.setCurrentIndex(index)
+    combo.blockSignals(False)
+    combo.currentIndexChanged.emit(combo.currentIndex())
+
+
 class ModelBox(QComboBox):
     """A combo box that re-reads the registry whenever it opens (models added from the CLI show up)."""
 

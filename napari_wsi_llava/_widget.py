@@ -25,6 +25,7 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QHBoxLayout,
     QLabel,
+    QLineEdit,
     QListWidget,
     QListWidgetItem,
     QPlainTextEdit,
@@ -46,9 +47,19 @@ from napari_wsi_llava._models import (
     ModelBox,
     confirm_remove,
     fill_model_box,
+    fill_server_models,
     report_message,
 )
 from napari_wsi_llava._reader import slide_info, watch_viewer
+from napari_wsi_llava._server import (
+    LOCAL,
+    SERVER,
+    ServerSettings,
+    UploadMemo,
+    check_connection,
+    connected_message,
+    server_ask_events,
+)
 from napari_wsi_llava._shapes import (
     META_KEY,
     image_transform_meta,
@@ -141,6 +152,9 @@ class WsiLlavaWidget(QWidget):
         self._run_warnings: set[str] = set()
         self._add_dialog: AddModelDialog | None = None
         self._sessions = SessionPool()
+        self._uploads = UploadMemo()
+        self._server_models: str | None = None  # the URL whose models the model box lists
+        self._check_worker: Any = None
         self._docked = False
         preload_triton()  # before any torch work: torch.compile imports triton, unsafe once OpenGL is up
         ensure_registered()
@@ -207,6 +221,21 @@ class WsiLlavaWidget(QWidget):
         self._mpp.setToolTip("µm per level-0 pixel; 'from file' uses the slide's metadata")
         self._scope = QComboBox()
         self._scope.addItems(SCOPES)
+        self._run_on = QComboBox()
+        self._run_on.addItems([LOCAL, SERVER])
+        self._run_on.setToolTip(
+            "Answer with a model on this computer, or on a lab's `wsi-llava serve` server"
+        )
+        self._run_on.currentTextChanged.connect(self._on_run_on)
+        self._server_url = QLineEdit()
+        self._server_url.setPlaceholderText("http://HOST:PORT")
+        self._token_file = QLineEdit()
+        self._token_file.setPlaceholderText("file with the server's token (empty: $WSI_LLAVA_TOKEN)")
+        self._test_btn = QPushButton("Test connection")
+        self._test_btn.setToolTip(
+            "Check the server answers, speaks this API and accepts the token; list its models"
+        )
+        self._test_btn.clicked.connect(self._on_test_connection)
         self._model = ModelBox()
         self._model.about_to_open.connect(self._refresh_models)
         self._model.currentIndexChanged.connect(self._on_model_changed)
@@ -243,6 +272,11 @@ class WsiLlavaWidget(QWidget):
         form.addRow("regions", self._shapes_combo)
         form.addRow("µm/px", self._mpp)
         form.addRow("scope", self._scope)
+        form.addRow("run on", self._run_on)
+        form.addRow("server", self._server_url)
+        form.addRow("token file", self._token_file)
+        form.addRow("", self._test_btn)
+        self._server_rows = (self._server_url, self._token_file, self._test_btn)
         form.addRow("model", self._model)
         form.addRow("", model_row)
         form.addRow("question", self._preset)
@@ -288,6 +322,8 @@ class WsiLlavaWidget(QWidget):
         opacity_row.addWidget(QLabel("evidence opacity"))
         opacity_row.addWidget(self._opacity)
 
+        self._form = form
+        self._on_run_on(LOCAL)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(buttons)
@@ -330,10 +366,61 @@ class WsiLlavaWidget(QWidget):
         if isinstance(new, Shapes) and new.name in shapes:
             self._shapes_combo.setCurrentText(new.name)  # a freshly drawn-on layer is the likely target
 
+    # --- run on: this computer | server ---------------------------------------------------------
+    def _on_server(self) -> bool:
+        return self._run_on.currentText() == SERVER
+
+    def _server_settings(self) -> ServerSettings:
+        return ServerSettings(self._server_url.text().strip(), self._token_file.text().strip())
+
+    def _on_run_on(self, choice: str) -> None:
+        for w in self._server_rows:
+            self._form.setRowVisible(w, choice == SERVER)
+        self._add_model_btn.setVisible(choice != SERVER)
+        self._remove_model_btn.setVisible(choice != SERVER)
+        if choice != SERVER and self._server_models is not None:
+            self._server_models = None
+            self._refresh_models()
+
+    def _on_test_connection(self) -> None:
+        """Check the server in a thread worker; the outcome is one notification naming any failure."""
+        if self._check_worker is not None:
+            return
+        from napari.qt.threading import create_worker
+
+        settings = self._server_settings()
+        worker = create_worker(check_connection, settings, _start_thread=False)
+        worker.returned.connect(lambda result: self._on_connection_checked(settings, result))
+        worker.finished.connect(self._on_check_finished)
+        self._check_worker = worker
+        self._test_btn.setEnabled(False)
+        self._status.setText(f"connecting to {settings.url or '(no address)'}…")
+        worker.start()
+
+    def _on_connection_checked(self, settings: ServerSettings, result: tuple[str, Any]) -> None:
+        status, value = result
+        if status == "error":
+            self._status.setText(f"error: {value}")
+            _show_error(str(value))
+            return
+        health, models = value
+        fill_server_models(self._model, models.models)
+        self._server_models = settings.url
+        message = connected_message(settings, health, models)
+        self._status.setText(message.removeprefix("WSI-LLaVA: "))
+        _show_info(message)
+
+    def _on_check_finished(self) -> None:
+        self._check_worker = None
+        self._test_btn.setEnabled(True)
+
     def _refresh_models(self, select: str | None = None) -> None:
-        """Re-read built-in and user models into the box, keeping the current one (or ``select``)."""
+        """Re-read built-in and user models into the box, keeping the current one (or ``select``); in server
+        mode the box lists the server's models (from Test connection) instead."""
         from wsi_llava.registry import list_models
 
+        if self._on_server():
+            return
         try:
             entries = list_models()
         except OSError as e:  # an unreadable models folder: keep what the box shows
@@ -463,20 +550,20 @@ class WsiLlavaWidget(QWidget):
 
         self._jobs, self._job_layer, self._job_image = jobs, layer, image
         self._cancel = CancelToken()
-        temperature = self._temperature.value() or None
-        worker = create_worker(
-            ask_events,
-            self._sessions,
-            slide,
-            model,
-            mpp,
-            jobs,
-            self._cancel,
-            max_new_tokens=self._max_tokens.value(),
-            temperature=temperature,
-            evidence=self._evidence.isChecked(),
-            _start_thread=False,
-        )
+        settings = {
+            "max_new_tokens": self._max_tokens.value(),
+            "temperature": self._temperature.value() or None,
+            "evidence": self._evidence.isChecked(),
+        }
+        if (
+            self._on_server()
+        ):  # the same events, answered by the server (its models if listed, else its default)
+            served = model if self._server_models == self._server_settings().url else None
+            dimensions = tuple(image.metadata[META_KEY]["dimensions"])
+            run = (server_ask_events, self._server_settings(), self._uploads, slide, dimensions, served)
+        else:
+            run = (ask_events, self._sessions, slide, model, mpp)
+        worker = create_worker(*run, jobs, self._cancel, **settings, _start_thread=False)
         worker.yielded.connect(self._on_event)
         worker.finished.connect(self._on_finished)
         self._worker = worker
@@ -561,6 +648,7 @@ class WsiLlavaWidget(QWidget):
         self._describe_btn.setEnabled(not busy)
         self._cancel_btn.setEnabled(busy)
         self._add_model_btn.setEnabled(not busy)
+        self._run_on.setEnabled(not busy)
         entry = self._model_entry()
         self._remove_model_btn.setEnabled(not busy and entry is not None and entry.kind == "user")
 
@@ -587,6 +675,11 @@ class WsiLlavaWidget(QWidget):
             self._answer.setTextCursor(cursor)
         elif kind == "answer":
             self._on_answer(self._jobs[event[1]], event[2], tuple(event[3]))
+        elif kind == "uploaded":
+            ref = event[1]
+            _show_info(
+                f"WSI-LLaVA: uploaded the slide to the server ({ref.size} bytes, stored as {ref.filename})"
+            )
         elif kind == "error":
             err = event[1]
             if isinstance(err, Cancelled):

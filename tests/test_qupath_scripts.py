@@ -26,7 +26,11 @@ from wsi_llava.describe import describe_command
 ROOT = Path(__file__).resolve().parents[1]
 #: the code the scripts share, loaded by each from beside its own file
 COMMON = ROOT / "qupath_ext" / "scripts" / "wsi_llava_common.groovy"
-SCRIPTS = sorted(p for p in (ROOT / "qupath_ext" / "scripts").glob("*.groovy") if p != COMMON)
+#: the scripts that run `wsi-llava describe` here (describe_via_server.groovy: tests/test_serve_groovy.py)
+SERVER_SCRIPT = ROOT / "qupath_ext" / "scripts" / "describe_via_server.groovy"
+SCRIPTS = sorted(
+    p for p in (ROOT / "qupath_ext" / "scripts").glob("*.groovy") if p not in (COMMON, SERVER_SCRIPT)
+)
 STUBS = ROOT / "qupath_ext" / "testdouble" / "groovy"
 JAVA_HOME = "/usr/lib/jvm/java-17-openjdk-amd64"
 

@@ -12,6 +12,7 @@ import click
 from wsi_llava.clickutil import UserErrorGroup, generation_options, generation_setting, model_options
 from wsi_llava.errors import WsiLlavaError
 from wsi_llava.progress import TerminalProgress
+from wsi_llava.serve.options import check_server_use, explicit, server_options
 
 logger = logging.getLogger("wsi_llava")
 
@@ -232,7 +233,10 @@ def _extract_encoder(
     "colour and opacity by relevance, the most relevant tile = 1) and the region's outline, as a PNG.",
 )
 @generation_options
+@server_options
+@click.pass_context
 def ask(
+    ctx: click.Context,
     slide: str | None,
     question: str | None,
     region: str | None,
@@ -250,11 +254,19 @@ def ask(
     evidence_png: Path | None,
     max_new_tokens: int | None,
     temperature: float | None,
+    server: str | None,
+    token_file: Path | None,
+    upload: bool,
 ) -> None:
     """Ask QUESTION about SLIDE: the whole slide, a rectangle (--region) or an annotation (--geojson/--id/--index).
 
     With --features FILE.pt the question is asked about precomputed visual tokens: `ask --features F.pt "..."`.
+
+    With --server URL the question is answered on a `wsi-llava serve` server and streamed here (--json prints
+    the same object). SLIDE is then the path as the server sees it (relative to its --slides-root); add
+    --upload to send a local file first. --geojson and --evidence-png read local files.
     """
+    check_server_use(ctx, server, token_file, upload, SERVER_IGNORES)
     if features is not None:
         if question is not None:
             raise click.UsageError("with --features give only the QUESTION, not a slide")
@@ -271,26 +283,25 @@ def ask(
             raise WsiLlavaError(
                 "--region / --geojson / --evidence-png need a slide: precomputed tokens have no tile positions"
             )
+        if server is not None:
+            raise click.UsageError("--features is answered on this computer, not with --server")
         answer = _ask_features(features, question, model, model_base, device, dtype, as_json, cache, **kw)
     else:
         if evidence_png is not None:
             from wsi_llava.evidence_image import check_png_path
 
             check_png_path(evidence_png)  # before any model work
-        answer = _ask_slide(
-            Path(slide),
-            question,
-            _region_from_options(region, geojson, annotation_id, annotation_index),
-            model,
-            model_base,
-            device,
-            dtype,
-            as_json,
-            cache,
-            mpp,
-            evidence_png=evidence_png,
-            **kw,
-        )
+        reg = _region_from_options(region, geojson, annotation_id, annotation_index)
+        if server is not None:
+            answer = _ask_server(
+                server, token_file, upload, slide, question, reg, explicit(ctx, "model", model), as_json,
+                evidence_png, **kw,
+            )  # fmt: skip
+        else:
+            answer = _ask_slide(
+                Path(slide), question, reg, model, model_base, device, dtype, as_json, cache, mpp,
+                evidence_png=evidence_png, **kw,
+            )  # fmt: skip
     if as_json:
         click.echo(answer.model_dump_json(indent=2))
     else:
@@ -324,6 +335,40 @@ def _ask_slide(
 
             write_png(evidence_png, session.reader, answer)
         return answer
+
+
+#: options of `ask` that only matter where the model runs (a server brings its own)
+SERVER_IGNORES = ("model_base", "device", "dtype", "cache", "mpp")
+
+
+def _ask_server(server, token_file, upload, slide, question, reg, model, as_json, evidence_png, **kw):
+    """Answer on a server: the answer streams as a local one does; --evidence-png reads the local slide."""
+    from wsi_llava.serve.options import open_client, server_slide
+    from wsi_llava.serve.schemas import AskRequest
+
+    reader = None
+    if evidence_png is not None:
+        from wsi_llava.slide import open_slide
+
+        if not Path(slide).is_file():
+            raise WsiLlavaError(
+                f"--evidence-png draws over the slide's thumbnail: {slide} must also be a file on this "
+                "computer (give its local path with --upload, or leave --evidence-png out)"
+            )
+        reader = open_slide(Path(slide))
+    request = dict(question=question, model=model, region=reg, **kw)
+    with open_client(server, token_file) as client:
+        name = server_slide(client, slide, upload)
+        show = None if as_json else (lambda chunk: click.echo(chunk, nl=False))
+        answer = client.ask(AskRequest(slide=name, **request), on_token=show, on_progress=TerminalProgress())
+    if reader is not None:
+        from wsi_llava.evidence_image import write_png
+
+        try:
+            write_png(evidence_png, reader, answer)
+        finally:
+            reader.close()
+    return answer
 
 
 def _ask_features(features, question, model, model_base, device, dtype, as_json, cache, **kw):

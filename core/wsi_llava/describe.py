@@ -25,6 +25,7 @@ from wsi_llava.clickutil import evidence_options, model_options
 from wsi_llava.errors import AnnotationError, Cancelled, WsiLlavaError
 from wsi_llava.evidence_tiles import EvidenceSelection, is_evidence_feature, replace_evidence
 from wsi_llava.progress import CancelToken, ProgressCallback, no_progress
+from wsi_llava.serve.options import check_server_use, explicit, server_options
 from wsi_llava.slide.geojson import (
     GeoJSONFile,
     dump_geojson,
@@ -296,6 +297,69 @@ def describe_geojson(
     return report.model_copy(update={"evidence_added": added, "evidence_removed": removed})
 
 
+def describe_geojson_on_server(
+    client: Any,
+    slide: str,
+    geojson: Path,
+    output: Path,
+    question: str = DEFAULT_QUESTION,
+    model: str | None = None,
+    *,
+    overwrite: bool = False,
+    set_name: bool = False,
+    max_new_tokens: int | None = None,
+    evidence: EvidenceSelection | None = None,
+    progress: ProgressCallback | None = None,
+    on_result: Callable[[RegionResult], None] | None = None,
+) -> DescribeReport:
+    """:func:`describe_geojson` answered by a ``wsi-llava serve`` server (a ``ServerClient``): the same
+    checks first, the same file written (atomically, nothing on failure); ``slide`` as the server sees it."""
+    from wsi_llava.serve.schemas import DescribeRequest, EvidenceRequest
+
+    gj, _, regions = load_features(Path(geojson))
+    if not regions:
+        raise AnnotationError(f"{geojson}: no polygon annotations to describe")
+    check_output(Path(output))
+
+    def as_result(outcome: Any) -> RegionResult:
+        if not 0 <= outcome.index < len(regions):
+            raise WsiLlavaError(
+                f"{client.url}: the server answered annotation {outcome.index}, {geojson} has {len(regions)}"
+            )
+        region = regions[outcome.index]
+        return RegionResult(
+            index=outcome.index,
+            label=outcome.label,
+            region=region,
+            answer=outcome.answer,
+            error=outcome.error,
+        )
+
+    request = DescribeRequest(
+        slide=slide,
+        model=model,
+        features=gj.collection(gj.features),
+        question=question,
+        overwrite=overwrite,
+        set_name=set_name,
+        max_new_tokens=max_new_tokens,
+        evidence=EvidenceRequest(mass=evidence.mass, max_tiles=evidence.max_tiles) if evidence else None,
+    )
+    shown = (lambda outcome: on_result(as_result(outcome))) if on_result is not None else None
+    result = client.describe(request, on_result=shown, on_progress=progress)
+    report = DescribeReport(
+        question=question,
+        results=[as_result(o) for o in result.results],
+        evidence_added=result.evidence_added,
+        evidence_removed=result.evidence_removed,
+    )
+    if report.n_ok == 0:
+        reasons = "; ".join(f"{printable(r.label)}: {r.error}" for r in report.failures)
+        raise WsiLlavaError(f"no annotation was described, {output} not written ({reasons})")
+    dump_geojson(Path(output), result.features)
+    return report
+
+
 @click.command("describe")
 @click.option(
     "--slide", required=True, type=click.Path(path_type=Path), help="The slide the annotations are on."
@@ -312,7 +376,10 @@ def describe_geojson(
 @click.option("--mpp", type=float, help="µm/px of level 0 for files that record none.")
 @click.option("--cache", type=click.Path(path_type=Path), help="Cache folder (default ~/.cache/wsi-llava).")
 @evidence_options("to the output, after the last feature")
+@server_options
+@click.pass_context
 def describe_command(
+    ctx: click.Context,
     slide: Path,
     geojson: Path,
     output: Path,
@@ -327,9 +394,19 @@ def describe_command(
     mpp: float | None,
     cache: Path | None,
     evidence: EvidenceSelection | None,
+    server: str | None,
+    token_file: Path | None,
+    upload: bool,
 ) -> None:
-    """Describe every annotation of a QuPath GeoJSON export; write a GeoJSON QuPath imports."""
+    """Describe every annotation of a QuPath GeoJSON export; write a GeoJSON QuPath imports.
+
+    With --server URL the annotations are answered on a `wsi-llava serve` server; the output file is the
+    same. --slide is then the path as the server sees it (relative to its --slides-root), or with --upload
+    a local file sent first.
+    """
     from wsi_llava.progress import TerminalProgress
+
+    check_server_use(ctx, server, token_file, upload, ("model_base", "device", "dtype", "mpp", "cache"))
 
     def show(result: RegionResult) -> None:
         label = printable(result.label)
@@ -340,24 +417,31 @@ def describe_command(
             click.echo(f"{label}: FAILED: {result.error}", err=True)
 
     try:
-        report = describe_geojson(
-            slide,
-            geojson,
-            output,
-            question,
-            model,
-            overwrite=overwrite,
-            set_name=set_name,
-            max_new_tokens=max_new_tokens,
-            progress=TerminalProgress(),
-            on_result=show,
-            mpp=mpp,
-            cache_dir=cache,
-            device=device,
-            dtype=dtype,
-            model_base=model_base,
-            evidence=evidence,
-        )
+        if server is not None:
+            report = _describe_on_server(
+                server, token_file, upload, slide, geojson, output, question, explicit(ctx, "model", model),
+                overwrite=overwrite, set_name=set_name, max_new_tokens=max_new_tokens, evidence=evidence,
+                progress=TerminalProgress(), on_result=show,
+            )  # fmt: skip
+        else:
+            report = describe_geojson(
+                slide,
+                geojson,
+                output,
+                question,
+                model,
+                overwrite=overwrite,
+                set_name=set_name,
+                max_new_tokens=max_new_tokens,
+                progress=TerminalProgress(),
+                on_result=show,
+                mpp=mpp,
+                cache_dir=cache,
+                device=device,
+                dtype=dtype,
+                model_base=model_base,
+                evidence=evidence,
+            )
     except Cancelled as e:
         raise click.ClickException(f"cancelled: {e}") from None
     except WsiLlavaError as e:
@@ -375,3 +459,12 @@ def describe_command(
         + (f" replacing {report.evidence_removed} earlier one(s)" if report.evidence_removed else "")
         + f"; wrote {output}"
     )
+
+
+def _describe_on_server(
+    server: str, token_file: Path | None, upload: bool, slide: Path, *args: Any, **kw: Any
+) -> DescribeReport:
+    from wsi_llava.serve.options import open_client, server_slide
+
+    with open_client(server, token_file) as client:
+        return describe_geojson_on_server(client, server_slide(client, slide, upload), *args, **kw)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ import click
 from wsi_llava.clickutil import UserErrorGroup, evidence_options, model_options
 from wsi_llava.errors import WsiLlavaError
 from wsi_llava.evidence_tiles import EvidenceSelection, relevant_tiles
+from wsi_llava.serve.options import check_server_use, explicit, server_options
 from wsi_llava_qupath.bridge import (
     CALL_TIMEOUT,
     CONNECT_TIMEOUT,
@@ -33,7 +36,7 @@ DESCRIBE_QUESTION = "Describe the tissue in this region."
 class AskOptions:
     """The model and write-back options of ``describe`` and ``ask`` (their click options, by name)."""
 
-    model: str
+    model: str | None  # None: the server's default model (with --server)
     max_new_tokens: int | None
     mpp: float | None
     cache: Path | None
@@ -43,6 +46,10 @@ class AskOptions:
     dtype: str | None = None
     model_base: Path | None = None
     evidence: EvidenceSelection | None = None
+    server: str | None = None
+    token_file: Path | None = None
+    upload: bool = False
+    slide: str | None = None
 
     def context(self, bridge: QuPathBridge, annotation: QuPathAnnotation | None) -> dict[str, Any]:
         """The result sinks' context for an answer about ``annotation`` (None: the whole image)."""
@@ -101,10 +108,32 @@ def _model_options(fn):
             click.option("--overwrite", is_flag=True, help="Replace descriptions instead of appending."),
             click.option("--name/--no-name", "set_name", default=False, help="Also set a short name."),
             evidence_options("below the annotation (a whole-slide answer: below its new annotation)"),
+            server_options,
+            click.option(
+                "--slide",
+                help="With --server: the image's path as the server sees it (relative to its --slides-root). "
+                "Default: QuPath's image file as this computer sees it, or with --upload that file.",
+            ),
         ]
     ):
         fn = opt(fn)
     return fn
+
+
+#: options that only matter where the model runs (a server brings its own)
+_SERVER_IGNORES = ("model_base", "device", "dtype", "cache", "mpp")
+
+
+def _options(kw: dict[str, Any]) -> AskOptions:
+    """The command's :class:`AskOptions`; with --server, local-only options are refused and --model is
+    sent only when given (else the server's default model answers)."""
+    ctx = click.get_current_context()
+    check_server_use(ctx, kw["server"], kw["token_file"], kw["upload"], _SERVER_IGNORES)
+    if kw["server"] is None and kw["slide"] is not None:
+        raise click.UsageError("--slide goes with --server (here QuPath's own image is read)")
+    if kw["server"] is not None:
+        kw = {**kw, "model": explicit(ctx, "model", kw["model"])}
+    return AskOptions(**kw)
 
 
 @click.group("qupath", cls=UserErrorGroup)
@@ -172,11 +201,75 @@ def _report_failures(failures: list[str]) -> None:
         click.echo(f"[{message}]", err=True)
 
 
+@contextmanager
+def server_for(bridge: QuPathBridge, opts: AskOptions) -> Iterator[tuple[Any, str]]:
+    """``(ServerClient, the image's slide name on the server)`` for ``--server``: ``--slide`` as given, else
+    QuPath's image file (uploaded first with ``--upload``)."""
+    from wsi_llava.serve.options import open_client, server_slide
+
+    assert opts.server is not None
+    slide: str | None = opts.slide
+    if slide is None:
+        info = bridge.image_info()
+        if info.local_path is None:
+            raise QuPathError(
+                f"{info.server_path}: QuPath's image is not a file on this computer: give --slide PATH as the "
+                "server sees it (relative to its --slides-root)"
+            )
+        slide = str(info.local_path)
+    with open_client(opts.server, opts.token_file) as client:
+        yield client, server_slide(client, slide, opts.upload)
+
+
+def _describe_on_server(
+    bridge: QuPathBridge,
+    anns: list[QuPathAnnotation],
+    question: str,
+    opts: AskOptions,
+    on_result: Callable[[Any], None],
+) -> Any:
+    """The annotations answered by ``/v1/describe`` (QuPath's own GeoJSON of them), each answer handed to
+    ``on_result`` as it lands: the same ``DescribeReport`` as a local run."""
+    from wsi_llava.describe import DescribeReport, RegionResult
+    from wsi_llava.progress import TerminalProgress
+    from wsi_llava.serve.schemas import DescribeRequest, EvidenceRequest
+    from wsi_llava.slide.geojson import region_to_feature
+
+    def as_result(outcome: Any) -> RegionResult:
+        if not 0 <= outcome.index < len(anns):
+            raise QuPathError(f"{opts.server}: the server answered annotation {outcome.index} of {len(anns)}")
+        return RegionResult(
+            index=outcome.index,
+            label=outcome.label,
+            region=anns[outcome.index].region,
+            answer=outcome.answer,
+            error=outcome.error,
+        )
+
+    features = {"type": "FeatureCollection", "features": [region_to_feature(a.region) for a in anns]}
+    with server_for(bridge, opts) as (client, slide):
+        # the evidence pass runs as it does here (the tile counts written back come from it); the server's
+        # detections in its reply are not used: the sink writes the answers' own into QuPath
+        selection = opts.evidence or EvidenceSelection()
+        request = DescribeRequest(
+            slide=slide,
+            model=opts.model,
+            features=features,
+            question=question,
+            max_new_tokens=opts.max_new_tokens,
+            evidence=EvidenceRequest(mass=selection.mass, max_tiles=selection.max_tiles),
+        )
+        result = client.describe(
+            request, on_result=lambda o: on_result(as_result(o)), on_progress=TerminalProgress()
+        )
+    return DescribeReport(question=question, results=[as_result(o) for o in result.results])
+
+
 def run_annotations(
     bridge: QuPathBridge, anns: list[QuPathAnnotation], question: str, opts: AskOptions
 ) -> tuple[int, int]:
-    """Answer ``question`` for each annotation and hand each answer to the result sinks at once
-    (the QuPath sink writes it back); (ok, failed)."""
+    """Answer ``question`` for each annotation (here, or on ``--server``) and hand each answer to the result
+    sinks at once (the QuPath sink writes it back); (ok, failed)."""
     from wsi_llava.describe import RegionResult, describe_regions
     from wsi_llava.progress import TerminalProgress
 
@@ -193,16 +286,19 @@ def run_annotations(
         else:
             click.echo(f"{result.label}: FAILED: {result.error}", err=True)
 
-    with open_session(bridge, opts) as session:
-        session.extract(progress=TerminalProgress())
-        report = describe_regions(
-            session,
-            [a.region for a in anns],
-            question,
-            max_new_tokens=opts.max_new_tokens,
-            progress=TerminalProgress(),
-            on_result=on_result,
-        )
+    if opts.server is not None:
+        report = _describe_on_server(bridge, anns, question, opts, on_result)
+    else:
+        with open_session(bridge, opts) as session:
+            session.extract(progress=TerminalProgress())
+            report = describe_regions(
+                session,
+                [a.region for a in anns],
+                question,
+                max_new_tokens=opts.max_new_tokens,
+                progress=TerminalProgress(),
+                on_result=on_result,
+            )
     ok = sum(r.ok for r in report.results)
     if ok:
         bridge.refresh()
@@ -232,11 +328,12 @@ def _finish(ok: int, failed: int) -> None:
 @_connection_options
 @_call_timeout_option
 def describe(scope: str, question: str, port: int, token: str | None, call_timeout: float, **kw: Any) -> None:
-    """Write a generated description into each selected annotation."""
+    """Write a generated description into each selected annotation (answered here, or on --server)."""
+    opts = _options(kw)
     bridge = connect(port, token, call_timeout=call_timeout)
     try:
         anns = _annotations(bridge, scope)
-        _finish(*run_annotations(bridge, anns, question, AskOptions(**kw)))
+        _finish(*run_annotations(bridge, anns, question, opts))
     finally:
         bridge.close()
 
@@ -254,16 +351,17 @@ def describe(scope: str, question: str, port: int, token: str | None, call_timeo
 @_connection_options
 @_call_timeout_option
 def ask(question: str, scope: str, port: int, token: str | None, call_timeout: float, **kw: Any) -> None:
-    """Ask QUESTION about each selected annotation, or about the whole image."""
+    """Ask QUESTION about each selected annotation, or about the whole image (answered here, or on --server)."""
     if not question.strip():
         raise QuPathError("question is empty: type a question about the slide or the annotations")
+    opts = _options(kw)
     bridge = connect(port, token, call_timeout=call_timeout)
     try:
         if scope != "slide":
             anns = _annotations(bridge, scope)
-            _finish(*run_annotations(bridge, anns, question, AskOptions(**kw)))
+            _finish(*run_annotations(bridge, anns, question, opts))
             return
-        _ask_whole_slide(bridge, question, AskOptions(**kw))
+        _ask_whole_slide(bridge, question, opts)
     finally:
         bridge.close()
 
@@ -272,9 +370,18 @@ def _ask_whole_slide(bridge: QuPathBridge, question: str, opts: AskOptions) -> N
     """Answer about the whole image; the QuPath sink adds it as a new whole-image annotation."""
     from wsi_llava.progress import TerminalProgress
 
-    with open_session(bridge, opts) as session:
-        session.extract(progress=TerminalProgress())
-        answer = session.ask(question, max_new_tokens=opts.max_new_tokens)
+    if opts.server is not None:
+        from wsi_llava.serve.schemas import AskRequest
+
+        with server_for(bridge, opts) as (client, slide):
+            request = AskRequest(
+                slide=slide, model=opts.model, question=question, max_new_tokens=opts.max_new_tokens
+            )
+            answer = client.ask(request, on_progress=TerminalProgress())
+    else:
+        with open_session(bridge, opts) as session:
+            session.extract(progress=TerminalProgress())
+            answer = session.ask(question, max_new_tokens=opts.max_new_tokens)
     click.echo(answer.answer)
     if answer.notice:
         click.echo(f"[{answer.notice}]", err=True)
