@@ -104,7 +104,7 @@ def test_32_concurrent_clients_get_their_own_answers(srv):
     }
     try:
         for i, body in enumerate(bodies):
-            region = Region.rectangle(**RECT, source="rectangle") if "rectangle" in body else None
+            region = Region.rectangle(*RECT.values(), source="rectangle") if "rectangle" in body else None
             want = sessions[body["slide"]].ask(
                 body["question"], region, max_new_tokens=TOKENS, evidence=body["evidence"]
             )
