@@ -279,7 +279,7 @@ def create_app(config: ServeConfig, engine: Engine) -> FastAPI:
             status="draining" if engine.draining else "ok",
             version=__version__,
             models=engine.names,
-            workers=1,
+            workers=getattr(engine, "worker_count", 1),
             auth=token is not None,
             queue=engine.queue_state(),
         )

@@ -84,6 +84,12 @@ def _draining_server(engine: Any, grace: float, config: Any) -> Any:
 )
 @click.option("--port", default=8765, show_default=True, type=int, help="TCP port (0: any free one).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option(
+    "--devices", help="One model worker process per device, comma-separated (cuda:0,cuda:1); slides routed."
+)
+@click.option(
+    "--workers", type=int, help="N model worker processes: cuda:0..N-1 on CUDA, N processes on the CPU."
+)
 @click.option("--cache", type=click.Path(path_type=Path), help="Cache folder (default ~/.cache/wsi-llava).")
 @click.option(
     "--token-file",
@@ -126,6 +132,8 @@ def serve_command(
     host: str,
     port: int,
     device: str,
+    devices: str | None,
+    workers: int | None,
     cache: Path | None,
     token_file: Path | None,
     max_batch: int,
@@ -143,7 +151,7 @@ def serve_command(
 
     from wsi_llava.serve.app import create_app
     from wsi_llava.serve.config import ServeConfig
-    from wsi_llava.serve.engine import Engine
+    from wsi_llava.serve.workers import make_engine, parse_devices
 
     if not slides_root.is_dir():
         raise click.BadParameter(f"{slides_root}: no such folder", param_hint="--slides-root")
@@ -177,7 +185,7 @@ def serve_command(
         )
     level = getattr(logging, config.log_level.upper())
     logging.getLogger("wsi_llava").setLevel(level)
-    engine = Engine(config)
+    engine = make_engine(config, parse_devices(devices, workers, config.device))
     app = create_app(config, engine)  # a bad token file fails here, before the models load
     sock = bind_socket(host, port)
     try:

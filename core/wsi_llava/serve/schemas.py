@@ -56,6 +56,20 @@ class ErrorBody(_Strict):
 
 
 # --- server and models ----------------------------------------------------------------------------------
+class WorkerInfo(_Strict):
+    """One model worker process of a server started with several devices (``QueueState.workers_detail``)."""
+
+    index: int
+    device: str
+    pid: int | None = None
+    alive: bool
+    routed: int = Field(0, description="requests routed to it (by slide) since the server started")
+    in_hand: int = Field(0, description="requests sent to it and not answered yet")
+    running: int = Field(0, description="questions it is answering now (decoding or extracting)")
+    extractions: int = Field(0, description="slide feature sets it has obtained since it started")
+    cancelled: int = Field(0, description="requests it stopped because they were cancelled")
+
+
 class QueueState(_Strict):
     running: int = Field(0, description="questions being answered now (in the decode batch or extracting)")
     queued: int = Field(0, description="requests waiting for a slot")
@@ -64,6 +78,9 @@ class QueueState(_Strict):
         0,
         description="slide feature sets this server has obtained (extracted or read from the cache) since "
         "it started: one per slide and model, however many requests asked",
+    )
+    workers_detail: list[WorkerInfo] | None = Field(
+        None, description="per model worker process, when the server runs several (--devices / --workers)"
     )
 
 
