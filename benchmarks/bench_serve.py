@@ -20,7 +20,6 @@ server, ``serve_16_vs_sequential`` and ``serve_p99_ttft_s`` (at 16) on a GPU one
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -33,10 +32,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_paper_model_cli import merge_summary, write_json  # noqa: E402
+
+from wsi_llava.answer import Answer  # noqa: E402
+from wsi_llava.errors import WsiLlavaError  # noqa: E402
+from wsi_llava.serve.client import ServerClient, read_token  # noqa: E402
+from wsi_llava.serve.schemas import AskRequest, TokenEvent  # noqa: E402
 
 logger = logging.getLogger("bench_serve")
 RESULTS = Path(__file__).parent / "results"
@@ -78,9 +80,10 @@ def start_server(args: argparse.Namespace, root: Path, log: Path) -> tuple[subpr
         if proc.poll() is not None:
             raise SystemExit(f"wsi-llava serve exited with {proc.returncode}; see {log}")
         try:
-            if httpx.get(f"{url}/v1/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
+            with ServerClient(url, timeout=2) as c:
+                c.health()
+            return proc, url
+        except WsiLlavaError:
             pass
         time.sleep(0.5)
     proc.terminate()
@@ -100,38 +103,25 @@ def requests_for(n: int, slides: list[str], dims: dict[str, tuple[int, int]]) ->
     return out
 
 
-def ask(client: httpx.Client, url: str, body: dict[str, Any], headers: dict[str, str]) -> dict[str, Any]:
+def ask(client: ServerClient, body: dict[str, Any]) -> dict[str, Any]:
     """One streamed ask: time to the first token event, latency, new tokens (from the final Answer)."""
     t0 = time.perf_counter()
     ttft = None
-    event = None
-    answer: dict[str, Any] | None = None
-    error = None
-    with client.stream(
-        "POST", f"{url}/v1/ask", json=body, headers={**headers, "Accept": "text/event-stream"}
-    ) as r:
-        if r.status_code != 200:
-            r.read()
-            return {"error": f"HTTP {r.status_code}: {r.text[:200]}"}
-        for line in r.iter_lines():
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:"):
-                if event == "token" and ttft is None:
-                    ttft = time.perf_counter() - t0
-                elif event == "answer":
-                    answer = json.loads(line[5:])
-                elif event == "error":
-                    error = json.loads(line[5:])["error"]["message"]
-    latency = time.perf_counter() - t0
-    if answer is None:
-        return {"error": error or "stream ended without an answer"}
-    return {
-        "ttft_s": ttft if ttft is not None else latency,
-        "latency_s": latency,
-        "new_tokens": int(answer["timings"]["new_tokens"]),
-        "text": answer["answer"],
-    }
+    try:
+        for event in client.ask_events(AskRequest(**body)):
+            if isinstance(event, TokenEvent) and ttft is None:
+                ttft = time.perf_counter() - t0
+            elif isinstance(event, Answer):
+                latency = time.perf_counter() - t0
+                return {
+                    "ttft_s": ttft if ttft is not None else latency,
+                    "latency_s": latency,
+                    "new_tokens": int(event.timings.new_tokens),
+                    "text": event.answer,
+                }
+    except WsiLlavaError as e:
+        return {"error": str(e)}
+    return {"error": "stream ended without an answer"}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -140,27 +130,24 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, int(round(q * (len(s) - 1)))))]
 
 
-def run_mode(
-    url: str, reqs: list[dict[str, Any]], headers: dict[str, str], concurrent: bool, timeout: float
-) -> dict[str, Any]:
+def run_mode(client: ServerClient, reqs: list[dict[str, Any]], concurrent: bool) -> dict[str, Any]:
     """Send ``reqs`` one at a time or all at once; aggregate figures over the mode's wall time."""
     results: list[dict[str, Any] | None] = [None] * len(reqs)
-    with httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=len(reqs) + 4)) as client:
-        t0 = time.perf_counter()
-        if concurrent:
+    t0 = time.perf_counter()
+    if concurrent:
 
-            def work(i: int) -> None:
-                results[i] = ask(client, url, reqs[i], headers)
+        def work(i: int) -> None:
+            results[i] = ask(client, reqs[i])
 
-            threads = [threading.Thread(target=work, args=(i,)) for i in range(len(reqs))]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-        else:
-            for i, body in enumerate(reqs):
-                results[i] = ask(client, url, body, headers)
-        wall = time.perf_counter() - t0
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(reqs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    else:
+        for i, body in enumerate(reqs):
+            results[i] = ask(client, body)
+    wall = time.perf_counter() - t0
     done = [r for r in results if r is not None and "error" not in r]
     errors = [r["error"] for r in results if r is not None and "error" in r]
     tokens = sum(r["new_tokens"] for r in done)
@@ -195,7 +182,7 @@ def slide_dims(root: Path, slides: list[str]) -> dict[str, tuple[int, int]]:
     return dims
 
 
-def machine(url: str) -> dict[str, Any]:
+def machine(client: ServerClient) -> dict[str, Any]:
     info: dict[str, Any] = {"host": platform.node(), "cpus": os.cpu_count(), "load_avg": os.getloadavg()}
     try:
         import torch
@@ -204,7 +191,7 @@ def machine(url: str) -> dict[str, Any]:
             info["gpu"] = torch.cuda.get_device_name(0)
     except Exception:  # noqa: BLE001 - the card's name is a label, not a requirement
         pass
-    info["server"] = httpx.get(f"{url}/v1/health", timeout=5).json()
+    info["server"] = client.health().model_dump(mode="json")
     return info
 
 
@@ -255,14 +242,15 @@ def main() -> None:
     slides = args.slide or (make_world(root) if args.slides_root is None else
                             sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix in (".tif", ".tiff", ".svs")))  # fmt: skip
     dims = slide_dims(root, slides)
-    headers = {"Authorization": f"Bearer {args.token_file.read_text().strip()}"} if args.token_file else {}
+    token = read_token(args.token_file) if args.token_file else None
     proc = None
     url = args.server
     if url is None:
         proc, url = start_server(args, root, work / "server.log")
     try:
         logger.info("server %s; warming (features of %d slides, decoder)", url, len(slides))
-        warm = run_mode(url, requests_for(len(slides), slides, dims), headers, False, args.timeout)
+        client = ServerClient(url, token=token, timeout=args.timeout)
+        warm = run_mode(client, requests_for(len(slides), slides, dims), False)
         warm.pop("texts")
         if warm["ok"] != len(slides):
             raise SystemExit(f"warm-up failed: {warm['errors']}")
@@ -271,8 +259,8 @@ def main() -> None:
             reqs = requests_for(n, slides, dims)
             for r in reqs:
                 r["max_new_tokens"] = args.max_new_tokens
-            seq = run_mode(url, reqs, headers, False, args.timeout)
-            con = run_mode(url, reqs, headers, True, args.timeout)
+            seq = run_mode(client, reqs, False)
+            con = run_mode(client, reqs, True)
             row = {"n": n, "sequential": seq, "concurrent": con}
             if seq["tokens_per_s"] and con["tokens_per_s"]:
                 row["ratio"] = round(con["tokens_per_s"] / seq["tokens_per_s"], 3)
@@ -281,7 +269,8 @@ def main() -> None:
             rows.append(row)
             logger.info("N=%d: sequential %.1f tok/s, concurrent %.1f tok/s", n, seq["tokens_per_s"] or 0,
                         con["tokens_per_s"] or 0)  # fmt: skip
-        info = machine(url)
+        info = machine(client)
+        client.close()
     finally:
         if proc is not None:
             proc.terminate()

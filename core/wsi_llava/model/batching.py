@@ -54,7 +54,10 @@ from wsi_llava.model.generation import (
     GenerationResult,
     cache_arg,
     cache_of,
+    checked_request,
     is_cancelled,
+    prefill,
+    splice,
 )
 
 if TYPE_CHECKING:
@@ -323,10 +326,10 @@ class Batcher:
         cancel: CancelLike = None,
     ) -> BatchedStream:
         """Queue an answer (arguments as ``WSILlava.stream``); invalid requests raise here, at once."""
-        vt = self.model._visual_2d(visual_tokens)
-        parts, gen = self.model.check_request(
+        vt, parts, gen = checked_request(
+            self.model,
             question,
-            n_visual=vt.shape[0],
+            visual_tokens,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
@@ -523,20 +526,13 @@ class Batcher:
 
     def _prefill(self, r: _Request) -> None:
         model = self.model
-        s = model.embed(torch.tensor([r.parts.input_ids], dtype=torch.long), r.vt[None])
+        s = splice(model, r.parts, r.vt)
         n = int(s.inputs_embeds.shape[1])
         r.result = GenerationResult(prompt_len=n, n_visual_tokens=s.n_visual)
         r.ans = AnswerState(model, r.parts, r.gen, r.seed)
         t0 = time.perf_counter()
-        out = model.llm(
-            inputs_embeds=s.inputs_embeds,
-            attention_mask=s.attention_mask,
-            position_ids=s.position_ids,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        past = cache_of(out)
-        r.logits, r.greedy, r.row, r.cur_len = out.logits[0, -1], None, None, n
+        past, logits = prefill(model, s)
+        r.logits, r.greedy, r.row, r.cur_len = logits[0], None, None, n
         dec = self._dec
         if dec is not None:
             dec.ensure(len(self._active) + 1, n + r.ans.max_new)

@@ -279,6 +279,46 @@ class AnswerState:
         result.stop_reason = self.reason  # type: ignore[assignment]
 
 
+def checked_request(
+    model: WSILlava,
+    question: str,
+    visual_tokens: torch.Tensor,
+    *,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    no_repeat_ngram_size: int | None = None,
+) -> tuple[torch.Tensor, Any, Any]:
+    """``(visual tokens 2-D, prompt parts, generation settings)`` of a request, checked (raises at once)."""
+    vt = model._visual_2d(visual_tokens)
+    parts, gen = model.check_request(
+        question,
+        n_visual=vt.shape[0],
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+    )
+    return vt, parts, gen
+
+
+def splice(model: WSILlava, parts: Any, vt: torch.Tensor) -> Any:
+    """The prompt with the visual tokens spliced in, batch 1 (``WSILlava.embed``)."""
+    return model.embed(torch.tensor([parts.input_ids], dtype=torch.long), vt[None])
+
+
+def prefill(model: WSILlava, s: Any) -> tuple[Any, torch.Tensor]:
+    """The KV cache and last position's logits of the spliced prompt ``s`` (one eager LLM call)."""
+    out = model.llm(
+        inputs_embeds=s.inputs_embeds,
+        attention_mask=s.attention_mask,
+        position_ids=s.position_ids,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return cache_of(out), out.logits[:, -1, :]
+
+
 @torch.inference_mode()
 def stream(
     model: WSILlava,
@@ -297,31 +337,23 @@ def stream(
     KV-cached: one prefill, then one token per step; greedy at temperature 0, else seeded sampling.
     Unset arguments take ``spec.generation``. ``model.last_generation`` holds the result afterwards.
     """
-    vt = model._visual_2d(visual_tokens)
-    parts, gen = model.check_request(
+    vt, parts, gen = checked_request(
+        model,
         question,
-        n_visual=vt.shape[0],
+        visual_tokens,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
         no_repeat_ngram_size=no_repeat_ngram_size,
     )
-    s = model.embed(torch.tensor([parts.input_ids], dtype=torch.long), vt[None])
+    s = splice(model, parts, vt)
     result = GenerationResult(prompt_len=s.inputs_embeds.shape[1], n_visual_tokens=s.n_visual)
     model.last_generation = result
     ans = AnswerState(model, parts, gen, seed)
 
     cache_name = cache_arg(model)
     t0 = time.perf_counter()
-    out = model.llm(
-        inputs_embeds=s.inputs_embeds,
-        attention_mask=s.attention_mask,
-        position_ids=s.position_ids,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    past = cache_of(out)
-    logits = out.logits[:, -1, :]
+    past, logits = prefill(model, s)
     fast = begin_fast(model, past, s.inputs_embeds.shape[1], ans.max_new)
     locked = fast is not None
     if model.device.type == "cuda":
