@@ -117,6 +117,7 @@ def ask(client: ServerClient, body: dict[str, Any]) -> dict[str, Any]:
                     "ttft_s": ttft if ttft is not None else latency,
                     "latency_s": latency,
                     "new_tokens": int(event.timings.new_tokens),
+                    "decode_path": event.timings.decode_path,
                     "text": event.answer,
                 }
     except WsiLlavaError as e:
@@ -160,6 +161,7 @@ def run_mode(client: ServerClient, reqs: list[dict[str, Any]], concurrent: bool)
             "ttft_p50_s": round(pct(ttft, 0.5), 4), "ttft_p99_s": round(pct(ttft, 0.99), 4),
             "latency_p50_s": round(pct(lat, 0.5), 4), "latency_p99_s": round(pct(lat, 0.99), 4),
         })  # fmt: skip
+    row["decode_paths"] = sorted({str(r.get("decode_path")) for r in done})
     row["texts"] = [r["text"] if r is not None and "error" not in r else None for r in results]
     return row
 
@@ -227,6 +229,7 @@ def main() -> None:
     ap.add_argument("--server", help="use this running server instead of starting one")
     ap.add_argument("--token-file", type=Path)
     ap.add_argument("--cache", type=Path, help="the started server's --cache")
+    ap.add_argument("--server-log", type=Path, help="the started server's output (default: in a temp folder)")
     ap.add_argument("--start-timeout", type=float, default=300)
     ap.add_argument("--timeout", type=float, default=900, help="seconds per request")
     ap.add_argument("--out", type=Path)
@@ -246,13 +249,15 @@ def main() -> None:
     proc = None
     url = args.server
     if url is None:
-        proc, url = start_server(args, root, work / "server.log")
+        proc, url = start_server(args, root, args.server_log or work / "server.log")
     try:
         logger.info("server %s; warming (features of %d slides, decoder)", url, len(slides))
         client = ServerClient(url, token=token, timeout=args.timeout)
-        warm = run_mode(client, requests_for(len(slides), slides, dims), False)
+        # every slide, whole and region: both modes then find the same slide-encoder outputs memoised
+        warm_reqs = requests_for(3 * len(slides), slides, dims)
+        warm = run_mode(client, warm_reqs, False)
         warm.pop("texts")
-        if warm["ok"] != len(slides):
+        if warm["ok"] != len(warm_reqs):
             raise SystemExit(f"warm-up failed: {warm['errors']}")
         rows = []
         for n in args.concurrency:

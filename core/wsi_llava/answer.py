@@ -36,6 +36,9 @@ class Timings(BaseModel):
     decode: float = 0.0
     seconds: float = 0.0
     new_tokens: int = 0
+    decode_path: str | None = Field(
+        None, description="how the answer was decoded (eager, graph, compile, batched, batched-graph)"
+    )
 
 
 class Answer(BaseModel):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: slide-encoder outputs kept per session (tile selections: the whole slide and the last few regions)
+VISUAL_MEMO_SIZE = 8
 DEMO_NOTICE = "wsi-llava demo model: not a diagnostic model"
 UNTRAINED_NOTICE = "untrained demo weights: the answer is not meaningful until trained weights ship"
 UNTRAINED_MODEL_NOTICE = (
@@ -83,7 +86,7 @@ class SlideSession:
         self.batch_size = batch_size
         self._features: CachedFeatures | None = None
         self._tile_encoder = None
-        self._visual_memo: dict[tuple[int, ...], Any] = {}
+        self._visual_memo: OrderedDict[tuple[int, ...], Any] = OrderedDict()
         self._tile_distances: tuple[Any, np.ndarray] | None = None  # (statistics, distances), once per slide
         self.last_answer: Answer | None = None
 
@@ -168,13 +171,17 @@ class SlideSession:
         import torch
 
         key = tuple(int(i) for i in indices)
-        if key not in self._visual_memo:
-            feats = self.extract()
-            x = torch.from_numpy(np.asarray(feats.features[indices], dtype=np.float32))
-            coords = torch.from_numpy(np.asarray(feats.coords[indices], dtype=np.int64))
-            self._visual_memo.clear()  # keep one entry: regions differ, the whole slide is the common case
-            self._visual_memo[key] = self.model.encode_slide(x, coords, self.grid.tile_size_level0)
-        return self._visual_memo[key]
+        if key in self._visual_memo:
+            self._visual_memo.move_to_end(key)
+            return self._visual_memo[key]
+        feats = self.extract()
+        x = torch.from_numpy(np.asarray(feats.features[indices], dtype=np.float32))
+        coords = torch.from_numpy(np.asarray(feats.coords[indices], dtype=np.int64))
+        visual = self.model.encode_slide(x, coords, self.grid.tile_size_level0)
+        self._visual_memo[key] = visual
+        while len(self._visual_memo) > VISUAL_MEMO_SIZE:  # the last few selections: many users, few regions
+            self._visual_memo.popitem(last=False)
+        return visual
 
     # --- questions -----------------------------------------------------------------------------
     def ask_stream(
@@ -273,6 +280,7 @@ class SlideSession:
                 decode=round(gen.decode_seconds, 4),
                 seconds=round(time.perf_counter() - t0, 4),
                 new_tokens=len(gen.new_token_ids),
+                decode_path=gen.decode_path,
             ),
         )
 
@@ -385,5 +393,6 @@ def ask_tokens(
             decode=round(gen.decode_seconds, 4),
             seconds=round(time.perf_counter() - t0, 4),
             new_tokens=len(gen.new_token_ids),
+            decode_path=gen.decode_path,
         ),
     )
