@@ -346,7 +346,7 @@ def test_answers_joining_together_share_one_padded_prefill(demo, monkeypatch):
         groups.clear()
         with Batcher(demo, max_batch=8, max_prefill_tokens=limit) as batcher:
             gate = threading.Event()
-            held = threading.Thread(target=lambda: batcher.call(gate.wait))
+            held = threading.Thread(target=batcher.call, args=(gate.wait,))
             held.start()  # the loop waits inside this call: every submit below joins in one turn
             time.sleep(0.05)
             streams = [batcher.submit(q, v, **kw) for q, v, kw in reqs]

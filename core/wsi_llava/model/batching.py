@@ -85,7 +85,9 @@ def _padded_prefill(model: WSILlava, spliced: list[Any], lengths: list[int]) -> 
     ``lengths[i]``) and each row's last-position logits (rows, vocab). Padding sits after every real
     position, so under the causal mask no real position sees it."""
     width = max(lengths)
-    embeds = torch.cat([F.pad(s.inputs_embeds, (0, 0, 0, width - n)) for s, n in zip(spliced, lengths, strict=True)])
+    embeds = torch.cat(
+        [F.pad(s.inputs_embeds, (0, 0, 0, width - n)) for s, n in zip(spliced, lengths, strict=True)]
+    )
     mask = torch.cat([F.pad(s.attention_mask, (0, width - n)) for s, n in zip(spliced, lengths, strict=True)])
     positions = torch.arange(width, device=embeds.device).expand(len(spliced), width)
     last = torch.tensor([n - 1 for n in lengths], device=embeds.device)
