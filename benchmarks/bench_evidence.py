@@ -1,6 +1,6 @@
 """Evidence benchmark: does the relevance map lie on the tissue a question asks about? CPU, demo model.
 
-    python benchmarks/bench_evidence.py [--world DIR] [--slides N] [--steps K] [--out FILE]
+    python benchmarks/bench_evidence.py [--world DIR] [--slides N] [--out FILE]
 
 On a held-out synthetic world (``wsi-llava synth DIR --n-slides 12 --seed 777 --size 2560 --split test``,
 made if missing) every tile's tissue class is known from the world's QuPath GeoJSON. For each slide and each
@@ -11,7 +11,8 @@ tiles it covers: ROC-AUC, and the pointing game (is the top tile of the class?).
 
 * ``before``: the method shipped before, kept here as the baseline: attention of the answer positions to the
   visual tokens (last half of the LLM's layers), each pooling bin's score spread evenly over its tiles;
-* ``integrated_gradients``: what every front end uses now (:func:`wsi_llava.model.evidence.tile_relevance`);
+* ``integrated_gradients``: what every front end shows, the ``Answer.evidence`` of ``SlideSession.ask``
+  (:func:`wsi_llava.model.evidence.tile_relevance`, the core's number of steps);
 * ``random``: uniform random scores (seeded).
 
 Writes ``benchmarks/results/evidence.json`` and puts ``evidence_mean_auc`` / ``evidence_mean_auc_before``
@@ -120,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--world", type=Path, default=Path("runs/bench_evidence/heldout_777"))
     ap.add_argument("--slides", type=int, default=12, help="held-out slides (seed 777)")
-    ap.add_argument("--steps", type=int, default=None, help="integration steps (default: the core's)")
     ap.add_argument("--out", type=Path, default=RESULTS / "evidence.json")
     ap.add_argument("--summary", type=Path, default=RESULTS / "summary.json")
     args = ap.parse_args(argv)
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     from wsi_llava.session import SlideSession
     from wsi_llava.slide.geojson import read_geojson
 
-    steps = args.steps or DEFAULT_STEPS
+    steps = DEFAULT_STEPS  # what the session's evidence pass uses
     if not (args.world / "manifest.json").is_file():
         cmd = ["wsi-llava", "synth", str(args.world), "--n-slides", str(args.slides), "--seed", "777"]
         subprocess.run([*cmd, "--size", "2560", "--split", "test"], check=True, stdout=subprocess.DEVNULL)
@@ -145,7 +145,6 @@ def main(argv: list[str] | None = None) -> int:
         with SlideSession(
             args.world / entry["path"], model=model, cache_dir=args.world.parent / "cache"
         ) as sess:
-            feats = sess.extract()
             w, h = sess.reader.dimensions
             for key, (q_slide, q_region, qupath_class) in CLASSES.items():
                 if key not in entry["tissue_types"]:
@@ -159,18 +158,10 @@ def main(argv: list[str] | None = None) -> int:
                     if mask.all() or not mask.any():
                         continue
                     t = time.perf_counter()
-                    answer = sess.ask(question, region, evidence=False, max_new_tokens=8)
+                    answer = sess.ask(question, region, max_new_tokens=8)  # with its evidence, as shown
                     ids = list(sess.model.last_generation.new_token_ids)
-                    ig = np.asarray(
-                        sess.model.tile_relevance(
-                            question,
-                            np.asarray(feats.features[indices], np.float32),
-                            np.asarray(feats.coords[indices], np.int64),
-                            sess.grid.tile_size_level0,
-                            ids,
-                            steps=steps,
-                        )
-                    )
+                    assert answer.evidence.tile_indices == [int(i) for i in indices]
+                    ig = np.asarray(answer.evidence.scores)
                     seconds = time.perf_counter() - t
                     methods = {
                         "before": before_scores(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from types import ModuleType
@@ -203,3 +205,15 @@ def test_stage3_from_base_trains_the_base_adapter(tiny_stage1: tuple[Path, Path]
             "train: {max_steps: 1, batch_size: 2, bf16: false}\n"
         )
         run_lm_stage(load_config(cfg, "stage3"), tmp_path / "bad", Dist())
+
+
+@pytest.mark.parametrize("script", ["check_presets.py", "check_demo.py"])
+def test_training_checks_name_the_cache_as_ask_does(script: str) -> None:
+    """``--cache DIR`` as on ``ask`` / ``eval`` / ``train prepare``; the old ``--cache-dir`` works but is not listed."""
+    shown = subprocess.run(
+        [sys.executable, str(ROOT / "training" / script), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "--cache CACHE" in shown and "--cache-dir" not in shown

@@ -542,3 +542,87 @@ def test_evidence_options_need_evidence(fake_qupath):
     r = CliRunner().invoke(qupath, ["ask", "--help"])
     text = " ".join(r.output.split())
     assert "hold 90 % of the answer's relevance, at most 300" in text and "relevant tile = 1" in text
+
+
+class _StallingProxy:
+    """A TCP proxy in front of the test double that forwards py4j's commands until one calls ``method``,
+    then holds that one and every later one unanswered: QuPath stuck (a dialog opened) in mid-write."""
+
+    def __init__(self, target_port: int, method: str) -> None:
+        import socket
+        import threading
+
+        self.target_port = target_port
+        self.method = f"\n{method}\n".encode()
+        self.stalled = threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.sockets: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        try:
+            while True:
+                client, _ = self.server.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+                self.sockets += [client, upstream]
+                for src, dst, commands in ((client, upstream, True), (upstream, client, False)):
+                    threading.Thread(target=self._pipe, args=(src, dst, commands), daemon=True).start()
+        except OSError:  # closed
+            pass
+
+    def _pipe(self, src, dst, commands: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if commands and (self.stalled.is_set() or self.method in data):
+                    self.stalled.set()  # read, never forwarded, never answered
+                    continue
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.server.close()
+        for s in self.sockets:
+            s.close()
+
+
+@pytest.mark.parametrize("scope", ["region", "slide"])
+def test_a_qupath_stalling_while_adding_the_evidence_leaves_no_answer_without_its_tiles(
+    fake_qupath, world_png, scope
+):
+    """QuPath stops answering once the evidence tiles are being added: the answer's description is not in
+    QuPath (the annotation keeps its own; a new whole-slide annotation has none), and the sink says so."""
+    from wsi_llava.answer import Answer, Evidence
+    from wsi_llava.evidence_tiles import EvidenceSelection
+    from wsi_llava_qupath.bridge import QuPathError
+
+    fq = fake_qupath
+    slide, png = world_png
+    fq.open_image(slide.as_uri(), png, 2048, 2048, 0.5)
+    fq.add_object(_feature("a", metadata={DESCRIPTION_KEY: "Reviewed."}), selected=True)
+    proxy = _StallingProxy(fq.port, "addObjectBelowParent")
+    bridge = connect(proxy.port, call_timeout=1.0)
+    try:
+        annotation = bridge.annotations(selected=True)[0] if scope == "region" else None
+        evidence = Evidence(
+            tile_indices=[0, 1], coords=[(100, 100), (356, 100)], scores=[0.6, 0.4], tile_size=256
+        )
+        answer = Answer(question="Q?", answer="Tumour.", scope=scope, model="m", evidence=evidence)
+        context = {"qupath_bridge": bridge, "qupath_annotation": annotation, "evidence": EvidenceSelection()}
+        with pytest.raises(QuPathError, match="did not answer"):
+            qupath_sink(answer, context)
+        assert proxy.stalled.is_set()
+    finally:
+        bridge.close()
+        proxy.close()
+    described = {
+        f["properties"].get("name"): f["properties"].get("metadata", {}).get(DESCRIPTION_KEY)
+        for f in fq.objects()
+    }
+    assert described.pop("a") == "Reviewed."
+    assert all(not d for d in described.values()), described  # a whole-slide annotation at most, bare
+    assert fq.detections() == []

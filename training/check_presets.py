@@ -19,7 +19,7 @@ questions cover every tile. Each answer is judged by string rules against the wo
 * slide, yes/no: the first ``yes``/``no`` word is the truth (tumour present, resp. necrosis present).
 * slide, "tissue types and diagnosis": both the tissue rule and the diagnosis rule.
 
-Usage: python training/check_presets.py WORLD_DIR OUT.json [--model demo] [--device cpu] [--slides N]
+Usage: python training/check_presets.py WORLD_DIR OUT.json [--model demo] [--device cpu] [--cache DIR] [--slides N]
        [--time-limit SECONDS]
 """
 

@@ -24,7 +24,6 @@ import java.net.http.HttpConnectTimeoutException
 import java.net.http.HttpRequest
 import java.net.http.HttpResponse
 import java.net.http.HttpTimeoutException
-import java.nio.file.Files
 import java.time.Duration
 
 // ---- settings --------------------------------------------------------------------------------------
@@ -151,12 +150,9 @@ def exchange(HttpClient http, HttpRequest request, int timeout) {
 
 /** Describe the selected annotations on the server; returns a message for the user. */
 String describeViaServer(Map s, wsiLlava) {
-    def imageData = getCurrentImageData()
-    if (imageData == null)
-        return "ERROR: open an image first."
-    def selected = getSelectedObjects().findAll { it.isAnnotation() }
-    if (selected.isEmpty())
-        return "ERROR: select one or more annotations first."
+    def selected = wsiLlava.selectedAnnotations()
+    if (selected instanceof String)
+        return selected
     def slide = serverSlide(s.SLIDE as String, s.SLIDES_ROOT_HERE as String)
     if (slide == null)
         return "ERROR: the image is not a file QuPath opened from disk: set SLIDE to its path as the server sees it."
@@ -180,10 +176,8 @@ String describeViaServer(Map s, wsiLlava) {
         return "ERROR: " + base + ": the server speaks API " + health.api + " (wsi-llava " + health.version +
             "), this script v1: use the script of the server's wsi-llava version"
 
-    def dir = Files.createTempDirectory("wsi-llava-").toFile()
-    def inJson = new File(dir, "selected.geojson")
-    def outJson = new File(dir, "described.geojson")
-    exportSelectedObjectsToGeoJson(inJson.getAbsolutePath(), "FEATURE_COLLECTION")
+    def inJson = wsiLlava.exportSelected()
+    def outJson = new File(inJson.parentFile, "described.geojson")
     // the export goes into the request as written (QuPath's own GeoJSON, NaN measurements included)
     def settings = [slide: slide, question: s.QUESTION, overwrite: s.OVERWRITE, set_name: s.SET_NAME]
     if (s.MODEL)
@@ -209,11 +203,7 @@ String describeViaServer(Map s, wsiLlava) {
     if (!result.described)
         return "ERROR: no annotation was described (" + failed.collect { it.label + ": " + it.error }.join("; ") + ")"
     outJson.setText(JsonOutput.toJson(result.features), "UTF-8")
-    def described = qupath.lib.io.PathIO.readObjects(outJson.toPath())
-    int n = wsiLlava.applyAnswers(selected, described)
-    String tiles = s.EVIDENCE ? ", " + wsiLlava.applyEvidence(selected, described) + " evidence tile(s)" : ""
-    fireHierarchyUpdate()
-    return "WSI-LLaVA: answers written into " + n + " of " + selected.size() + " annotation(s)" + tiles +
+    return wsiLlava.writeBack(selected, outJson, s.EVIDENCE as boolean) +
         (failed ? " (" + failed.size() + " failed, left unchanged)" : "") + "."
 }
 

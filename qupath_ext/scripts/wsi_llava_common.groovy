@@ -1,5 +1,6 @@
 /**
- * WSI-LLaVA for QuPath (0.6+): the code describe_selected.groovy and ask_wsi_llava.groovy share.
+ * WSI-LLaVA for QuPath (0.6+): the code describe_selected.groovy, ask_wsi_llava.groovy and
+ * describe_via_server.groovy share.
  *
  * Keep this file in the same folder as those scripts: each loads it from beside its own file (QuPath
  * names the running script's file) with `evaluate`. Running it on its own does nothing.
@@ -89,15 +90,37 @@ int applyEvidence(Collection<PathObject> targets, Collection<PathObject> describ
     return owner.size()
 }
 
-/** Run wsi-llava on the selected annotations; returns a message for the user. */
-String describeSelected(String question, boolean overwrite, boolean setName, String model, boolean evidence) {
-    def imageData = getCurrentImageData()
-    if (imageData == null)
+/** The selected annotations of the open image, or a message ("ERROR: ...") saying what is missing. */
+def selectedAnnotations() {
+    if (getCurrentImageData() == null)
         return "ERROR: open an image first."
     def selected = getSelectedObjects().findAll { it.isAnnotation() }
-    if (selected.isEmpty())
-        return "ERROR: select one or more annotations first."
-    def slide = imageData.getServer().getURIs().findResult { uri ->
+    return selected.isEmpty() ? "ERROR: select one or more annotations first." : selected
+}
+
+/** The selection exported as QuPath's GeoJSON into a new temporary folder; the file. */
+File exportSelected() {
+    def inJson = new File(Files.createTempDirectory("wsi-llava-").toFile(), "selected.geojson")
+    exportSelectedObjectsToGeoJson(inJson.getAbsolutePath(), "FEATURE_COLLECTION")
+    return inJson
+}
+
+/** Write the answers (and, with evidence, the tiles) of the described GeoJSON file into ``selected``, redraw;
+ * what was written, in words. */
+String writeBack(selected, File described, boolean evidence) {
+    def objects = PathIO.readObjects(described.toPath())
+    int n = applyAnswers(selected, objects)
+    String tiles = evidence ? ", " + applyEvidence(selected, objects) + " evidence tile(s)" : ""
+    fireHierarchyUpdate()
+    return "WSI-LLaVA: answers written into " + n + " of " + selected.size() + " annotation(s)" + tiles
+}
+
+/** Run wsi-llava on the selected annotations; returns a message for the user. */
+String describeSelected(String question, boolean overwrite, boolean setName, String model, boolean evidence) {
+    def selected = selectedAnnotations()
+    if (selected instanceof String)
+        return selected
+    def slide = getCurrentImageData().getServer().getURIs().findResult { uri ->
         uri.getScheme() == "file" && new File(uri).isFile() ? new File(uri).getAbsolutePath() : null
     }
     if (slide == null)
@@ -107,10 +130,8 @@ String describeSelected(String question, boolean overwrite, boolean setName, Str
     if (exe == null)
         return "ERROR: wsi-llava is not installed (or not on PATH). Install it with " +
                "pip install \"wsi-llava[qupath]\", or set WSI_LLAVA to the program's full path."
-    def dir = Files.createTempDirectory("wsi-llava-").toFile()
-    def inJson = new File(dir, "selected.geojson")
-    def outJson = new File(dir, "described.geojson")
-    exportSelectedObjectsToGeoJson(inJson.getAbsolutePath(), "FEATURE_COLLECTION")
+    def inJson = exportSelected()
+    def outJson = new File(inJson.parentFile, "described.geojson")
     def cmd = buildCommand(exe, slide, inJson.getAbsolutePath(), outJson.getAbsolutePath(), question,
                            overwrite, setName, model, evidence)
     println "WSI-LLaVA: running " + cmd.collect { it.contains(" ") ? "'" + it + "'" : it }.join(" ")
@@ -119,11 +140,7 @@ String describeSelected(String question, boolean overwrite, boolean setName, Str
     int rc = proc.waitFor()
     if (rc != 0 || !outJson.isFile())
         return "ERROR: wsi-llava describe failed (exit code " + rc + "); see the log above."
-    def described = PathIO.readObjects(outJson.toPath())
-    int n = applyAnswers(selected, described)
-    String tiles = evidence ? ", " + applyEvidence(selected, described) + " evidence tile(s)" : ""
-    fireHierarchyUpdate()
-    return "WSI-LLaVA: answers written into " + n + " of " + selected.size() + " annotation(s)" + tiles + "."
+    return writeBack(selected, outJson, evidence) + "."
 }
 
 /** Print the message and show it in QuPath: "ERROR: ..." as an error dialog, else as a notification. */

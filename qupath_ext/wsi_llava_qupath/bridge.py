@@ -367,15 +367,22 @@ class QuPathBridge:
         return [QuPathAnnotation(o, r) for o, r in zip(kept_objs, regions, strict=True)]
 
     def write(self, annotation: QuPathAnnotation, update: AnnotationUpdate, overwrite: bool = False) -> None:
-        """Write one answer into the live QuPath object: description, optional name, measurements.
+        """Write one answer into the live QuPath object: description, optional name, measurements."""
+        self.prepare_write(annotation.java_object, annotation.region.properties, update, overwrite)()
+
+    def prepare_write(
+        self, obj: Any, properties: dict[str, Any], update: AnnotationUpdate, overwrite: bool = False
+    ) -> Callable[[], None]:
+        """Read and check all that writing ``update`` into ``obj`` needs, changing nothing; the call returned
+        makes the changes. A caller with more to write (evidence tiles) does that in between, so that a
+        failure there leaves no answer written without it.
 
         The new properties come from the core's :func:`apply_to_properties` (as for GeoJSON files) over
-        what was read from QuPath, with the description QuPath holds now. Measurements go back the way
-        they were read: QuPath <= 0.3 exports a list of ``{name, value}`` and takes
+        ``properties`` (what was read from QuPath), with the description QuPath holds now. Measurements go
+        back the way they were read: QuPath <= 0.3 exports a list of ``{name, value}`` and takes
         ``getMeasurementList().putMeasurement``, later versions an object and ``getMeasurements().put``.
         """
-        obj = annotation.java_object
-        props = dict(annotation.region.properties)
+        props = dict(properties)
         metadata = props.get("metadata")
         props["metadata"] = {**(metadata if isinstance(metadata, dict) else {}), DESCRIPTION_KEY: None}
         live = self._call("getDescription", obj.getDescription)
@@ -383,11 +390,15 @@ class QuPathBridge:
             props["metadata"][DESCRIPTION_KEY] = str(live)
         new = apply_to_properties(props, update, overwrite)  # checks everything before the first change
         put = self._measurement_put(obj, legacy=isinstance(props.get("measurements"), list))
-        self._call("setDescription", obj.setDescription, new["metadata"][DESCRIPTION_KEY])
-        if update.name is not None:
-            self._call("setName", obj.setName, new["name"])
-        for key, value in update.measurements.items():
-            self._call("measurement put", put, key, float(value))
+
+        def apply() -> None:
+            self._call("setDescription", obj.setDescription, new["metadata"][DESCRIPTION_KEY])
+            if update.name is not None:
+                self._call("setName", obj.setName, new["name"])
+            for key, value in update.measurements.items():
+                self._call("measurement put", put, key, float(value))
+
+        return apply
 
     def _measurement_put(self, obj: Any, legacy: bool) -> Callable[[str, float], Any]:
         """The Java method that sets one measurement of ``obj``, for the QuPath version that made it."""

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from wsi_llava.errors import SlideError
-from wsi_llava.slide.base import BaseSlideReader
+from wsi_llava.slide.base import BaseSlideReader, StoredLevelsReader
 
 POINTER_SUFFIX = ".qupath-image"
 TOKEN_ENV = "WSI_LLAVA_QUPATH_TOKEN"
@@ -48,7 +48,7 @@ def write_pointer(bridge: Any, directory: Path) -> Path:
     return path
 
 
-class QuPathImageReader(BaseSlideReader):
+class QuPathImageReader(StoredLevelsReader):
     """Pixels of the image open in QuPath, read through its py4j gateway."""
 
     reader_name = "qupath"
@@ -74,17 +74,8 @@ class QuPathImageReader(BaseSlideReader):
                 "open that image in QuPath again"
             )
         self.info = info
-        self._dims = tuple(
-            (max(1, int(info.width / ds)), max(1, int(info.height / ds))) for ds in info.downsamples
-        )
-
-    @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return self._dims
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]:
-        return tuple(self.info.downsamples)
+        dims = [(max(1, int(info.width / ds)), max(1, int(info.height / ds))) for ds in info.downsamples]
+        self._set_levels(dims, info.downsamples)
 
     def _native_mpp(self) -> float | None:
         return self.info.mpp
@@ -110,7 +101,7 @@ class QuPathImageReader(BaseSlideReader):
 
     def fingerprint(self) -> str:
         """Same image in QuPath, same fingerprint (the pointer's port does not matter)."""
-        key = json.dumps([self._server_path, list(self._dims), self.level_downsamples])
+        key = json.dumps([self._server_path, list(self.level_dimensions), self.level_downsamples])
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from wsi_llava.annotate import AnnotationUpdate, apply_to_properties, update_from_answer
+from wsi_llava.annotate import apply_to_properties, update_from_answer
 from wsi_llava.answer import Answer
 from wsi_llava.errors import WsiLlavaError
 from wsi_llava.evidence_tiles import EvidenceSelection, evidence_features
@@ -23,13 +23,14 @@ SINK_NAME = "qupath"
 WHOLE_SLIDE_NAME = "WSI-LLaVA: whole slide"
 
 
-def whole_slide_feature(update: AnnotationUpdate, width: int, height: int) -> dict[str, Any]:
-    """A new annotation covering the whole image, carrying ``update`` as QuPath properties."""
-    props = apply_to_properties(
-        {"objectType": "annotation", "name": WHOLE_SLIDE_NAME}, update, overwrite=True
-    )
+def whole_slide_feature(width: int, height: int) -> dict[str, Any]:
+    """A new annotation covering the whole image, named but with no answer yet (:func:`qupath_sink` writes it)."""
     box = [[0, 0], [width, 0], [width, height], [0, height], [0, 0]]
-    return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [box]}, "properties": props}
+    return {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [box]},
+        "properties": {"objectType": "annotation", "name": WHOLE_SLIDE_NAME},
+    }
 
 
 def qupath_sink(answer: Answer, context: dict[str, Any]) -> None:
@@ -37,7 +38,9 @@ def qupath_sink(answer: Answer, context: dict[str, Any]) -> None:
 
     ``qupath_annotation``: the annotation asked about (None for a whole-slide answer, which becomes a
     new annotation); optional ``overwrite``, ``set_name``, ``refresh`` (default True: redraw QuPath now),
-    ``evidence`` (an ``EvidenceSelection``: also add the answer's relevant tiles as detections).
+    ``evidence`` (an ``EvidenceSelection``: also add the answer's relevant tiles as detections). The
+    evidence tiles go in before the answer's text, so a failure between the two leaves no description
+    without its tiles.
     """
     bridge = context.get("qupath_bridge")
     if bridge is None:
@@ -46,26 +49,29 @@ def qupath_sink(answer: Answer, context: dict[str, Any]) -> None:
     selection: EvidenceSelection | None = context.get("evidence")
     update = update_from_answer(answer, set_name=bool(context.get("set_name", False)))
     if annotation is not None:
-        bridge.write(annotation, update, overwrite=bool(context.get("overwrite", False)))
-        if selection is not None:
-            legacy = isinstance(annotation.region.properties.get("measurements"), list)
-            parent = annotation.java_object
-            features = evidence_features(answer.evidence, selection, legacy_measurements=legacy)
-            bridge.put_detections(parent, features, replace=bridge.evidence_children([parent]))
+        target, props = annotation.java_object, annotation.region.properties
+        write = bridge.prepare_write(target, props, update, overwrite=bool(context.get("overwrite", False)))
+        replaced = [target]  # its own earlier evidence
     elif answer.scope == "slide":
         info = bridge.image_info()
-        earlier = []
-        if selection is not None:  # the evidence of earlier whole-slide answers is replaced
-            earlier = [
+        replaced = []  # the evidence of earlier whole-slide answers
+        if selection is not None:
+            replaced = [
                 a.java_object for a in bridge.annotations(selected=False) if a.region.name == WHOLE_SLIDE_NAME
             ]
-        new = bridge.add_annotation(whole_slide_feature(update, info.width, info.height))
-        if selection is not None:
-            features = evidence_features(answer.evidence, selection)
-            bridge.put_detections(new, features, replace=bridge.evidence_children(earlier))
+        feature = whole_slide_feature(info.width, info.height)
+        props = feature["properties"]
+        apply_to_properties(props, update, overwrite=True)  # refuses a bad update before the first change
+        target = bridge.add_annotation(feature)
+        write = bridge.prepare_write(target, props, update, overwrite=True)
     else:
         logger.warning("a region answer without its QuPath annotation: not written")
         return
+    if selection is not None:
+        legacy = isinstance(props.get("measurements"), list)
+        features = evidence_features(answer.evidence, selection, legacy_measurements=legacy)
+        bridge.put_detections(target, features, replace=bridge.evidence_children(replaced))
+    write()
     if context.get("refresh", True):
         bridge.refresh()
 

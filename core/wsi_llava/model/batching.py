@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from wsi_llava.errors import ModelError
 from wsi_llava.model import fast_decode
 from wsi_llava.model.fast_decode import (
+    DecoderParts,
     UnsupportedModel,
     _layer_in,
     _layer_out,
-    _parts,
     _rms,
     cache_kv,
     resolve_mode,
@@ -100,7 +100,7 @@ def _padded_prefill(model: WSILlava, spliced: list[Any], lengths: list[int]) -> 
     return cache_of(out), out.logits[rows, column, :]
 
 
-class BatchDecoder:
+class BatchDecoder(DecoderParts):
     """Static KV buffers of several answers and their one-token decode step, against the LLM's weights.
 
     ``load(slot, cache, length)`` takes an eager prefill's cache; ``step(tokens, positions)`` feeds
@@ -110,23 +110,13 @@ class BatchDecoder:
     """
 
     def __init__(self, llm: Any, use_graphs: bool = False, pad: bool | None = None) -> None:
-        self.cfg, self.layers, (self.norm_w, self.norm_eps), (self.head_w, self.head_b) = _parts(llm)
-        self.embed_w = llm.model.embed_tokens.weight
-        self.rotary = llm.model.rotary_emb
-        self.device = self.embed_w.device
-        self.dtype = self.embed_w.dtype
+        super().__init__(llm)
         self.use_graphs = bool(use_graphs) and self.device.type == "cuda"
         self.pad = self.use_graphs if pad is None else bool(pad)
-        heads = int(self.cfg.num_attention_heads)
-        self.n_kv = int(getattr(self.cfg, "num_key_value_heads", None) or heads)
-        self.head_dim = int(getattr(self.cfg, "head_dim", None) or self.cfg.hidden_size // heads)
-        self.scaling = float(self.head_dim**-0.5)
         self.slots = 0
-        self.capacity = 0
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self._graphs: dict[int, tuple[Any, torch.Tensor]] = {}
-        self.capture_seconds = 0.0
 
     # --- buffers -----------------------------------------------------------------------------------
     def ensure(self, slots: int, length: int) -> None:

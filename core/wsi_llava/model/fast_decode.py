@@ -256,7 +256,25 @@ def cache_kv(cache: Any, layer: int) -> tuple[Any, Any]:
     return cache[layer][0], cache[layer][1]
 
 
-class FastDecoder:
+class DecoderParts:
+    """What a decode step reads off ``llm`` once: its layers, final norm, head, embedding and rotary, and the
+    attention's shape (KV heads, head width, scaling); the one-answer and the batched decoders share it."""
+
+    def __init__(self, llm: Any) -> None:
+        self.cfg, self.layers, (self.norm_w, self.norm_eps), (self.head_w, self.head_b) = _parts(llm)
+        self.embed_w = llm.model.embed_tokens.weight
+        self.rotary = llm.model.rotary_emb
+        self.device = self.embed_w.device
+        self.dtype = self.embed_w.dtype
+        heads = int(self.cfg.num_attention_heads)
+        self.n_kv = int(getattr(self.cfg, "num_key_value_heads", None) or heads)
+        self.head_dim = int(getattr(self.cfg, "head_dim", None) or self.cfg.hidden_size // heads)
+        self.scaling = float(self.head_dim**-0.5)
+        self.capacity = 0
+        self.capture_seconds = 0.0
+
+
+class FastDecoder(DecoderParts):
     """Static KV buffers + the one-token decode step of one LLM, reused across answers.
 
     ``load_prefix`` takes the eager prefill's cache; ``step(token, position)`` returns the next logits
@@ -266,20 +284,10 @@ class FastDecoder:
     def __init__(self, llm: Any, mode: str) -> None:
         if mode not in ("static", "graph", "compile"):
             raise ValueError(f"FastDecoder mode {mode!r}")
-        self.cfg, self.layers, (self.norm_w, self.norm_eps), (self.head_w, self.head_b) = _parts(llm)
-        self.embed_w = llm.model.embed_tokens.weight
-        self.rotary = llm.model.rotary_emb
-        self.device = self.embed_w.device
-        self.dtype = self.embed_w.dtype
+        super().__init__(llm)
         if mode != "static" and self.device.type != "cuda":
             mode = "static"
         self.mode = mode
-        heads = int(self.cfg.num_attention_heads)
-        self.n_kv = int(getattr(self.cfg, "num_key_value_heads", None) or heads)
-        self.head_dim = int(getattr(self.cfg, "head_dim", None) or self.cfg.hidden_size // heads)
-        self.scaling = float(self.head_dim**-0.5)
-        self.capacity = 0
-        self.capture_seconds = 0.0
         self._layer_in, self._layer_out = _layer_in, _layer_out
         if mode == "compile":
             self._layer_in = torch.compile(_layer_in, dynamic=False, fullgraph=True)

@@ -339,24 +339,13 @@ def slide_questions(
     # Morphology MCQ: which feature is present / absent
     present = [f for f, fn in _FEATURES.items() if fn(lab)]
     absent = [f for f, fn in _FEATURES.items() if not fn(lab)]
-    if len(absent) >= 3 and present:
-        q, a = mcq(
-            "Which of the following is present on this slide?",
-            pick(rng, present),
-            absent,
-            letters["Morphology_choice"],
-            rng,
-        )
-        emit("Morphology_choice", "Morphology_choice", q, a, None)
-    if len(present) >= 3 and absent:
-        q, a = mcq(
-            "Which of the following is absent from this slide?",
-            pick(rng, absent),
-            present,
-            letters["Morphology_choice"],
-            rng,
-        )
-        emit("Morphology_choice", "Morphology_choice", q, a, None)
+    for question, right, wrong in (
+        ("Which of the following is present on this slide?", present, absent),
+        ("Which of the following is absent from this slide?", absent, present),
+    ):
+        if len(wrong) >= 3 and right:
+            q, a = mcq(question, pick(rng, right), wrong, letters["Morphology_choice"], rng)
+            emit("Morphology_choice", "Morphology_choice", q, a, None)
     # Yes/No
     yn = [
         ("Is tumour necrosis present on this slide?", lab.necrosis),
