@@ -41,7 +41,7 @@ _MAX_GAP = 64 << 10
 _MAX_READ = 32 << 20
 #: OpenSlide backends whose levels are the TIFF's tiled pages, tile for tile
 _OPENSLIDE_TIFF_VENDORS = ("aperio", "generic-tiff")
-#: gather indices per chunk of grid tiles in :func:`assemble` (int64: 128 MB), bounding device memory
+#: pixels per chunk of grid tiles in :func:`assemble` (their int64 tile index: 128 MB), bounding device memory
 _GATHER_CHUNK = 1 << 24
 #: what the readers give where there are no pixels (outside the image, tiles left out)
 _WHITE = 255
@@ -167,6 +167,8 @@ def jpeg_plan(reader: Any, grid: Any) -> tuple[JpegTilePlan | None, str | None]:
     """The plan of ``grid`` on ``reader``'s JPEG tiles, or None and the reason the reader must read them."""
     from wsi_llava.slide.tiling import _plan
 
+    if not hasattr(os, "pread"):
+        return None, "os.pread is not available on this system"
     rplan = _plan(reader, grid)
     level = rplan.level
     page, reason = _level_page(reader, level)
@@ -318,6 +320,11 @@ def decode_streams(streams: list[bytes], device: Any = "cpu") -> Any:
     with warnings.catch_warnings():  # torchvision >= 0.29 flags its image codecs as deprecated
         warnings.simplefilter("ignore")
         dec = decode_jpeg(data, mode=ImageReadMode.RGB, device=torch.device(device))
+    shapes = {tuple(d.shape) for d in dec}
+    if len(shapes) > 1:
+        raise SlideError(
+            f"JPEG tiles decode to different sizes {sorted(shapes)}; TIFF tiles are all one size"
+        )
     return torch.stack(dec).permute(0, 2, 3, 1)
 
 
@@ -328,21 +335,30 @@ def _resize(x: Any, size: int) -> Any:
     import torch.nn.functional as F
 
     n = x.shape[1]
-    y = x.permute(0, 3, 1, 2).float()
+    y = x.permute(0, 3, 1, 2)  # channels-last NCHW view
     if n > size and n % size == 0:
-        y = F.avg_pool2d(y, n // size)
-        y = torch.floor(y + 0.5)  # Pillow's reduce() rounds halves up
-    else:
-        y = F.interpolate(y, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        y = torch.round(y)
-    return y.clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        y = torch.floor(F.avg_pool2d(y.float(), n // size) + 0.5)  # Pillow's reduce() rounds halves up
+        return y.to(torch.uint8).permute(0, 2, 3, 1)
+    if y.device.type == "cpu":  # uint8 has its own (Pillow-matching, vectorised) kernel on CPU only
+        return F.interpolate(y, size=(size, size), mode="bilinear", antialias=True).permute(0, 2, 3, 1)
+    return bilinear_float(x, size)
+
+
+def bilinear_float(x: Any, size: int) -> Any:
+    """Antialiased bilinear resize of ``(B, S, S, 3)`` uint8 computed in float32 (the CUDA kernel's way)."""
+    import torch
+    import torch.nn.functional as F
+
+    y = x.permute(0, 3, 1, 2).float()
+    y = F.interpolate(y, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return torch.round(y).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def assemble(plan: JpegTilePlan, batch: JpegBatch, decoded: Any) -> Any:
     """The batch's grid tiles, ``(B, tile_size, tile_size, 3)`` uint8 on ``decoded``'s device.
 
     ``decoded`` holds ``batch.tiles`` decoded, in order. Each output pixel is gathered from its TIFF
-    tile (one indexing pass per chunk of grid tiles), or white where the level has no pixels.
+    tile (two indexing passes per chunk of grid tiles), or white where the level has no pixels.
     """
     import torch
 
@@ -361,32 +377,27 @@ def assemble(plan: JpegTilePlan, batch: JpegBatch, decoded: Any) -> Any:
     if n_tiles:
         atlas[:n_tiles] = decoded
     atlas[n_tiles] = _WHITE
-    pixels = atlas.view(-1, 3)
     sl, ts = plan.size_at_level, plan.tile_size
-    b = len(batch.indices)
+    b, nrows, ncols = batch.cover.shape
+    # per output row (column): which covering TIFF tile, the extra last one (white) outside the level,
+    # and the row (column) inside it; the pixel gather below broadcasts these, nothing (B, S, S) but it
+    cover = np.full((b, nrows + 1, ncols + 1), n_tiles, np.int64)
+    cover[:, :nrows, :ncols] = batch.cover
+    o = plan.origins[batch.indices]
+    span = np.arange(sl)
+    ly, lx = o[:, 1:] + span, o[:, :1] + span
+    row = np.where((ly >= 0) & (ly < lh), ly // th - batch.first[:, 1:], nrows)
+    col = np.where((lx >= 0) & (lx < lw), lx // tw - batch.first[:, :1], ncols)
+    cover_t, row_t, col_t, y_t, x_t = (
+        torch.as_tensor(v, device=dev) for v in (cover, row, col, ly % th, lx % tw)
+    )
     out = torch.empty((b, ts, ts, 3), dtype=torch.uint8, device=dev)
     step = max(1, _GATHER_CHUNK // (sl * sl))
-    span = torch.arange(sl, device=dev)
-    _, nrows, ncols = batch.cover.shape
     for s in range(0, b, step):
         e = min(b, s + step)
-        o = torch.as_tensor(plan.origins[batch.indices[s:e]], device=dev)
-        first = torch.as_tensor(batch.first[s:e], device=dev)
-        cover = torch.as_tensor(batch.cover[s:e], device=dev).reshape(-1)
-        lx = o[:, :1] + span  # (n, sl) level x of each output column, likewise y of each row
-        ly = o[:, 1:] + span
-        col = torch.div(lx, tw, rounding_mode="floor") - first[:, :1]
-        row = torch.div(ly, th, rounding_mode="floor") - first[:, 1:]
-        base = torch.arange(e - s, device=dev)[:, None] * (nrows * ncols)
-        which = cover[(base + row * ncols)[:, :, None] + col[:, None, :]]  # (n, sl, sl) atlas entry
-        inside = ((ly >= 0) & (ly < lh))[:, :, None] & ((lx >= 0) & (lx < lw))[:, None, :]
-        which = torch.where(inside, which, n_tiles)
-        flat = (
-            which * (th * tw)
-            + (torch.remainder(ly, th) * tw)[:, :, None]
-            + torch.remainder(lx, tw)[:, None, :]
-        )
-        tiles = pixels[flat]  # (n, sl, sl, 3)
+        i = torch.arange(s, e, device=dev)[:, None, None]
+        which = cover_t[i, row_t[s:e, :, None], col_t[s:e, None, :]]  # (n, S, S) atlas entry per pixel
+        tiles = atlas[which, y_t[s:e, :, None], x_t[s:e, None, :]]  # (n, S, S, 3)
         out[s:e] = _resize(tiles, ts) if plan.resize else tiles
     return out
 
