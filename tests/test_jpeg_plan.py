@@ -19,8 +19,10 @@ from wsi_llava.features.tile import build_tile_encoder
 from wsi_llava.slide import jpeg_tiles
 from wsi_llava.slide.jpeg_tiles import (
     JpegTilePlan,
+    assemble,
     bilinear_float,
     check_plan,
+    decode_batch,
     decode_streams,
     jpeg_plan,
     load_tiles,
@@ -182,6 +184,33 @@ def test_each_tiff_tile_read_once_per_batch(svs40, monkeypatch):
     spans = sorted(reads)
     assert all(a[0] + a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))  # no byte twice
     assert decode_streams(streams).shape == (len(union), TILE, TILE, 3)
+
+
+def test_next_batch_reuses_the_shared_tiff_tiles(svs40, monkeypatch):
+    """Row-major batches share a row of TIFF tiles: the next batch decodes only the ones it adds."""
+    with open_slide(svs40) as reader:
+        grid = make_tile_grid(reader, target_mpp=0.5, tile_size=256, min_tissue=0)
+        plan = plan_jpeg_tiles(reader, grid)
+    first, second = plan_batch(plan, np.arange(0, 7)), plan_batch(plan, np.arange(7, 14))
+    shared = np.intersect1d(first.tiles, second.tiles)
+    assert shared.size >= 5  # grid row 1 starts inside the TIFF row grid row 0 ends in
+    fd = os.open(plan.path, os.O_RDONLY)
+    try:
+        s1, s2 = read_streams(plan, fd, first.tiles), read_streams(plan, fd, second.tiles)
+    finally:
+        os.close(fd)
+    d1 = decode_batch(first, s1, "cpu")
+    decoded = []
+    real = jpeg_tiles.decode_streams
+    monkeypatch.setattr(
+        jpeg_tiles, "decode_streams", lambda st, dev: decoded.append(len(st)) or real(st, dev)
+    )
+    d2 = decode_batch(second, s2, "cpu", (first.tiles, d1))
+    assert decoded == [len(second.tiles) - shared.size]
+    np.testing.assert_array_equal(d2.numpy(), real(s2, "cpu").numpy())
+    np.testing.assert_array_equal(
+        assemble(plan, second, d2).numpy(), load_tiles(plan, second.indices).numpy()
+    )
 
 
 def test_aligned_tiff_is_the_one_tile_case(world):

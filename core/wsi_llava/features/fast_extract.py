@@ -36,7 +36,7 @@ from wsi_llava.slide.jpeg_tiles import (
     JpegTilePlan,
     assemble,
     check_plan,
-    decode_streams,
+    decode_batch,
     jpeg_plan,
     log_plan,
     plan_batch,
@@ -121,17 +121,26 @@ def _read_ahead(
             os.close(fd)
 
 
-def _to_device(loaded: _Loaded, plan: JpegTilePlan | None, device: torch.device) -> torch.Tensor:
-    """One ``(B, T, T, 3)`` uint8 batch on ``device``: decoded and assembled there, or reader tiles uploaded."""
-    if loaded.batch is None:
-        assert loaded.tiles is not None
-        host = torch.from_numpy(loaded.tiles)
-        cuda = device.type == "cuda"
-        if cuda:
-            host = host.pin_memory()
-        return host.to(device, non_blocking=cuda)
-    assert plan is not None
-    return assemble(plan, loaded.batch, decode_streams(loaded.streams, device))
+class _Decoder:
+    """Turns loaded batches into ``(B, T, T, 3)`` uint8 on ``device``: JPEG streams decoded and
+    assembled there (the TIFF tiles of the previous batch kept for reuse), or reader tiles uploaded."""
+
+    def __init__(self, plan: JpegTilePlan | None, device: torch.device) -> None:
+        self.plan, self.device = plan, device
+        self._previous: tuple[np.ndarray, torch.Tensor] | None = None
+
+    def __call__(self, loaded: _Loaded) -> torch.Tensor:
+        if loaded.batch is None:
+            assert loaded.tiles is not None
+            host = torch.from_numpy(loaded.tiles)
+            cuda = self.device.type == "cuda"
+            if cuda:
+                host = host.pin_memory()
+            return host.to(self.device, non_blocking=cuda)
+        assert self.plan is not None
+        decoded = decode_batch(loaded.batch, loaded.streams, self.device, self._previous)
+        self._previous = (loaded.batch.tiles, decoded)
+        return assemble(self.plan, loaded.batch, decoded)
 
 
 class _Stage(threading.Thread):
@@ -217,17 +226,18 @@ def run_fast_pipeline(
     def decode_stage() -> Iterator[tuple[np.ndarray, torch.Tensor, Any]]:
         if cuda:
             torch.cuda.set_device(device)
+        to_device = _Decoder(plan, device)
         while True:
             loaded = _get(loaded_q, stop)
             if loaded is _DONE:
                 return
             if dstream is not None:
                 with torch.cuda.stream(dstream):
-                    x = _to_device(loaded, plan, device)
+                    x = to_device(loaded)
                     ev = torch.cuda.Event()
                     ev.record(dstream)
             else:
-                x, ev = _to_device(loaded, plan, device), None
+                x, ev = to_device(loaded), None
             yield loaded.idx, x, ev
 
     failure: list[BaseException] = []

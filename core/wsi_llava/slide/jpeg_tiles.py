@@ -4,8 +4,9 @@ A grid tile (``tile_size`` px at the grid's µm/px) covers ``size_at_level`` px 
 TIFF's own tiles (any size, e.g. Aperio's 240 px) lie under it in any way: misaligned, several of them,
 past the image edge. For a batch of grid tiles :func:`plan_batch` lists the covering file tiles once
 each, :func:`read_streams` reads their streams with ``pread`` (consecutive ones in one call) and splices
-the shared ``JPEGTables`` in, :func:`decode_streams` decodes them all at once with
-``torchvision.io.decode_jpeg`` (nvJPEG on CUDA), and :func:`assemble` gathers the grid tiles out of the
+the shared ``JPEGTables`` in, :func:`decode_batch` decodes them all at once with
+``torchvision.io.decode_jpeg`` (nvJPEG on CUDA; those the previous batch decoded are reused), and
+:func:`assemble` gathers the grid tiles out of the
 decoded tiles on the device (white outside the image and where the scanner left a tile out, as the
 readers give) and resizes them with antialiasing as :func:`~wsi_llava.slide.tiling.read_tiles` does.
 A grid tile that is exactly one file tile (a 0.5 µm/px TIFF with 256-px tiles) is the degenerate case.
@@ -326,6 +327,33 @@ def decode_streams(streams: list[bytes], device: Any = "cpu") -> Any:
             f"JPEG tiles decode to different sizes {sorted(shapes)}; TIFF tiles are all one size"
         )
     return torch.stack(dec).permute(0, 2, 3, 1)
+
+
+def decode_batch(
+    batch: JpegBatch, streams: list[bytes], device: Any, previous: tuple[np.ndarray, Any] | None = None
+) -> Any:
+    """``batch.tiles`` decoded on ``device``; those the previous batch decoded too (``previous``: its
+    ``(tiles, decoded)``) are copied from it instead: row-major batches share a row of TIFF tiles."""
+    import torch
+
+    if previous is None or len(previous[0]) == 0 or len(batch.tiles) == 0:
+        return decode_streams(streams, device)
+    prev_tiles, prev = previous
+    pos = np.minimum(np.searchsorted(prev_tiles, batch.tiles), len(prev_tiles) - 1)
+    hit = prev_tiles[pos] == batch.tiles
+    if not hit.any():
+        return decode_streams(streams, device)
+    fresh = np.flatnonzero(~hit)
+    out = torch.empty((len(batch.tiles), *prev.shape[1:]), dtype=torch.uint8, device=prev.device)
+    out[torch.as_tensor(np.flatnonzero(hit), device=prev.device)] = prev[
+        torch.as_tensor(pos[hit], device=prev.device)
+    ]
+    if fresh.size:
+        dec = decode_streams([streams[k] for k in fresh], device)
+        if dec.shape[1:] != prev.shape[1:]:
+            raise SlideError(f"JPEG tiles decode to {tuple(dec.shape[1:])} and {tuple(prev.shape[1:])}")
+        out[torch.as_tensor(fresh, device=prev.device)] = dec
+    return out
 
 
 def _resize(x: Any, size: int) -> Any:
