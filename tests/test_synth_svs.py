@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import openslide
 import pytest
@@ -136,3 +139,8 @@ def test_bad_arguments_and_interrupted_write_leave_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         write_svs(tmp_path / "x.svs", 500, 800, downsamples=(4,), on_row=boom)
     assert list(tmp_path.iterdir()) == []  # no partial slide, no scratch files
+
+
+def test_writer_module_is_torch_free():
+    code = "import sys, wsi_llava.synth.svs; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

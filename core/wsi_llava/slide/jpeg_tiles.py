@@ -6,9 +6,9 @@ past the image edge. For a batch of grid tiles :func:`plan_batch` lists the cove
 each, :func:`read_streams` reads their streams with ``pread`` (consecutive ones in one call) and splices
 the shared ``JPEGTables`` in, :func:`decode_batch` decodes them all at once with
 ``torchvision.io.decode_jpeg`` (nvJPEG on CUDA; those the previous batch decoded are reused), and
-:func:`assemble` gathers the grid tiles out of the
-decoded tiles on the device (white outside the image and where the scanner left a tile out, as the
-readers give) and resizes them with antialiasing as :func:`~wsi_llava.slide.tiling.read_tiles` does.
+:func:`assemble` gathers the grid tiles out of the decoded tiles on the device (white outside the
+image and where the scanner left a tile out, as the readers give) and resizes them with
+antialiasing as :func:`~wsi_llava.slide.tiling.read_tiles` does.
 A grid tile that is exactly one file tile (a 0.5 µm/px TIFF with 256-px tiles) is the degenerate case.
 
 Tile offsets come from tifffile for any reader whose levels are the file's tiled pages: the tifffile
