@@ -290,7 +290,7 @@ def encoder():
 
 def test_fast_extract_on_svs_matches_reader_path(svs40, encoder, tmp_path, caplog):
     """``extract_features(fast=True)`` on CPU through OpenSlide: every grid tile from JPEG streams,
-    features within 2e-3 (relative) of the reader path's."""
+    features within 2e-3 (relative; measured 6e-5, float16 storage included) of the reader path's."""
     with open_slide(svs40) as reader, caplog.at_level(logging.INFO, "wsi_llava"):
         grid = make_tile_grid(reader, target_mpp=0.5, tile_size=256, min_tissue=0)
         ref = extract_features(
