@@ -582,10 +582,14 @@ class Batcher:
         else:
             past, logits = _padded_prefill(model, spliced, lengths)
         dec = self._dec
+        if dec is not None:  # room for the whole group at once: growing drops the captured graphs
+            dec.ensure(
+                len(self._active) + len(group),
+                max(n + r.ans.max_new for r, n in zip(group, lengths, strict=True)),
+            )
         for i, (r, n) in enumerate(zip(group, lengths, strict=True)):
             r.logits, r.greedy, r.row, r.cur_len = logits[i], None, None, n
             if dec is not None:
-                dec.ensure(len(self._active) + 1, n + r.ans.max_new)
                 dec.load(len(self._active), past, n, row=i)
                 r.result.decode_path = "batched-graph" if dec.use_graphs else "batched"
             else:
