@@ -322,37 +322,3 @@ def test_batched_step_logits_equal_single_stream_static_steps(tiny, monkeypatch,
             check([2, 1])
         assert not dec.use_graphs and "simulated capture failure" in caplog.text
         check([2, 1])
-
-
-def test_answers_joining_together_share_one_padded_prefill(demo, monkeypatch):
-    """Answers admitted in the same turn are prefilled in one right-padded LLM call (split at
-    ``max_prefill_tokens``); each still equals its answer alone, whatever its prompt length."""
-    from wsi_llava.model import batching
-
-    reqs = [(q, _visual(demo, 200 + i), {"max_new_tokens": 4}) for i, q in enumerate(QUESTIONS[:5])]
-    refs = [_alone(demo, q, v, **kw) for q, v, kw in reqs]
-    lengths = {r[1].prompt_len for r in refs}
-    assert len(lengths) > 1  # rows of different lengths: the padding is exercised
-    groups: list[int] = []
-    real = batching._padded_prefill
-
-    def spy(model, spliced, lens):
-        groups.append(len(spliced))
-        return real(model, spliced, lens)
-
-    monkeypatch.setattr(batching, "_padded_prefill", spy)
-    longest = max(lengths)
-    for limit, want in ((100_000, [5]), (2 * longest, [2, 2])):
-        groups.clear()
-        with Batcher(demo, max_batch=8, max_prefill_tokens=limit) as batcher:
-            gate = threading.Event()
-            held = threading.Thread(target=batcher.call, args=(gate.wait,))
-            held.start()  # the loop waits inside this call: every submit below joins in one turn
-            time.sleep(0.05)
-            streams = [batcher.submit(q, v, **kw) for q, v, kw in reqs]
-            gate.set()
-            held.join(10)
-            got = [list(s) for s in streams]
-        assert groups == want, limit
-        for chunks, s, ref in zip(got, streams, refs, strict=True):
-            _same([c for c in chunks if c], s.result, ref)

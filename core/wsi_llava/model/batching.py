@@ -1,10 +1,9 @@
 """Continuous batching of answers for one ``WSILlava``: concurrent questions decode together.
 
 A loop thread owns every LLM call. Each turn it runs the queued :meth:`Batcher.call` functions, drops
-cancelled streams, prefills the requests that fit (eagerly with the Hugging Face model: one request alone
-exactly as :func:`~wsi_llava.model.generation.stream` does, several that join together in one right-padded
-call of up to ``max_prefill_tokens`` positions, equal to their prefills alone up to float rounding) and copies
-their K/V into a slot of static buffers ``[slots, kv_heads, capacity, head_dim]`` per layer, chooses one token
+cancelled streams, prefills the requests that fit (eagerly with the Hugging Face model, batch 1, exactly
+as :func:`~wsi_llava.model.generation.stream` does, so the first token is the eager one) and copies their
+K/V into a slot of static buffers ``[slots, kv_heads, capacity, head_dim]`` per layer, chooses one token
 for every active answer (the per-token rules of :class:`~wsi_llava.model.generation.AnswerState`, shared
 with ``stream``), and runs one decode step for all of them at once, each row at its own position behind
 its own key mask. Active answers stay compacted in slots ``0..b-1`` (one that leaves is replaced by the
@@ -80,26 +79,6 @@ def bucket(n: int) -> int:
     return -(-n // BUCKETS[-1]) * BUCKETS[-1]
 
 
-def _padded_prefill(model: WSILlava, spliced: list[Any], lengths: list[int]) -> tuple[Any, torch.Tensor]:
-    """One eager LLM call over several spliced prompts, right-padded: the cache (row ``i`` valid up to
-    ``lengths[i]``) and each row's last-position logits (rows, vocab). Padding sits after every real
-    position, so under the causal mask no real position sees it."""
-    width = max(lengths)
-    embeds = torch.cat(
-        [F.pad(s.inputs_embeds, (0, 0, 0, width - n)) for s, n in zip(spliced, lengths, strict=True)]
-    )
-    mask = torch.cat([F.pad(s.attention_mask, (0, width - n)) for s, n in zip(spliced, lengths, strict=True)])
-    positions = torch.arange(width, device=embeds.device).expand(len(spliced), width)
-    last = torch.tensor([n - 1 for n in lengths], device=embeds.device)
-    keep = torch.unique(last)
-    out = model.llm(
-        inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=keep
-    )
-    column = torch.searchsorted(keep, last)
-    rows = torch.arange(len(spliced), device=embeds.device)
-    return cache_of(out), out.logits[rows, column, :]
-
-
 class BatchDecoder(DecoderParts):
     """Static KV buffers of several answers and their one-token decode step, against the LLM's weights.
 
@@ -148,18 +127,17 @@ class BatchDecoder(DecoderParts):
         self.slots, self.capacity = n_slots, cap
         logger.debug("batched decode: KV buffers for %d slots x %d positions", n_slots, cap)
 
-    def load(self, slot: int, cache: Any, length: int, row: int = 0) -> None:
-        """Copy the first ``length`` positions of every layer of row ``row`` of a Hugging Face prefill
-        cache into ``slot``."""
+    def load(self, slot: int, cache: Any, length: int) -> None:
+        """Copy the first ``length`` positions of every layer of a batch-1 Hugging Face cache into ``slot``."""
         self.ensure(slot + 1, length + 1)
         for i in range(len(self.layers)):
             k, v = cache_kv(cache, i)
-            if k.shape[0] <= row or k.shape[1] != self.n_kv or k.shape[-1] != self.head_dim:
+            if k.shape[0] != 1 or k.shape[1] != self.n_kv or k.shape[-1] != self.head_dim:
                 raise ModelError(
-                    f"prefill cache layer {i} has shape {tuple(k.shape)}: no row {row} of this LLM"
+                    f"prefill cache layer {i} has shape {tuple(k.shape)}: not batch 1 of this LLM"
                 )
-            self.k[i][slot, :, :length].copy_(k[row, :, :length])
-            self.v[i][slot, :, :length].copy_(v[row, :, :length])
+            self.k[i][slot, :, :length].copy_(k[0, :, :length])
+            self.v[i][slot, :, :length].copy_(v[0, :, :length])
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` positions of slot ``src`` into slot ``dst``."""
@@ -307,13 +285,11 @@ class Batcher:
     """Continuous batching for one WSILlava: a loop thread owns every LLM call; requests join and leave
     the decode batch between steps (see the module docstring)."""
 
-    def __init__(self, model: WSILlava, max_batch: int = 16, max_prefill_tokens: int = 16384) -> None:
+    def __init__(self, model: WSILlava, max_batch: int = 16) -> None:
         if int(max_batch) < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model
         self.max_batch = int(max_batch)
-        #: prompt positions prefilled in one LLM call (answers joining together); 0: one by one
-        self.max_prefill_tokens = int(max_prefill_tokens)
         self._cv = threading.Condition()
         self._waiting: deque[_Request] = deque()
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
@@ -486,25 +462,13 @@ class Batcher:
             self.model.wait_fast_decode()  # a warm-up thread in flight uses the LLM
             if not self._active:
                 self._decoder()  # weights or mode may have changed while the batch was empty
-            for group in self._prefill_groups(joiners):
+            for r in joiners:
                 try:
-                    self._prefill(group)
+                    self._prefill(r)
                 except Exception as e:
-                    if len(group) == 1:
-                        self._fail(group[0], e)
-                        with self._cv:
-                            self._joining -= 1
-                        continue
-                    logger.warning("batched prefill of %d answers failed (%s): one by one", len(group), e)
-                    for r in group:
-                        if r in self._active:
-                            continue
-                        try:
-                            self._prefill([r])
-                        except Exception as e1:
-                            self._fail(r, e1)
-                            with self._cv:
-                                self._joining -= 1
+                    self._fail(r, e)
+                    with self._cv:
+                        self._joining -= 1
 
         # one token for every active answer (the previous step's argmax of all rows at once)
         if self._out is not None and any(r.row is not None for r in self._active):
@@ -550,60 +514,30 @@ class Batcher:
             if r.ans.done and r.stream.result is None and not r.failed:
                 self._end(r)
 
-    def _prefill_groups(self, joiners: list[_Request]) -> list[list[_Request]]:
-        """Joiners in the groups prefilled together: up to ``max_prefill_tokens`` prompt positions each;
-        one by one without the batched decoder (the round-robin steps need each answer's own cache)."""
-        if self._dec is None or self.max_prefill_tokens <= 0:
-            return [[r] for r in joiners]
-        groups: list[list[_Request]] = []
-        size = 0
-        for r in joiners:
-            n = r.result.prompt_len
-            if groups and size + n <= self.max_prefill_tokens:
-                groups[-1].append(r)
-                size += n
-            else:
-                groups.append([r])
-                size = n
-        return groups
-
-    def _prefill(self, group: list[_Request]) -> None:
-        """Prefill ``group`` in one LLM call (right-padded, each row behind its own mask) and give each
-        answer a slot; a group of one is exactly ``stream``'s prefill."""
+    def _prefill(self, r: _Request) -> None:
         model = self.model
-        spliced = [splice(model, r.parts, r.vt) for r in group]
-        lengths = [int(s.inputs_embeds.shape[1]) for s in spliced]
-        for r, s, n in zip(group, spliced, lengths, strict=True):
-            r.result = GenerationResult(prompt_len=n, n_visual_tokens=s.n_visual)
-            r.ans = AnswerState(model, r.parts, r.gen, r.seed)
+        s = splice(model, r.parts, r.vt)
+        n = int(s.inputs_embeds.shape[1])
+        r.result = GenerationResult(prompt_len=n, n_visual_tokens=s.n_visual)
+        r.ans = AnswerState(model, r.parts, r.gen, r.seed)
         t0 = time.perf_counter()
-        if len(group) == 1:
-            past, logits = prefill(model, spliced[0])
-        else:
-            past, logits = _padded_prefill(model, spliced, lengths)
+        past, logits = prefill(model, s)
+        r.logits, r.greedy, r.row, r.cur_len = logits[0], None, None, n
         dec = self._dec
-        if dec is not None:  # room for the whole group at once: growing drops the captured graphs
-            dec.ensure(
-                len(self._active) + len(group),
-                max(n + r.ans.max_new for r, n in zip(group, lengths, strict=True)),
-            )
-        for i, (r, n) in enumerate(zip(group, lengths, strict=True)):
-            r.logits, r.greedy, r.row, r.cur_len = logits[i], None, None, n
-            if dec is not None:
-                dec.load(len(self._active), past, n, row=i)
-                r.result.decode_path = "batched-graph" if dec.use_graphs else "batched"
-            else:
-                r.past = past
-                r.result.decode_path = "eager"
-            with self._cv:
-                self._active.append(r)
-                self._joining -= 1
+        if dec is not None:
+            dec.ensure(len(self._active) + 1, n + r.ans.max_new)
+            dec.load(len(self._active), past, n)
+            r.result.decode_path = "batched-graph" if dec.use_graphs else "batched"
+        else:
+            r.past = past
+            r.result.decode_path = "eager"
         if model.device.type == "cuda":
             torch.cuda.synchronize(model.device)
-        t1 = time.perf_counter()
-        for r in group:
-            r.result.prefill_seconds = t1 - t0
-            r.t1 = t1
+        r.result.prefill_seconds = time.perf_counter() - t0
+        r.t1 = time.perf_counter()
+        with self._cv:
+            self._active.append(r)
+            self._joining -= 1
 
     def _step(self, going: list[_Request]) -> None:
         """One decode step for ``going`` (all the active answers, slots ``0..b-1``, in slot order)."""
