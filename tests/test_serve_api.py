@@ -126,6 +126,16 @@ def test_ask_errors_are_error_bodies(srv):
             422,
             "at most one",
         ),
+        ({"slide": "slide_000.tif", "question": Q, "colour": "red"}, 422, "colour"),  # requests stay strict
+        (
+            {
+                "slide": "slide_000.tif",
+                "question": Q,
+                "rectangle": {"x": 0, "y": 0, "width": 5, "height": 5, "depth": 1},
+            },
+            422,
+            "rectangle.depth",
+        ),  # fmt: skip
         ({"slide": "nope.tif", "question": Q}, 404, "nope.tif"),
         ({"slide": "slide_000.tif", "question": Q, "model": "other"}, 404, "other"),
         (
@@ -220,7 +230,8 @@ def test_describe_equals_offline_describe(srv, model, world, tmp_path):
     assert got.features["bbox"] == collection["bbox"]
     assert got.notice and "demo" in got.notice
 
-    # streamed: progress, one result per annotation, then the collection
+    # streamed, no evidence detections asked for: progress, one result per annotation, then the collection,
+    # the same as the offline command writes without --evidence (whose answers still count their tiles)
     one = {**collection, "features": collection["features"][1:2]}
     with httpx.stream(
         "POST",
@@ -233,5 +244,8 @@ def test_describe_equals_offline_describe(srv, model, world, tmp_path):
         events = list(sse_events(r.iter_lines()))
     assert [e for e, _ in events if e != "progress"] == ["result", "describe"]
     streamed = DescribeResult.model_validate_json(events[-1][1])
+    assert streamed.evidence_added == 0 and len(streamed.features["features"]) == 1
+    (feature,) = streamed.features["features"]
+    assert feature == json.loads(out.read_text())["features"][1]  # as the offline command described it
+    assert feature["properties"]["measurements"]["WSI-LLaVA tiles"] > 0
     assert streamed.results[0].answer.answer == got.results[1].answer.answer
-    assert streamed.features["features"][0] == _without_detection_ids(got.features)["features"][1]

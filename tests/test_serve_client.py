@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from kits.listeners import canned_http, closed_port, silent_listener, tls_listener
+from kits.serve import own_cache
 
 from wsi_llava.annotate import DESCRIPTION_KEY
 from wsi_llava.answer import Answer
@@ -165,18 +166,18 @@ def test_auth_paths_and_limits_are_named(served, tmp_path):
 def test_cli_ask_streams_and_prints_the_same_json(served, world, tmp_path):
     server, token_file = served
     remote = ["--server", server.url, "--token-file", str(token_file)]
-    r = _cli("ask", "slide_000.tif", QUESTION, *remote, *FEW)
+    region = ["--region", "256,256,768,768"]  # a few tiles: each answer's evidence pass is short
+    r = _cli("ask", "slide_000.tif", QUESTION, *remote, *region, *FEW)
     assert r.exit_code == 0, r.output
     assert r.stdout.strip() and "demo" in r.stderr  # the streamed text, then the demo notice
 
-    region = ["--region", "256,256,768,768"]
     r = _cli("ask", "slide_000.tif", QUESTION, *remote, *region, "--json", *FEW)
     assert r.exit_code == 0, r.output
     answer = Answer.model_validate_json(r.stdout)
     assert answer.scope == "region" and answer.region is not None and answer.evidence.scores
     assert answer.region.bounds == (256, 256, 1024, 1024)
     local = _cli("ask", str(world / "slides" / "slide_000.tif"), QUESTION, *region, "--json", *FEW,
-                 "--cache", str(tmp_path / "cache"))  # fmt: skip
+                 "--cache", str(own_cache(tmp_path / "cache")))  # fmt: skip
     assert local.exit_code == 0, local.output
     here = Answer.model_validate_json(local.stdout)
     assert answer.answer == here.answer and answer.model == here.model and answer.question == here.question
@@ -189,27 +190,24 @@ def test_cli_ask_streams_and_prints_the_same_json(served, world, tmp_path):
     r = _cli("ask", str(other), QUESTION, *remote, *FEW)
     assert r.exit_code == 1 and "403" in r.output
     png = tmp_path / "evidence.png"
-    r = _cli("ask", str(other), QUESTION, *remote, "--upload", "--evidence-png", str(png), *FEW)
+    r = _cli("ask", str(other), QUESTION, *remote, *region, "--upload", "--evidence-png", str(png), *FEW)
     assert r.exit_code == 0, r.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with sc.ServerClient(server.url, server.token) as client:
         again = client.upload(other)
         assert again.existing and again.slide.startswith("upload:")
-        r = _cli("ask", again.slide, QUESTION, *remote, *FEW)  # the upload name works as a slide
+        r = _cli("ask", again.slide, QUESTION, *remote, *region, *FEW)  # the upload name works as a slide
         assert r.exit_code == 0, r.output
 
 
 def test_cli_describe_writes_the_offline_output(served, world, tmp_path):
     server, token_file = served
     box = [[[200, 200], [900, 200], [900, 900], [200, 900], [200, 200]]]
-    features = [
-        {"type": "Feature", "id": f"id-{i}", "geometry": {"type": "Polygon", "coordinates": box},
-         "properties": {"objectType": "annotation", "name": name, "measurements": {"Area": 1.5}}}
-        for i, name in enumerate(("A", "B"))
+    features = [  # one annotation (each costs an evidence pass here and offline) and a point passed through
+        {"type": "Feature", "id": "id-0", "geometry": {"type": "Polygon", "coordinates": box},
+         "properties": {"objectType": "annotation", "name": "A", "measurements": {"Area": 1.5}}},
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [5, 5]}, "properties": {}},
     ]  # fmt: skip
-    features.append(
-        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [5, 5]}, "properties": {}}
-    )
     inp = tmp_path / "in.geojson"
     inp.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
     out, offline = tmp_path / "served.geojson", tmp_path / "offline.geojson"
@@ -226,9 +224,9 @@ def test_cli_describe_writes_the_offline_output(served, world, tmp_path):
     r = _cli("describe", "--slide", "slide_000.tif", "-o", str(out), *common, "--server", server.url,
              "--token-file", str(token_file))  # fmt: skip
     assert r.exit_code == 0, r.output
-    assert "described 2 of 2 annotations" in r.output and "A: " in r.output
+    assert "described 1 of 1 annotations" in r.output and "A: " in r.output
     r = _cli("describe", "--slide", str(world / "slides" / "slide_000.tif"), "-o", str(offline), *common,
-             "--cache", str(tmp_path / "cache"))  # fmt: skip
+             "--cache", str(own_cache(tmp_path / "cache")))  # fmt: skip
     assert r.exit_code == 0, r.output
     got, want = (_without_detection_ids(json.loads(p.read_text())) for p in (out, offline))
     assert got == want  # descriptions, measurements and the evidence detections alike (each has a fresh id)
@@ -248,6 +246,43 @@ def _without_detection_ids(doc: dict) -> dict:
         if f["properties"].get("objectType") == "detection":
             f.pop("id", None)
     return doc
+
+
+def test_replies_with_fields_this_client_does_not_know_are_read(served):
+    """A newer server may add reply fields, at any depth: the client ignores them (requests stay strict)."""
+    server, _ = served
+    with sc.ServerClient(server.url, server.token) as client:
+        answer = client.ask(
+            AskRequest(slide="slide_000.tif", question=QUESTION, max_new_tokens=2, evidence=False)
+        )
+    partial = {"id": "j1", "kind": "extract", "state": "done"}
+    with (
+        canned_http(200, partial) as url,
+        sc.ServerClient(url) as c,
+        pytest.raises(sc.BadReply, match="slide"),
+    ):
+        c.job("j1")  # the fields a reply must have are still required
+    newer = answer.model_dump(mode="json")
+    newer["confidence"] = 0.5
+    newer["evidence"]["heat"] = [1, 2]
+    outcome = {"index": 0, "label": "A", "answer": newer, "reviewed": True}
+    result = {"features": {"type": "FeatureCollection", "features": []}, "results": [outcome], "described": 1,
+              "elapsed": 3.0}  # fmt: skip
+    job = {"id": "j1", "kind": "describe", "state": "done", "slide": "s.tif", "model": "demo",
+           "result": result, "progress": {"done": 1, "total": 1, "message": "", "eta": 2}, "owner": "x"}  # fmt: skip
+    with canned_http(200, job) as url, sc.ServerClient(url) as client:
+        got = client.job("j1")
+    assert got.result is not None and got.result.results[0].answer == answer
+    health = {**_health(), "gpu": "H100", "queue": {**_health()["queue"], "oldest_s": 1.5}}
+    with canned_http(200, health) as url, sc.ServerClient(url) as client:
+        assert client.health().queue.capacity == 8
+    gone = {"error": {"code": "not_found", "message": "no job j9", "hint": "x"}}
+    with (
+        canned_http(404, gone) as url,
+        sc.ServerClient(url) as c,
+        pytest.raises(sc.NotFound, match="no job j9"),
+    ):
+        c.job("j9")
 
 
 def test_extract_job_and_cancel(served):

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from kits.serve import running_server, sse_events
+from kits.serve import own_cache, running_server, sse_events
 from kits.slides import write_pyramid
 
 from wsi_llava.answer import Answer
@@ -42,7 +42,7 @@ def srv(world, tmp_path_factory, outside):
     big = _tissue_slide(tmp / "big.tif", 3072)
     cap_mb = 1.5 * (world / "slides" / "slide_000.tif").stat().st_size / 2**20  # the slide fits, twice it not
     args = ["--max-batch", "1", "--queue", "0", "--max-body-mb", "0.01", "--max-upload-mb", f"{cap_mb:.3f}",
-            "--cache", str(tmp / "cache")]  # fmt: skip
+            "--cache", str(own_cache(tmp / "cache"))]  # fmt: skip
     with running_server(tmp, [world / "slides" / "slide_000.tif", big], args=args, token=True) as s:
         (s.root / "link.tif").symlink_to(outside / "secret.tif")
         (s.root / "sub").mkdir()

@@ -3,7 +3,7 @@
 A real server process on 127.0.0.1 with two CPU workers running the demo model, two synthetic slides named
 so that they route to different workers. Answers are compared with the same greedy question asked
 in-process through ``SlideSession``; the per-worker counts of ``/v1/health`` say where each request went.
-The last test kills a worker and then stops the server, so it runs last.
+The last test kills a worker (it is started again) and then stops the server, so it runs last.
 """
 
 from __future__ import annotations
@@ -161,15 +161,17 @@ def test_client_disconnect_stops_the_workers_stream(pool):
     assert ask(srv, b).status_code == 200  # the worker answers on
 
 
-def test_a_dead_worker_fails_only_its_request_then_sigterm_leaves_no_process(pool):
-    """Kill the worker of slide A mid-request: that request gets a 500 naming it, B's is answered, A's
-    later requests go to the live worker. Then SIGTERM (to the server's process group) drains and ends all."""
+def test_a_dead_worker_fails_only_its_request_is_restarted_then_sigterm_leaves_no_process(pool):
+    """Kill the worker of slide A mid-request: that request gets a 500 naming it, B's is answered. The dead
+    worker is started again (logged, counted in /v1/health), and A's next request goes to it and is answered
+    as before. Then SIGTERM (to the server's process group) drains and ends all."""
     srv, _, a, b = pool
     home_a, home_b = rendezvous(a, WORKERS), rendezvous(b, WORKERS)
     first = ask(srv, a)
     assert first.status_code == 200, first.text
     before = detail(srv)
     victim = before[home_a]
+    assert victim.state == "running" and victim.restarts == 0
 
     os.kill(victim.pid, signal.SIGSTOP)  # frozen: the request below stays in its hands until it is killed
     replies: dict[str, httpx.Response] = {}
@@ -189,18 +191,25 @@ def test_a_dead_worker_fails_only_its_request_then_sigterm_leaves_no_process(poo
     assert f"model worker {home_a} (cpu, pid {victim.pid})" in err["message"] and "Traceback" not in dead.text
     assert replies[b].status_code == 200, replies[b].text
 
-    d = wait_for(srv, lambda d: not d[home_a].alive)
-    assert health(srv).workers == 1 and d[home_b].alive
-    assert f"model worker {home_a} (cpu, pid {victim.pid}) stopped" in srv.stderr()
-    again = ask(srv, a)  # slide A now goes to the live worker, with the same answer
+    # started again after a pause: a new process, health shows the restart
+    d = wait_for(srv, lambda d: d[home_a].alive and d[home_a].restarts == 1, timeout=240)
+    reborn = d[home_a]
+    assert reborn.state == "running" and reborn.pid not in (None, victim.pid) and reborn.in_hand == 0
+    assert health(srv).workers == 2 and psutil.pid_exists(reborn.pid)
+    log = srv.stderr()
+    assert f"model worker {home_a} (cpu, pid {victim.pid}) stopped" in log
+    assert f"model worker {home_a} (cpu): starting it again in" in log
+    assert f"model worker {home_a} (cpu, pid {reborn.pid}) started again (restart 1)" in log
+    again = ask(srv, a)  # slide A goes to its own worker again, with the same answer
     assert again.status_code == 200, again.text
     same(Answer.model_validate(again.json()), Answer.model_validate(first.json()))
     d = detail(srv)
-    assert d[home_b].routed == before[home_b].routed + 2 and d[home_a].routed == before[home_a].routed + 1
+    assert d[home_a].routed == reborn.routed + 1 and d[home_a].extractions == 1  # featurized by the new one
+    assert health(srv).queue.extractions >= 3  # the earlier lives' count stays in the server's total
 
     # SIGTERM to the whole group (as Ctrl-C would): the workers ignore it, the server drains a running
     # answer, stops its workers and exits 0
-    live_pid = d[home_b].pid
+    pids = [w.pid for w in d]
     reply: list[httpx.Response] = []
     t = threading.Thread(target=lambda: reply.append(ask(srv, b, max_new_tokens=16)), daemon=True)
     t.start()
@@ -209,5 +218,5 @@ def test_a_dead_worker_fails_only_its_request_then_sigterm_leaves_no_process(poo
     t.join(300)
     assert reply and reply[0].status_code == 200, reply and reply[0].text
     assert srv.proc.wait(120) == 0
-    for pid in (victim.pid, live_pid):
+    for pid in (victim.pid, *pids):
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

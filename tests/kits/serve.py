@@ -59,6 +59,21 @@ class ServeProcess:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
+def own_cache(folder: Path) -> Path:
+    """``folder`` as a cache of its own (``--cache``) that shares the test session's converted LLM weights.
+
+    Features are extracted afresh there, as a test of first requests needs, without converting the model's
+    GGUF again (its ``llm/`` links to the session cache's).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    shared = Path(os.environ["WSI_LLAVA_CACHE"]) / "llm"
+    shared.mkdir(parents=True, exist_ok=True)
+    link = folder / "llm"
+    if not link.exists():
+        link.symlink_to(shared, target_is_directory=True)
+    return folder
+
+
 def sse_events(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
     """``(event, data)`` of a server-sent event stream, as its lines arrive."""
     event, data = "message", []

@@ -7,7 +7,8 @@ shows one line and no traceback. The bearer token is sent, never logged.
 
 Streams (``Accept: text/event-stream``) yield the wire models of :mod:`wsi_llava.serve.schemas`:
 :class:`Progress`, :class:`TokenEvent` / :class:`RegionOutcome`, and the final :class:`Answer` or
-:class:`DescribeResult`; an ``error`` event raises. Closing a stream closes its connection.
+:class:`DescribeResult`; an ``error`` event raises. Closing a stream closes its connection. Replies are
+read with :func:`~wsi_llava.serve.schemas.parse_reply` (fields a newer server added are ignored).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from wsi_llava.serve.schemas import (
     RegionOutcome,
     SlideRef,
     TokenEvent,
+    parse_reply,
 )
 
 logger = logging.getLogger(__name__)
@@ -274,7 +276,7 @@ class ServerClient:
         where = self._where(path)
         status = reply.status_code
         try:
-            message = ErrorBody.model_validate_json(reply.read()).error.message
+            message = parse_reply(ErrorBody, reply.read()).error.message
         except (ValidationError, ValueError):
             message = None
         if message is None:
@@ -475,7 +477,7 @@ class ServerClient:
 
     def _error_event(self, data: str, where: str) -> ServerError:
         try:
-            detail = ErrorBody.model_validate_json(data).error
+            detail = parse_reply(ErrorBody, data).error
         except (ValidationError, ValueError):
             return BadReply(f"{where}: an error event that is not the API's ErrorBody: {data[:200]!r}", where)
         if detail.code == "cancelled":
@@ -563,7 +565,7 @@ def _parse(reply: httpx.Response, model: type[M], where: str) -> M:
 
 def _parse_text(text: str, model: type[M], where: str) -> M:
     try:
-        return model.model_validate_json(text)
+        return parse_reply(model, text)
     except ValidationError as e:
         first = e.errors()[0] if e.errors() else {}
         field = ".".join(str(p) for p in first.get("loc", ())) or "body"

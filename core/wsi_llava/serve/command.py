@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,6 +21,17 @@ from wsi_llava.errors import WsiLlavaError
 logger = logging.getLogger(__name__)
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def quiet_progress_bars() -> None:
+    """Turn off the model libraries' progress bars (model loading, GGUF conversion) in this process and the
+    model workers it starts: a server's stderr is a log. Logging, the libraries' and wsi_llava's, stays."""
+    os.environ["TQDM_DISABLE"] = "1"  # read when tqdm is imported, here or in a spawned worker
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -124,6 +137,14 @@ def _draining_server(engine: Any, grace: float, config: Any) -> Any:
     help="Grace for running answers on SIGTERM.",
 )
 @click.option(
+    "--max-sessions",
+    default=8,
+    show_default=True,
+    type=int,
+    help="Open slides kept per server (or model worker); the least recently used is closed first "
+    "(its features stay in the cache).",
+)
+@click.option(
     "--log-level", default="warning", show_default=True, type=click.Choice(LOG_LEVELS, case_sensitive=False)
 )
 def serve_command(
@@ -144,9 +165,11 @@ def serve_command(
     cors_origins: tuple[str, ...],
     uploads: Path | None,
     drain_seconds: float,
+    max_sessions: int,
     log_level: str,
 ) -> None:
     """Serve models over HTTP (/v1, OpenAPI at /docs) to napari, QuPath and CLI users."""
+    quiet_progress_bars()
     import uvicorn
 
     from wsi_llava.serve.app import create_app
@@ -172,6 +195,7 @@ def serve_command(
             cors_origins=list(cors_origins),
             uploads=uploads,
             drain_seconds=drain_seconds,
+            max_sessions=max_sessions,
             log_level=log_level.lower(),
         )
     except ValidationError as e:

@@ -7,11 +7,15 @@ docs (FastAPI publishes them at ``/docs``). The answer on the wire is the CLI's 
 Streams are server-sent events (``Accept: text/event-stream``): ``progress`` and ``token`` events, then
 exactly one final event, ``answer`` / ``describe`` on success or ``error``. Every error reply and error
 event carries :class:`ErrorBody`.
+
+Requests are strict (the server answers 422 to a field it does not know); replies are read with
+:func:`parse_reply`, which ignores unknown fields at every level, so an older client keeps working with a
+newer server of the same API version that added some.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -40,8 +44,20 @@ ErrorCode = Literal[
 ]
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def parse_reply(model: type[M], data: str | bytes) -> M:
+    """``model`` from a server's reply or event JSON, unknown fields ignored in it and every nested model.
+
+    The models stay strict where they are built and where requests are checked; only what a server sends
+    back is read leniently, so fields a newer server adds do not break this client.
+    """
+    return model.model_validate_json(data, extra="ignore")
 
 
 class ErrorDetail(_Strict):
@@ -63,6 +79,10 @@ class WorkerInfo(_Strict):
     device: str
     pid: int | None = None
     alive: bool
+    state: Literal["starting", "running", "restarting", "stopped"] = Field(
+        "running", description="'restarting': it stopped and is being started again after a pause"
+    )
+    restarts: int = Field(0, description="times it was started again after it stopped")
     routed: int = Field(0, description="requests routed to it (by slide) since the server started")
     in_hand: int = Field(0, description="requests sent to it and not answered yet")
     running: int = Field(0, description="questions it is answering now (decoding or extracting)")

@@ -6,7 +6,9 @@ forwards ``extract``, ``ask`` and ``describe`` to the worker that holds the slid
 a ``spawn``-ed process running a plain in-process ``Engine`` on its device. A slide is routed by
 rendezvous (highest-random-weight) hashing over the live workers, so routing is stable and a worker that
 dies moves only its own slides. Requests and replies cross a ``multiprocessing`` pipe as pydantic JSON;
-events stream back as they happen, and a cancelled request is cancelled in its worker too.
+events stream back as they happen, and a cancelled request is cancelled in its worker too. A worker that
+dies fails only the requests it had in hand and is started again after a pause that doubles with each death
+soon after a start (and given up on after a few); its slides go to the others meanwhile and come back after.
 """
 
 from __future__ import annotations
@@ -62,6 +64,12 @@ EVENT_MODELS: dict[str, type[BaseModel]] = {
 _TICK = 0.1
 #: how long (s) a cancelled request waits for its worker to confirm before its API thread gives up on it
 _CANCEL_GRACE = 30.0
+#: the pause (s) before a dead worker is started again, doubled for each try since it last ran a while
+_RESTART_PAUSE = 1.0
+#: tries to start a dead worker again, counted since it last ran for :data:`_STABLE` s, before giving up
+_RESTART_TRIES = 5
+#: seconds a worker must have run for its next death to start the count of tries afresh
+_STABLE = 60.0
 
 
 def parse_devices(devices: str | None, workers: int | None, device: str) -> list[str] | None:
@@ -130,6 +138,11 @@ class _Worker:
     routed: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     reader: threading.Thread | None = None
+    state: str = "starting"
+    restarts: int = 0
+    tries: int = 0
+    started: float = 0.0
+    past_extractions: int = 0
 
     @property
     def name(self) -> str:
@@ -156,29 +169,18 @@ class WorkerPool(Engine):
         self._ids = itertools.count(1)
         self.device = ",".join(self.devices)
         self._closed = False
+        self._stopping = threading.Event()
+        self._life = threading.Lock()  # starting a worker and closing the pool exclude each other
+        self._restarters: list[threading.Thread] = []
+        n_cpu = sum(1 for d in self.devices if not d.startswith("cuda"))
+        self._threads = max(1, (os.cpu_count() or 1) // n_cpu) if n_cpu > 1 else 0
 
     # --- lifecycle ---------------------------------------------------------------------------
     def load(self) -> None:
         """Start every worker (each loads every ``--model`` on its device); a worker that fails fails start-up."""
-        ctx = multiprocessing.get_context("spawn")
-        n_cpu = sum(1 for d in self.devices if not d.startswith("cuda"))
-        threads = max(1, (os.cpu_count() or 1) // n_cpu) if n_cpu > 1 else 0
-        config = self.config.model_dump_json()
-        for w in self.workers:
-            parent, child = ctx.Pipe(duplex=True)
-            w.process = ctx.Process(
-                target=worker_main,
-                args=(child, config, w.index, w.device, threads if not w.device.startswith("cuda") else 0),
-                name=f"wsi-llava-worker-{w.index}",
-                daemon=False,
-            )
-            w.process.start()
-            child.close()  # the child's end lives in the child only: its death closes the pipe here
-            w.conn, w.pid = parent, w.process.pid
-            w.reader = threading.Thread(
-                target=self._read, args=(w,), name=f"worker-{w.index}-reader", daemon=True
-            )
-            w.reader.start()
+        with self._life:
+            for w in self.workers:
+                self._spawn(w)
         for w in self.workers:
             w.ready.wait()
             if w.failure is not None:
@@ -187,32 +189,101 @@ class WorkerPool(Engine):
         self.slots = {name: ModelSlot(name, None, None) for name in self.config.models}
         logger.info("%d model workers ready on %s", len(self.workers), ", ".join(self.devices))
 
+    def _spawn(self, w: _Worker) -> None:
+        """Start ``w``'s process and the thread reading its pipe (under ``self._life``)."""
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe(duplex=True)
+        threads = self._threads if not w.device.startswith("cuda") else 0
+        process = ctx.Process(
+            target=worker_main,
+            args=(child, self.config.model_dump_json(), w.index, w.device, threads),
+            name=f"wsi-llava-worker-{w.index}",
+            daemon=False,
+        )
+        w.ready, w.failure, w.state, w.started = threading.Event(), None, "starting", time.monotonic()
+        process.start()
+        child.close()  # the child's end lives in the child only: its death closes the pipe here
+        w.process, w.conn, w.pid = process, parent, process.pid
+        w.reader = threading.Thread(
+            target=self._read, args=(w, parent, process), name=f"worker-{w.index}-reader", daemon=True
+        )
+        w.reader.start()
+
+    def _reap(self, w: _Worker) -> None:
+        """Stop ``w``'s process (asked by then, or dead: terminated, then killed) and free its pipe."""
+        process = w.process
+        if process is None:
+            return
+        process.join(30)
+        if process.is_alive():
+            logger.warning("%s: did not stop when asked; terminating it", w.label())
+            process.terminate()
+            process.join(10)
+        if process.is_alive():
+            process.kill()
+            process.join()
+        if w.reader is not None and w.reader is not threading.current_thread():
+            w.reader.join(5)
+        with contextlib.suppress(OSError):
+            w.conn.close()
+        process.close()
+        w.process = None
+
     def close(self) -> None:
         """Stop every worker process (asked first, then terminated, then killed); none is left running."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._life:
+            if self._closed:
+                return
+            self._closed = True
+        self._stopping.set()  # no worker is started from now on; one loading now is asked to close too
         for w in self.workers:
             if w.process is not None and w.process.is_alive():
                 with contextlib.suppress(OSError, ValueError):
                     w.send(("close",))
         for w in self.workers:
-            if w.process is None:
-                continue
-            w.process.join(30)
-            if w.process.is_alive():
-                logger.warning("%s: did not stop when asked; terminating it", w.label())
-                w.process.terminate()
-                w.process.join(10)
-            if w.process.is_alive():
-                w.process.kill()
-                w.process.join()
-            if w.reader is not None:
-                w.reader.join(5)
-            with contextlib.suppress(OSError):
-                w.conn.close()
-            w.process.close()
-            w.process = None
+            self._reap(w)
+            w.state = "stopped"
+        for t in self._restarters:
+            t.join(5)
+
+    def _restart(self, w: _Worker) -> None:
+        """Start dead ``w`` again after a pause, doubling the pause for each try since it last ran a while;
+        give up after :data:`_RESTART_TRIES` tries (logged), its slides staying with the other workers."""
+        while True:
+            if w.tries >= _RESTART_TRIES:
+                w.state = "stopped"
+                logger.error(
+                    "model worker %d (%s): not started again after %d tries; its slides stay with the "
+                    "workers left",
+                    w.index,
+                    w.device,
+                    w.tries,
+                )
+                return
+            pause = _RESTART_PAUSE * 2**w.tries
+            w.tries += 1
+            logger.warning(
+                "model worker %d (%s): starting it again in %g s (try %d of %d)",
+                w.index,
+                w.device,
+                pause,
+                w.tries,
+                _RESTART_TRIES,
+            )
+            if self._stopping.wait(pause):
+                return
+            with self._life:
+                if self._closed or self.draining:
+                    return
+                self._reap(w)
+                self._spawn(w)
+            w.ready.wait()
+            if w.alive:
+                w.restarts += 1
+                logger.warning("%s started again (restart %d)", w.label(), w.restarts)
+                return
+            logger.error("model worker %d (%s) did not start again: %s", w.index, w.device, w.failure)
+            w.state = "restarting"
 
     # --- models and counts -------------------------------------------------------------------
     @property
@@ -238,7 +309,7 @@ class WorkerPool(Engine):
             running=running,
             queued=max(0, inflight - running),
             capacity=self.config.queue,
-            extractions=sum(w.counts.get("extractions", 0) for w in self.workers),
+            extractions=sum(w.past_extractions + w.counts.get("extractions", 0) for w in self.workers),
             workers_detail=[self.worker_info(w) for w in self.workers],
         )
 
@@ -250,6 +321,8 @@ class WorkerPool(Engine):
             device=w.device,
             pid=w.pid,
             alive=w.alive,
+            state=w.state,  # type: ignore[arg-type]
+            restarts=w.restarts,
             routed=w.routed,
             in_hand=in_hand,
             running=w.counts.get("running", 0),
@@ -270,6 +343,13 @@ class WorkerPool(Engine):
         key = self.route_key(slide, self.slide_path(slide))
         live = self.live()
         if not live:
+            if any(w.state in ("starting", "restarting") for w in self.workers):
+                raise ApiError(
+                    429,
+                    "busy",
+                    "no model worker is running now; they are being started again, try again shortly",
+                    headers={"Retry-After": "5"},
+                )
             raise ApiError(
                 500, "internal", "no model worker is running; the server log says why they stopped"
             )
@@ -312,7 +392,7 @@ class WorkerPool(Engine):
             except (OSError, ValueError):
                 with worker.lock:
                     worker.pending.pop(rid, None)
-                self._died(worker)
+                self._died(worker, worker.process)
         cancel_sent: float | None = None
         try:
             while True:
@@ -346,26 +426,26 @@ class WorkerPool(Engine):
                 worker.pending.pop(rid, None)
 
     # --- the reader thread of one worker ----------------------------------------------------
-    def _read(self, w: _Worker) -> None:
-        """Pass ``w``'s replies to the requests waiting on them until its pipe closes (the worker ended)."""
+    def _read(self, w: _Worker, conn: Any, process: Any) -> None:
+        """Pass the replies of ``w``'s ``process`` to the requests waiting on them until its pipe closes."""
         while True:
             try:
-                if not w.conn.poll(0.5):
-                    if w.process is not None and w.process.is_alive():
+                if not conn.poll(0.5):
+                    if process.is_alive():
                         continue
-                    if w.conn.poll(0):  # last words before it went
-                        msg = w.conn.recv()
+                    if conn.poll(0):  # last words before it went
+                        msg = conn.recv()
                     else:
                         break
                 else:
-                    msg = w.conn.recv()
+                    msg = conn.recv()
             except (EOFError, OSError, ValueError):
                 break
             tag = msg[0]
             if tag == "ready":
                 _, w.pid, infos = msg
                 w.infos = [ModelInfo.model_validate_json(i) for i in infos]
-                w.alive = True
+                w.alive, w.state = True, "running"
                 w.ready.set()
             elif tag == "failed":
                 w.failure = msg[1]
@@ -378,25 +458,27 @@ class WorkerPool(Engine):
                     replies = w.pending.get(rid)
                 if replies is not None:
                     replies.put((tag, *msg[2:]))
-        self._died(w)
+        self._died(w, process)
 
-    def _died(self, w: _Worker) -> None:
-        """``w`` ended: fail its requests in hand with a 500 naming it; routing skips it from now on."""
+    def _died(self, w: _Worker, process: Any) -> None:
+        """``w``'s ``process`` ended: fail its requests in hand with a 500 naming it; routing skips it until
+        it is started again (:meth:`_restart`)."""
         with w.lock:
+            if process is not w.process:  # an earlier life of the worker, already dealt with
+                return
             was_alive, w.alive = w.alive, False
             pending = list(w.pending.values())
             w.pending.clear()
         if not w.ready.is_set():
-            code = w.process.exitcode if w.process is not None else None
+            code = _exit_code(process)
             w.failure = (
                 w.failure or f"model worker {w.index} ({w.device}) ended while loading (exit code {code})"
             )
             w.ready.set()
         if was_alive and not self._closed:
-            code = None
-            if w.process is not None:
-                w.process.join(1)
-                code = w.process.exitcode
+            code = _exit_code(process)
+            w.past_extractions += w.counts.get("extractions", 0)
+            w.counts = {}
             logger.error(
                 "%s stopped (exit code %s): %d request(s) failed; %d worker(s) left",
                 w.label(),
@@ -404,11 +486,34 @@ class WorkerPool(Engine):
                 len(pending),
                 self.worker_count,
             )
+            if time.monotonic() - w.started >= _STABLE:
+                w.tries = 0
+            if not self.draining:
+                w.state = "restarting"
+                with self._life:
+                    if not self._closed:
+                        t = threading.Thread(
+                            target=self._restart, args=(w,), name=f"worker-{w.index}-restart", daemon=True
+                        )
+                        self._restarters.append(t)
+                        t.start()
+            else:
+                w.state = "stopped"
         message = (
-            f"{w.label()} stopped while working on this request; retry: its slides now go to the workers left"
+            f"{w.label()} stopped while working on this request; retry: it is started again, and its slides "
+            "go to the other workers meanwhile"
         )
         for replies in pending:
             replies.put(("error", {"kind": "api", "status": 500, "code": "internal", "message": message}))
+
+
+def _exit_code(process: Any) -> int | None:
+    """The exit code of a worker process that ended (None if it has not, or was already closed)."""
+    try:
+        process.join(1)
+        return process.exitcode
+    except ValueError:
+        return None
 
 
 def _error_from(err: dict[str, Any]) -> BaseException:
@@ -435,6 +540,9 @@ def worker_main(conn: Any, config_json: str, index: int, device: str, threads: i
     # the API process drains on SIGTERM / Ctrl-C (sent to the whole process group) and then stops us
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from wsi_llava.serve.command import quiet_progress_bars
+
+    quiet_progress_bars()
     config = ServeConfig.model_validate_json(config_json).model_copy(update={"device": device})
     _worker_logging(config.log_level, index, device)
     send_lock = threading.Lock()
