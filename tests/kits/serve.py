@@ -58,6 +58,16 @@ class ServeProcess:
     def stderr(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def wait_idle(self, timeout: float = 120) -> dict[str, Any]:
+        """The queue state once nothing runs or waits; fails the test after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            q = self.health()["queue"]
+            if q["running"] == 0 and q["queued"] == 0:
+                return q
+            time.sleep(0.1)
+        raise AssertionError(f"the server never went idle: {q}")
+
 
 def own_cache(folder: Path) -> Path:
     """``folder`` as a cache of its own (``--cache``) that shares the test session's converted LLM weights.

@@ -137,11 +137,7 @@ def _level_page(reader: Any, level: int) -> tuple[_Page | None, str | None]:
                 p.is_tiled
                 and p.tiledepth == 1
                 and p.imagedepth == 1
-                and (p.imagewidth, p.imagelength)
-                == (
-                    width,
-                    height,
-                )
+                and (p.imagewidth, p.imagelength) == (width, height)
             ):
                 found[p.offset] = p
         if not found:

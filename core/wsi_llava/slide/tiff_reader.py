@@ -232,19 +232,6 @@ class TiffReader(StoredLevelsReader):
         """Axes of the arrays from :meth:`level_arrays` after dropping singleton axes (e.g. ``YXS``)."""
         return self._axes
 
-    def raw_tile_page(self, level: int) -> Any | None:
-        """The tifffile page of ``level`` when its tiles can be read raw (one tiled page), else None.
-
-        With :attr:`raw_fd` and :meth:`level_scale`, what :mod:`wsi_llava.slide.jpeg_tiles` reads
-        JPEG tile streams from.
-        """
-        return self._direct[level] if self._fd is not None else None
-
-    @property
-    def raw_fd(self) -> int | None:
-        """An OS file descriptor of the slide for ``os.pread`` (None where pread is unavailable)."""
-        return self._fd
-
     def level_scale(self, level: int) -> tuple[float, float]:
         """Level-0 pixels per ``level`` pixel along x and y."""
         return self._level_scale[level]

@@ -94,6 +94,16 @@ def _segments(jpeg: bytes) -> list[tuple[int, bytes]]:
     return out
 
 
+def abbreviate_jpeg(jpeg: bytes) -> tuple[bytes, bytes]:
+    """A baseline JPEG split as tiled TIFFs store it: (tables-only stream for ``JPEGTables``, abbreviated
+    stream without tables or APPn segments)."""
+    segs = _segments(jpeg)
+    tables = b"\xff\xd8" + b"".join(s for m, s in segs if m in (0xDB, 0xC4)) + b"\xff\xd9"
+    return tables, b"\xff\xd8" + b"".join(
+        s for m, s in segs if m not in (0xDB, 0xC4) and not 0xE0 <= m <= 0xEF
+    )
+
+
 class _TileEncoder:
     """Baseline 4:2:0 JPEG tiles split as Aperio stores them: one tables stream, abbreviated tiles."""
 
@@ -106,13 +116,12 @@ class _TileEncoder:
 
         buf = io.BytesIO()
         Image.fromarray(tile).save(buf, format="JPEG", quality=self.quality, subsampling=2)
-        segs = _segments(buf.getvalue())
-        tables = b"\xff\xd8" + b"".join(s for m, s in segs if m in (0xDB, 0xC4)) + b"\xff\xd9"
+        tables, stream = abbreviate_jpeg(buf.getvalue())
         if self.tables is None:
             self.tables = tables
         elif tables != self.tables:
             raise WsiLlavaError("the JPEG encoder changed its tables between tiles")
-        return b"\xff\xd8" + b"".join(s for m, s in segs if m not in (0xDB, 0xC4) and not 0xE0 <= m <= 0xEF)
+        return stream
 
 
 def _box(rows: np.ndarray, f: int) -> np.ndarray:
