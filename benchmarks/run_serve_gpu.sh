@@ -3,7 +3,7 @@
 #
 #     bash benchmarks/run_serve_gpu.sh          # TINY=1 DEVICE=cpu: the same steps with tiny weights (smoke test)
 #
-# 1. bench_batching.py: N concurrent greedy answers through Batcher vs one at a time through model.stream, on
+# 1. bench_batching.py (SKIP_BATCHING=1 leaves it out): N concurrent greedy answers through Batcher vs one at a time through model.stream, on
 #    a random Vicuna-7B-shape model (bench_decode's), N = 1, 4, 16, 32;
 # 2. make_paper_weights.py: Prov-GigaPath + a merged 7B in the official layouts, random, registered with
 #    `wsi-llava models add` under a private WSI_LLAVA_HOME;
@@ -27,12 +27,14 @@ cat "$OUT/env.log"
 rm -rf "$WORK" && mkdir -p "$WORK/slides"
 export WSI_LLAVA_HOME=$WORK/home WSI_LLAVA_CACHE=$WORK/cache
 
-if [ -z "${SKIP_BATCHING:-}" ]; then log "bench_batching"
-bmodel=random-7b sizes=1,4,16,32
-[ -n "$TINY" ] && bmodel=random-tiny sizes=1,4
-timeout 240 python3 benchmarks/bench_batching.py --model "$bmodel" --device "$DEVICE" --sizes "$sizes" \
-    --max-batch 32 --max-new-tokens 64 --out "$OUT/batching_gpu.json" 2>&1 | tee -a "$OUT/run.log"
-log "bench_batching rc $?"; fi
+if [ -z "${SKIP_BATCHING:-}" ]; then
+    log "bench_batching"
+    bmodel=random-7b sizes=1,4,16,32
+    [ -n "$TINY" ] && bmodel=random-tiny sizes=1,4
+    timeout 240 python3 benchmarks/bench_batching.py --model "$bmodel" --device "$DEVICE" --sizes "$sizes" \
+        --max-batch 32 --max-new-tokens 64 --out "$OUT/batching_gpu.json" 2>&1 | tee -a "$OUT/run.log"
+    log "bench_batching rc $?"
+fi
 
 log "weights"
 python3 benchmarks/make_paper_weights.py "$WORK/weights" ${TINY:+--tiny} --device "$DEVICE" \
