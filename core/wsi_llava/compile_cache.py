@@ -12,7 +12,8 @@ compile workers). Importing ``torch._dynamo`` (timm does) already sets it to tor
 value counts as unset; any other value, a user's own ``TORCHINDUCTOR_CACHE_DIR`` or an earlier call's, is
 kept. Every compiled piece calls :func:`configure` before its first ``torch.compile``; the first call of a
 process decides the folder for that process. ``TRITON_CACHE_DIR`` is left alone (unset, torch puts
-Triton's cache under ours). torch's "mega-cache" (``torch.compiler.save_cache_artifacts``) is not used: it packs these same entries
+Triton's cache under ours). Inductor's precompiled C++ headers (CPU code only; nothing compiles on
+the CPU by default) stay under torch's temporary folder, which it fixes at import. torch's "mega-cache" (``torch.compiler.save_cache_artifacts``) is not used: it packs these same entries
 to carry them to another machine, which a shared cache folder makes unnecessary.
 """
 
