@@ -45,16 +45,24 @@ def _torch_default() -> str:
     return os.path.abspath(default_cache_dir())
 
 
-def configure(root: str | Path | None = None) -> Path | None:
-    """Make torch's compile caches live under our cache folder unless ``TORCHINDUCTOR_CACHE_DIR`` names
-    another folder already (the user's, or an earlier call's); returns the folder in use (None: ours
-    cannot be created, so torch keeps its default).
-
-    Cheap and idempotent: call it before every ``torch.compile`` of the core.
-    """
+def chosen_dir() -> Path | None:
+    """The folder set before us: ``TORCHINDUCTOR_CACHE_DIR`` when it names one other than torch's default
+    (the user's, or an earlier :func:`configure`'s); None otherwise."""
     current = os.environ.get(ENV_VAR)
     if current and os.path.abspath(current) != _torch_default():
         return Path(current)
+    return None
+
+
+def configure(root: str | Path | None = None) -> Path | None:
+    """Make torch's compile caches live under our cache folder unless :func:`chosen_dir` names another;
+    returns the folder in use (None: ours cannot be created, so torch keeps its default).
+
+    Cheap and idempotent: call it before every ``torch.compile`` of the core.
+    """
+    chosen = chosen_dir()
+    if chosen is not None:
+        return chosen
     target = compile_cache_dir(root).resolve()
     try:
         target.mkdir(parents=True, exist_ok=True)
