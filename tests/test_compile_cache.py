@@ -61,7 +61,13 @@ def _fresh_process(cache: Path, tmp: Path) -> dict:
     """Run CHILD in a new interpreter with its own, empty temporary folder (torch's default cache lives there)."""
     tmp.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
-    env.update(WSI_LLAVA_CACHE=str(cache), TMPDIR=str(tmp), TORCHINDUCTOR_COMPILE_THREADS="1")
+    # one compile thread, no precompiled C++ header (built per TMPDIR, it costs more than this tiny kernel)
+    env.update(
+        WSI_LLAVA_CACHE=str(cache),
+        TMPDIR=str(tmp),
+        TORCHINDUCTOR_COMPILE_THREADS="1",
+        TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS="0",
+    )
     proc = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
