@@ -547,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="the slide: an Aperio-layout SVS at 40x / 20x (bench_featurize --svs) instead of the 0.5 µm/px TIFF",
     )
+    ap.add_argument("--summary", type=Path, default=RESULTS.parent / "summary.json", help="--ask-evidence")
     ap.add_argument(
         "--ask-evidence",
         action="store_true",
@@ -792,7 +793,7 @@ def main_ask_evidence(
         }
         if res.get("ratios"):
             keys["cold_ask_with_evidence_vs_usual_recipe"] = res["ratios"]["total"]["ratio"]
-        merge_summary(RESULTS.parent / "summary.json", keys | {f"{k}_card": card for k in keys})
+        merge_summary(args.summary, keys | {f"{k}_card": card for k in keys})
     print_table_ask(res)
     print(f"\nwrote {out} ({res['total_seconds']} s)")
     return 0

@@ -19,8 +19,10 @@ to carry them to another machine, which a shared cache folder makes unnecessary.
 
 from __future__ import annotations
 
+import getpass
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 from wsi_llava.settings import cache_dir
@@ -40,9 +42,16 @@ def compile_cache_dir(root: str | Path | None = None) -> Path:
 
 def _torch_default() -> str:
     """torch's own default folder, which importing ``torch._dynamo`` writes into the environment."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    return os.path.abspath(default_cache_dir())
+        return os.path.abspath(default_cache_dir())
+    except ImportError:  # a torch without that module: its formula
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):
+            user = f"uid_{os.getuid()}"
+        return os.path.abspath(os.path.join(tempfile.gettempdir(), f"torchinductor_{user}"))
 
 
 def chosen_dir() -> Path | None:
