@@ -1,20 +1,22 @@
 """Compiled artifacts that outlive the process: ``torch.compile``'s on-disk caches under our cache folder.
 
-Inductor keeps what it compiles on disk and reuses it in a later process whose graph, inputs and software
-match: the FX graph cache (generated code with its Triton kernels bundled), the AOTAutograd cache and the
-Triton kernel cache. Both graph caches are on by default (torch 2.14 here), but they live under
-``$TMPDIR/torchinductor_$USER``, which tmp cleaning empties and a fresh container does not have. :func:`configure` points them at ``<cache>/torch-compile`` (the folder of
-:func:`wsi_llava.settings.cache_dir`, beside the features), so the second process, and every serve worker
-after the first, loads the compiled tile encoder and decode step instead of compiling them again.
+Inductor keeps what it compiles on disk and reuses it in a later process whose graph, inputs and
+software match: the FX graph cache (generated code, its Triton kernels bundled), the AOTAutograd cache
+and the Triton kernel cache. Both graph caches are on by default (torch 2.14 here), but they live under
+``$TMPDIR/torchinductor_$USER``, which tmp cleaning empties and a fresh container does not have.
+:func:`configure` points them at ``<cache>/torch-compile`` (the folder of
+:func:`wsi_llava.settings.cache_dir`, beside the features), so the second process, and every serve
+worker after the first, loads the compiled tile encoder and decode step instead of compiling them again.
 
 Configuration is an environment variable that torch reads whenever it compiles (and passes on to its
 compile workers). Importing ``torch._dynamo`` (timm does) already sets it to torch's default, so that
-value counts as unset; any other value, a user's own ``TORCHINDUCTOR_CACHE_DIR`` or an earlier call's, is
-kept. Every compiled piece calls :func:`configure` before its first ``torch.compile``; the first call of a
-process decides the folder for that process. ``TRITON_CACHE_DIR`` is left alone (unset, torch puts
-Triton's cache under ours). Inductor's precompiled C++ headers (CPU code only; nothing compiles on
-the CPU by default) stay under torch's temporary folder, which it fixes at import. torch's "mega-cache" (``torch.compiler.save_cache_artifacts``) is not used: it packs these same entries
-to carry them to another machine, which a shared cache folder makes unnecessary.
+value counts as unset; any other value, a user's own ``TORCHINDUCTOR_CACHE_DIR`` or an earlier call's,
+is kept. Every compiled piece calls :func:`configure` before its first ``torch.compile``; the first call
+of a process decides the folder for that process. ``TRITON_CACHE_DIR`` is left alone (unset, torch puts
+Triton's cache under ours). Inductor's precompiled C++ headers (CPU code only; nothing compiles on the
+CPU by default) stay under torch's temporary folder, which it fixes at import. torch's "mega-cache"
+(``torch.compiler.save_cache_artifacts``) is not used: it packs these same entries to carry them to
+another machine, which a shared cache folder makes unnecessary.
 """
 
 from __future__ import annotations
