@@ -257,7 +257,7 @@ def print_table(res: dict[str, Any]) -> None:
         f"{'met' if res['target_met'] else 'NOT MET'})"
     )
     for name, ok in res.get("pieces_using_our_cache", {}).items():
-        if not ok:
+        if ok is False:
             print(
                 f"{name}: compiled under torch's temporary default, not our cache (compile_cache.configure)"
             )
@@ -332,8 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     res["speedup"] = round(fp1 / fp2, 2) if fp1 and fp2 else None
     res["target_met"] = fp2 is not None and fp2 < 2.0
     ours = str((cache / "torch-compile").resolve())
-    res["pieces_using_our_cache"] = {
+    res["pieces_using_our_cache"] = {  # None: nothing compiled (CPU: the decoder runs uncompiled)
         name: row.get("torchinductor_cache_dir") == ours
+        if row.get("mode_used", "compile") == "compile" and row.get("compiled", True)
+        else None
         for name, row in (second.get("stages") or {}).items()
         if name in COMPILED
     }
