@@ -2,6 +2,7 @@
 
     python benchmarks/bench_cold_answer.py [--quick] [--out JSON] [--workdir DIR] [--texture-svs SVS]
     python benchmarks/bench_cold_answer.py --cpu-smoke      # a dry run: small slide, tiny models, CPU
+    python benchmarks/bench_cold_answer.py --ask-evidence --svs 40 [--cpu-smoke --new-tokens 16]
 
 One process, one device. The slide is ``bench_featurize.py``'s generated 20,875-tile JPEG TIFF at
 0.5 µm/px (``--quick``: ~2,000 tiles); the models have random weights in the published shapes: ViT-g/16
@@ -24,6 +25,18 @@ to 200 new tokens (the LM-head rows of the stop/special ids are zeroed, so greed
   workers, fp16 autocast, batch 64, HDF5 writes; its encoder warmed before the clock), the slide
   encoder with the dilated attention from before issue 7 (``longnet_v0.py``), and HF ``generate()``
   eager (DynamicCache) for 200 tokens; baseline models are warmed by one untimed call first.
+
+``--ask-evidence`` measures instead what ``wsi-llava ask`` runs by default, on the first slide of the
+process: ``SlideSession`` (open, tissue grid, decode warm-up started), ``SlideSession.extract``, then
+``SlideSession.ask(question, None, evidence=True)``, whose ``Answer.timings`` split slide encoding,
+prefill and decode from the evidence (integrated gradients over every tile). The ViT-g is handed to the
+session as a registered model's own encoder would be built (bf16 weights, freed after featurization).
+The baseline is the same sum of the usual recipe's stages, its answer by HF ``generate()`` with the
+static cache (compiled by transformers on CUDA, in its untimed warm-up) and no evidence. The compile
+cache's state at the start (:mod:`wsi_llava.compile_cache`: empty = cold) is recorded. ``--svs 40`` (or
+20) takes the slide people have: ``bench_featurize``'s Aperio-layout SVS of ~20,000 tissue tiles, read
+through OpenSlide. Writes ``results/cold_answer_ask_evidence_svs40x.json`` and ``cold_ask_with_evidence_s``
+(+ ``_card``, peak GPU memory, ratio to the usual recipe) into ``results/summary.json``.
 
 Before each cold run the slide's pages are evicted from the page cache (``posix_fadvise DONTNEED``).
 Per stage: wall seconds, peak GPU memory (allocated), host peak RSS (VmHWM, reset per stage where the
@@ -242,8 +255,10 @@ def run_baseline(
     n_new: int,
     feats: Any,
     workers: int,
+    static_generate: bool = False,
 ) -> dict:
-    """The usual recipe's stages, each timed; their sum is the baseline."""
+    """The usual recipe's stages, each timed; their sum is the baseline (``static_generate``: the answer by
+    HF ``generate()`` with its static cache, which transformers compiles on CUDA, instead of eager)."""
     import torch
     from bench_slide_encoder import variant
 
@@ -271,18 +286,23 @@ def run_baseline(
         bd.sync(device.type)
         with st.stage("slide_encoder", what="longnet_v0 dilated attention (before issue 7), bf16 + pool"):
             vis = model.encode_slide(f, c, grid.tile_size_level0)
-    with torch.inference_mode():
-        bd.hf_generate(model, question, vis, 4, device.type)  # warm-up, untimed
+    generate = hf_generate_static if static_generate else bd.hf_generate
+    kind = "static cache (compiled by transformers on CUDA)" if static_generate else "eager, DynamicCache"
+    t_warm = time.perf_counter()
+    with torch.inference_mode():  # warm-up, untimed; the static cache's length (and compile) is the answer's
+        generate(model, question, vis, n_new if static_generate else 4, device.type)
+    warm_s = round(time.perf_counter() - t_warm, 2)
     with (
-        st.stage("answer", what=f"HF generate() eager, DynamicCache, greedy, {n_new} new tokens") as row,
+        st.stage("answer", what=f"HF generate() {kind}, greedy, {n_new} new tokens") as row,
         torch.inference_mode(),
     ):
-        g = bd.hf_generate(model, question, vis, n_new, device.type)
+        g = generate(model, question, vis, n_new, device.type)
         row.update(
             new_tokens=g["new_tokens"],
             ttft_s=round(g["ttft_ms"] / 1e3, 4),
             decode_tok_s=round(g["decode_tok_s"], 1),
             ids=g["ids"],
+            untimed_warm_up_s=warm_s,
         )
     return {
         "page_cache_dropped": dropped,
@@ -290,6 +310,141 @@ def run_baseline(
         "sum_of_stages_s": st.total(),
         "slide_encoder_input": "our features of the same grid (timing does not depend on the values)",
     }
+
+
+def hf_generate_static(model: Any, question: str, vis: Any, n_new: int, device: str) -> dict:
+    """``bench_decode.hf_generate`` with ``cache_implementation="static"``: HF's fast recipe."""
+    import torch
+
+    s = model.embed(torch.tensor([model.prompt(question).input_ids]), vis[None])
+    clock = bd._Clock()
+    bd.sync(device)
+    t0 = time.perf_counter()
+    out = model.llm.generate(
+        inputs_embeds=s.inputs_embeds,
+        attention_mask=s.attention_mask,
+        max_new_tokens=n_new,
+        min_new_tokens=n_new,
+        do_sample=False,
+        streamer=clock,
+        pad_token_id=0,
+        cache_implementation="static",
+    )
+    bd.sync(device)
+    token_times = clock.times[1:]  # the first put is the (empty) prompt
+    n = len(token_times)
+    return {
+        "new_tokens": n,
+        "ids": out[0].tolist()[-n:],
+        "ttft_ms": 1e3 * (token_times[0] - t0),
+        "decode_tok_s": (n - 1) / (token_times[-1] - token_times[0]) if n > 1 else None,
+    }
+
+
+def hand_over_tile_encoder(model: Any, tile_enc: Any, name: str) -> None:
+    """Let ``SlideSession`` build the tile encoder as for a registered model (its own, apart from the
+    model: bf16 weights on CUDA, freed after featurization), but get the one already on the device.
+
+    The spec names the random encoder ``name`` and declares it (``untrained``), as ``require_slide_ready``
+    asks of a model whose tile encoder has no weights.
+    """
+    from wsi_llava.model.spec import TileEncoderSpec
+
+    model.spec = model.spec.model_copy(update={"untrained": True, "tile_encoder": TileEncoderSpec(name=name)})
+    tile_enc.encoder_id = model.tile_encoder_id()
+    held = [tile_enc]
+    model.build_tile_encoder = held.pop  # one call: no reference stays here once the session frees it
+
+
+def compile_cache_state() -> dict:
+    """Where torch.compile's artifacts go in this process and how many are there already (cold or warm)."""
+    from wsi_llava.compile_cache import chosen_dir, compile_cache_dir
+
+    d = chosen_dir() or compile_cache_dir()
+    files = sum(1 for p in d.rglob("*") if p.is_file()) if d.is_dir() else 0
+    return {"dir": str(d), "files_at_start": files, "cold": files == 0}
+
+
+def run_ask_evidence(
+    slide: Path, model: Any, device: Any, workdir: Path, question: str, n_new: int
+) -> tuple[dict, Any, Any]:
+    """A cold slide to a ``n_new``-token answer with evidence, as ``wsi-llava ask`` runs it: ``SlideSession``,
+    ``extract``, then ``ask(question, None, evidence=True)``; per-stage figures, the features and the grid."""
+    from wsi_llava.session import SlideSession
+
+    cache_dir = workdir / "cache_ask_evidence"
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    dropped = drop_page_cache(slide)
+    st = Stages(device)
+    t_start = time.perf_counter()
+    with st.stage("open_session", what="SlideSession: open, tissue grid, decode warm-up started") as row:
+        session = SlideSession(slide, model, cache_dir=cache_dir, device=str(device))
+        row["tiles"] = len(session.grid)
+        row["reader"] = getattr(session.reader, "reader_name", type(session.reader).__name__)
+    try:
+        with st.stage("extract", what="SlideSession.extract: featurize (fast path), cache write") as row:
+            feats = session.extract()
+        st.rows["extract"]["tiles_per_s"] = round(feats.n_tiles / st.rows["extract"]["seconds"], 1)
+        with st.stage("ask", what=f"SlideSession.ask(question, None, evidence=True), {n_new} tokens") as row:
+            answer = session.ask(question, None, evidence=True, max_new_tokens=n_new, temperature=0.0)
+            tm = answer.timings
+            row.update(
+                timings=tm.model_dump(),
+                evidence_and_rest_s=round(tm.seconds - tm.features - tm.prefill - tm.decode, 3),
+                evidence_tiles=len(answer.evidence.scores),
+                evidence_method=answer.evidence.method,
+                ids=list(model.last_generation.new_token_ids),
+            )
+        grid = session.grid
+    finally:
+        session.close()
+    t_end = time.perf_counter()
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    out = {
+        "page_cache_dropped": dropped,
+        "stages": st.rows,
+        "sum_of_stages_s": st.total(),
+        "slide_to_answer_with_evidence_wall_s": round(t_end - t_start, 3),
+    }
+    return out, feats, grid
+
+
+def compare_ask(ours: dict, base: dict) -> dict:
+    """Ours (with evidence) against the usual recipe's stages (no evidence), baseline / ours."""
+    o, b = ours["stages"], base["stages"]
+    tm = o["ask"]["timings"]
+    pairs = {
+        "open+grid": (b["open_slide_and_tile_grid"]["seconds"], o["open_session"]["seconds"]),
+        "featurize": (b["featurize"]["seconds"], o["extract"]["seconds"]),
+        "slide_encoder": (b["slide_encoder"]["seconds"], tm["features"]),
+        "answer_prefill_decode": (b["answer"]["seconds"], tm["prefill"] + tm["decode"]),
+        "evidence": (0.0, o["ask"]["evidence_and_rest_s"]),
+        "total": (base["sum_of_stages_s"], ours["sum_of_stages_s"]),
+    }
+    return {
+        k: {"baseline_s": round(x, 3), "ours_s": round(y, 3), "ratio": round(x / y, 2) if y and x else None}
+        for k, (x, y) in pairs.items()
+    }
+
+
+def print_table_ask(res: dict) -> None:
+    m = res["machine"]
+    ours = res.get("ours_ask_evidence")
+    print(f"\n{m.get('gpu', 'cpu')} | torch {m['torch']} | transformers {m['transformers']}")
+    print(
+        f"slide: {res['slide']['path']} ({res['slide'].get('tissue_tiles')} tiles); models loaded in "
+        f"{res['model_load_s']} s (not counted); compile cache {res['compile_cache']}"
+    )
+    print(f"{'stage':<24}{'baseline s':>12}{'ours s':>10}{'ratio':>8}")
+    for k, v in res.get("ratios", {}).items():
+        print(f"{k:<24}{v['baseline_s']:>12.2f}{v['ours_s']:>10.2f}{str(v['ratio'] or '-'):>8}")
+    if ours:
+        peak = res.get("peak_gpu_gib_ours")
+        a = ours["stages"]["ask"]
+        print(
+            f"cold ask with evidence: {ours['sum_of_stages_s']} s ({a['timings']['new_tokens']} tokens, "
+            f"{a['timings']['decode_path']}, evidence over {a['evidence_tiles']} tiles); peak GPU {peak} GiB"
+        )
 
 
 # --- report --------------------------------------------------------------------------------------------
@@ -385,6 +540,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--decode-mode", choices=("graph", "compile", "static", "off"), help="default: the product's"
     )
+    ap.add_argument(
+        "--svs",
+        type=int,
+        choices=(20, 40),
+        default=None,
+        help="the slide: an Aperio-layout SVS at 40x / 20x (bench_featurize --svs) instead of the 0.5 µm/px TIFF",
+    )
+    ap.add_argument("--summary", type=Path, default=RESULTS.parent / "summary.json", help="--ask-evidence")
+    ap.add_argument(
+        "--ask-evidence",
+        action="store_true",
+        help="ours through SlideSession.ask(question, None, evidence=True) as `wsi-llava ask` runs it; "
+        "baseline answer by HF generate() with its static cache",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("wsi_llava.features.extract").setLevel(logging.INFO)
@@ -393,10 +562,20 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from wsi_llava.synth.svs import MPP_BY_MAG
+
     smoke = args.cpu_smoke
     device = torch.device("cpu" if smoke else "cuda")
     grid_side = 24 if smoke else 56 if args.quick else 176
-    out = args.out or (args.workdir / "cold_answer_quick.json" if (smoke or args.quick) else RESULTS)
+    default = RESULTS
+    if args.ask_evidence or args.svs:
+        default = RESULTS.with_name(
+            "cold_answer"
+            + ("_ask_evidence" if args.ask_evidence else "")
+            + (f"_svs{args.svs}x" if args.svs else "")
+            + ".json"
+        )
+    out = args.out or (args.workdir / f"{default.stem}_quick.json" if (smoke or args.quick) else default)
     out.parent.mkdir(parents=True, exist_ok=True)
     args.workdir.mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {
@@ -413,14 +592,20 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(res, indent=2, default=str) + "\n")
 
     t0 = time.perf_counter()
-    slide, _ = bf.generate_slide(
-        args.workdir / f"slide_{grid_side}.tif", grid_side, bf._texture_source(args.texture_svs)
-    )
+    if args.svs:  # about half the cells are tissue: ~20,000 tiles (quick ~2,000)
+        cells = 24 if smoke else 64 if args.quick else 204
+        slide = bf.generate_svs(args.workdir, args.svs, cells, bf._texture_source(args.texture_svs))
+    else:
+        slide, _ = bf.generate_slide(
+            args.workdir / f"slide_{grid_side}.tif", grid_side, bf._texture_source(args.texture_svs)
+        )
     res["slide"] = {
         "path": str(slide),
         "bytes": slide.stat().st_size,
-        "level0_px": grid_side * bf.TILE,
-        "mpp": bf.MPP,
+        "layout": f"Aperio SVS {args.svs}x (240-px JPEG tiles), OpenSlide" if args.svs else "JPEG TIFF",
+        "level0_px": None if args.svs else grid_side * bf.TILE,
+        "mpp": MPP_BY_MAG[args.svs] if args.svs else bf.MPP,
+        "target_mpp": bf.MPP,
         "generate_or_reuse_s": round(time.perf_counter() - t0, 1),
     }
     load = Stages(device)
@@ -432,6 +617,11 @@ def main(argv: list[str] | None = None) -> int:
     res["model_load"] = load.rows
     res["model_load_s"] = load.total()
     dump()
+    if args.ask_evidence:
+        res["compile_cache"] = compile_cache_state()  # before anything compiles: cold or warm
+        hand_over_tile_encoder(model, tile_enc, "demo-vit" if smoke else "prov-gigapath")
+        del tile_enc  # the session owns it now and frees it after featurization
+        return main_ask_evidence(args, res, dump, slide, model, device, question, out, t_proc)
 
     first = None
     try:
@@ -535,6 +725,76 @@ def main(argv: list[str] | None = None) -> int:
             a["ids"] = a["ids"][:16] + (["..."] if len(a["ids"]) > 16 else [])
     dump()
     print_table(res)
+    print(f"\nwrote {out} ({res['total_seconds']} s)")
+    return 0
+
+
+def main_ask_evidence(
+    args: argparse.Namespace,
+    res: dict,
+    dump: Any,
+    slide: Path,
+    model: Any,
+    device: Any,
+    question: str,
+    out: Path,
+    t_proc: float,
+) -> int:
+    """``--ask-evidence``: ours through ``SlideSession.ask`` first (the first slide of this process), then
+    the usual recipe's stages with HF static ``generate()``."""
+    import torch
+
+    res["what"] = (
+        "cold slide -> answer with evidence through SlideSession.ask, first slide of a fresh process; "
+        "random weights in the published shapes"
+    )
+    ours = None
+    try:
+        ours, feats, grid = run_ask_evidence(slide, model, device, args.workdir, question, args.new_tokens)
+        res["ours_ask_evidence"] = ours
+        res["slide"]["tissue_tiles"] = len(grid)
+    except Exception as e:  # noqa: BLE001 - keep what was measured
+        log.exception("ours (ask with evidence) failed")
+        res["errors"]["ours_ask_evidence"] = f"{type(e).__name__}: {e}"
+    dump()
+    if ours is None:
+        return 1
+    if device.type == "cuda":
+        res["process_peak_gpu_gib_ours"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
+    load = Stages(device)
+    with load.stage("baseline_tile_encoder", what="a second encoder for the usual recipe (fp32 weights)"):
+        base_enc = bf.make_encoder("demo" if args.cpu_smoke else "vit-g", device)
+    res["model_load"].update(load.rows)
+    try:
+        res["baseline"] = run_baseline(
+            slide, model, base_enc, device, args.workdir, question, args.new_tokens, feats,
+            args.baseline_workers, static_generate=True,
+        )  # fmt: skip
+        res["ratios"] = compare_ask(ours, res["baseline"])
+    except Exception as e:  # noqa: BLE001
+        log.exception("baseline failed")
+        res["errors"]["baseline"] = f"{type(e).__name__}: {e}"
+    res["cold_ask_with_evidence_s"] = ours["sum_of_stages_s"]
+    res["peak_gpu_gib_ours"] = max((r.get("peak_gpu_gib") or 0) for r in ours["stages"].values()) or None
+    res["total_seconds"] = round(time.perf_counter() - t_proc, 1)
+    for r in (ours, res.get("baseline")):
+        for key in ("ask", "answer"):
+            a = (r or {}).get("stages", {}).get(key)
+            if a and "ids" in a:
+                a["ids"] = a["ids"][:16] + (["..."] if len(a["ids"]) > 16 else [])
+    dump()
+    if not (args.cpu_smoke or args.quick):
+        from bench_paper_model_cli import merge_summary
+
+        card = res["machine"].get("gpu", "cpu")
+        keys = {
+            "cold_ask_with_evidence_s": res["cold_ask_with_evidence_s"],
+            "cold_ask_with_evidence_peak_gpu_gib": res["peak_gpu_gib_ours"],
+        }
+        if res.get("ratios"):
+            keys["cold_ask_with_evidence_vs_usual_recipe"] = res["ratios"]["total"]["ratio"]
+        merge_summary(args.summary, keys | {f"{k}_card": card for k in keys})
+    print_table_ask(res)
     print(f"\nwrote {out} ({res['total_seconds']} s)")
     return 0
 

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from wsi_llava import compile_cache
+
 logger = logging.getLogger(__name__)
 
 #: attribute of the wrapped encoder that holds its fast wrappers, per (device, compile flag)
@@ -93,6 +95,7 @@ class FastTileEncoder:
         self.compile_seconds: float | None = None  # background compile: first batch -> compiled copy in use
         self._lock = threading.Lock()
         if self.compile:
+            compile_cache.configure()  # a later process loads what this one compiles
             try:
                 self._compiled_model = _compiled_copy(self._eager)
                 self.compiled = True
