@@ -322,3 +322,60 @@ def test_batched_step_logits_equal_single_stream_static_steps(tiny, monkeypatch,
             check([2, 1])
         assert not dec.use_graphs and "simulated capture failure" in caplog.text
         check([2, 1])
+
+
+def test_answers_about_one_selection_share_its_prefix_and_equal_answering_alone(demo):
+    """Four questions about the same visual tokens (each passed as its own tensor, as the server's
+    requests are): the prefix is prefilled once, and every batched answer equals its alone run."""
+    vis = _visual(demo, 200)
+    reqs = [(q, {"max_new_tokens": 4 + i}) for i, q in enumerate(QUESTIONS[:4])]
+    refs = [_alone(demo, q, vis, **kw) for q, kw in reqs]
+    got: list[list[str]] = [[] for _ in reqs]
+    errors: list = []
+    with Batcher(demo, max_batch=4) as batcher:
+        streams = [batcher.submit(q, vis.clone(), **kw) for q, kw in reqs]
+        threads = [_consume(s, got[i], errors) for i, s in enumerate(streams)]
+        for t in threads:
+            t.join(60)
+        assert not errors
+        assert (batcher.prefixes.misses, batcher.prefixes.hits) == (1, 3)
+    for i, s in enumerate(streams):
+        _same([c for c in got[i] if c], s.result, refs[i])
+
+
+def test_prefix_cache_prefill_equals_the_whole_prompt_and_stays_bounded(tiny):
+    """Logits and K/V of a prefix-cached prefill equal one prefill of the whole prompt; other visual
+    tokens or other text before the image miss; the byte bound evicts the least recently used."""
+    from wsi_llava.model.fast_decode import cache_kv
+    from wsi_llava.model.generation import checked_request, prefill, splice
+    from wsi_llava.model.prefix_cache import PrefixCache
+
+    vis, other = _tiny_vis(30), _tiny_vis(31)
+    cache = PrefixCache()
+    with torch.inference_mode():
+        hits = []
+        necrosis = "Is there necrosis?"
+        for q, v in [(Q, vis), (necrosis, vis.clone()), (Q, other), (necrosis, other.clone()), (Q, vis)]:
+            _vt, parts, _gen = checked_request(tiny, q, v)
+            s, past, logits, hit = cache.prefill(tiny, parts, v)
+            hits.append(hit)
+            ref_past, ref_logits = prefill(tiny, splice(tiny, parts, v))
+            torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+            n = s.inputs_embeds.shape[1]
+            for layer in range(tiny.llm.config.num_hidden_layers):
+                for got, want in zip(cache_kv(past, layer), cache_kv(ref_past, layer), strict=True):
+                    assert got.shape[2] == want.shape[2] == n
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert hits == [False, True, False, True, True]
+        one = cache.nbytes // 2
+        assert one > 0 and (cache.hits, cache.misses) == (3, 2)
+
+        small = PrefixCache(max_bytes=one)  # room for one prefix: the newest stays
+        for v in (vis, other, vis):
+            _vt, parts, _gen = checked_request(tiny, Q, v)
+            assert small.prefill(tiny, parts, v)[3] is False
+            assert 0 < small.nbytes <= one
+        off = PrefixCache(max_bytes=0)
+        _vt, parts, _gen = checked_request(tiny, Q, vis)
+        assert off.prefill(tiny, parts, vis)[3] is False and off.prefill(tiny, parts, vis)[3] is False
+        assert off.nbytes == 0

@@ -1,9 +1,10 @@
 """Continuous batching of answers for one ``WSILlava``: concurrent questions decode together.
 
 A loop thread owns every LLM call. Each turn it runs the queued :meth:`Batcher.call` functions, drops
-cancelled streams, prefills the requests that fit (eagerly with the Hugging Face model, batch 1, exactly
-as :func:`~wsi_llava.model.generation.stream` does, so the first token is the eager one) and copies their
-K/V into a slot of static buffers ``[slots, kv_heads, capacity, head_dim]`` per layer, chooses one token
+cancelled streams, prefills the requests that fit (eagerly with the Hugging Face model, batch 1; the
+K/V of a prompt's prefix, the text up to the image and the selection's visual tokens, is computed once
+for everyone asking about that selection: :class:`~wsi_llava.model.prefix_cache.PrefixCache`, so each
+answer prefills only its question) and copies their K/V into a slot of static buffers ``[slots, kv_heads, capacity, head_dim]`` per layer, chooses one token
 for every active answer (the per-token rules of :class:`~wsi_llava.model.generation.AnswerState`, shared
 with ``stream``), and runs one decode step for all of them at once, each row at its own position behind
 its own key mask. Active answers stay compacted in slots ``0..b-1`` (one that leaves is replaced by the
@@ -56,9 +57,8 @@ from wsi_llava.model.generation import (
     cache_of,
     checked_request,
     is_cancelled,
-    prefill,
-    splice,
 )
+from wsi_llava.model.prefix_cache import PrefixCache
 
 if TYPE_CHECKING:
     from wsi_llava.model.wsi_llava import WSILlava
@@ -299,6 +299,7 @@ class Batcher:
         self._dec: BatchDecoder | None = None
         self._dec_key: tuple | None = None
         self._out: torch.Tensor | None = None  # the last step's logits, rows of _Request.row
+        self.prefixes = PrefixCache()  # K/V of the selections asked about lately (loop thread only)
         self._thread = threading.Thread(target=self._loop, name="wsi-batcher", daemon=True)
         self._thread.start()
 
@@ -425,6 +426,7 @@ class Batcher:
         self._active.clear()
         self._dec = None
         self._out = None
+        self.prefixes.clear()
 
     def _decoder(self) -> BatchDecoder | None:
         """The batched decoder for the model's current weights and mode; None: round-robin eager steps."""
@@ -516,12 +518,11 @@ class Batcher:
 
     def _prefill(self, r: _Request) -> None:
         model = self.model
-        s = splice(model, r.parts, r.vt)
-        n = int(s.inputs_embeds.shape[1])
-        r.result = GenerationResult(prompt_len=n, n_visual_tokens=s.n_visual)
         r.ans = AnswerState(model, r.parts, r.gen, r.seed)
         t0 = time.perf_counter()
-        past, logits = prefill(model, s)
+        s, past, logits, _hit = self.prefixes.prefill(model, r.parts, r.vt)
+        n = int(s.inputs_embeds.shape[1])
+        r.result = GenerationResult(prompt_len=n, n_visual_tokens=s.n_visual)
         r.logits, r.greedy, r.row, r.cur_len = logits[0], None, None, n
         dec = self._dec
         if dec is not None:

@@ -290,6 +290,9 @@ class FastDecoder(DecoderParts):
         self.mode = mode
         self._layer_in, self._layer_out = _layer_in, _layer_out
         if mode == "compile":
+            from wsi_llava import compile_cache
+
+            compile_cache.configure()  # a later process loads what this one compiles
             self._layer_in = torch.compile(_layer_in, dynamic=False, fullgraph=True)
             self._layer_out = torch.compile(_layer_out, dynamic=False, fullgraph=True)
         self._graph: Any = None
