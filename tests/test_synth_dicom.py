@@ -100,7 +100,9 @@ def test_attributes_follow_the_wsi_iod(slide):
             rows, cols, n = struct.unpack(">HHB", f[sof + 5 : sof + 10])
             assert (cols, rows, n) == (T, T, 3)
             assert [f[sof + 11 + 3 * k] for k in range(3)] == [0x21, 0x11, 0x11]
+    assert len({ds.PyramidUID for ds in sets[:3]}) == 1  # the levels: one multi-resolution pyramid
     assert [list(ds.ImageType)[2] for ds in sets[3:]] == ["LABEL", "OVERVIEW"]
+    assert all(ds.LabelText and ds.BarcodeValue for ds in sets[3:])  # the slide label module
 
 
 @pytest.mark.parametrize("table", ["basic", "extended", "empty"])

@@ -138,6 +138,7 @@ class _Series:
     series_uid: str
     frame_of_reference_uid: str
     dimension_organization_uid: str
+    pyramid_uid: str
     specimen_uid: str
     slide_id: str
     when: dt.datetime
@@ -201,6 +202,7 @@ def _dataset(
     ds.TotalPixelMatrixFocalPlanes, ds.NumberOfFocalPlanes, ds.NumberOfOpticalPaths = 1, 1, 1
     origin = Dataset()
     origin.XOffsetInSlideCoordinateSystem, origin.YOffsetInSlideCoordinateSystem = 20.0, 40.0
+    origin.ZOffsetInSlideCoordinateSystem = 0.0
     ds.TotalPixelMatrixOriginSequence = Sequence([origin])
     ds.ImageOrientationSlide = [0, -1, 0, -1, 0, 0]
     ds.ImagedVolumeWidth, ds.ImagedVolumeHeight, ds.ImagedVolumeDepth = s.width_mm, s.height_mm, 0.004
@@ -246,6 +248,10 @@ def _dataset(
     specimen.SpecimenPreparationSequence = Sequence()
     ds.SpecimenDescriptionSequence = Sequence([specimen])
     ds.BarcodeValue = s.slide_id
+    if flavor in ("LABEL", "OVERVIEW"):  # the slide label module: what the label shows
+        ds.LabelText = s.slide_id
+    else:  # the levels are one multi-resolution pyramid
+        ds.PyramidUID = s.pyramid_uid
     return ds
 
 
@@ -371,6 +377,7 @@ def write_dicom(
         series_uid=generate_uid(),
         frame_of_reference_uid=generate_uid(),
         dimension_organization_uid=generate_uid(),
+        pyramid_uid=generate_uid(),
         specimen_uid=generate_uid(),
         slide_id=folder.name[:16] or "SLIDE",
         when=dt.datetime.now(dt.UTC).replace(microsecond=0),
