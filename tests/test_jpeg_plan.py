@@ -510,6 +510,18 @@ def test_dicom_the_plan_cannot_read_falls_back_with_the_reason_once(
         np.testing.assert_array_equal(tiles, _openslide_tiles(info.path, grid))
 
 
+def test_dicom_without_pydicom_is_left_to_openslide(dcm20, monkeypatch):
+    """pydicom is an extra: without it a DICOM slide still reads, through OpenSlide, and says why."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # import pydicom raises ImportError
+    with open_slide(dcm20["basic"].path) as reader:
+        grid = make_tile_grid(reader, target_mpp=0.5, tile_size=256, min_tissue=0)
+        plan, reason = jpeg_plan(reader, grid)
+        assert plan is None and "pydicom is not installed" in reason
+        assert read_tiles(reader, grid, np.arange(2)).shape == (2, 256, 256, 3)
+
+
 def test_fast_extract_on_dicom_matches_reader_path(dcm40, encoder, tmp_path, caplog):
     """``extract_features(fast=True)`` on CPU through OpenSlide's dicom backend: every grid tile from the
     frames' JPEG streams, features within 2e-3 (relative) of the reader path's."""
