@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 PKGS="pydantic pydantic_core annotated-types typing-inspection typing_extensions pluggy click tifffile zarr
 numcodecs donfig google-crc32c filelock timm peft fastapi starlette annotated-doc uvicorn h11 anyio httpx
 httpcore certifi idna gguf opentelemetry-api importlib_metadata zipp openslide-python
-openslide-bin imagecodecs ${EXTRA_PKGS:-}"
+openslide-bin imagecodecs pydicom ${EXTRA_PKGS:-}"
 mkdir -p .devcarry/whl
 pins=()
 for p in $PKGS; do

@@ -1,10 +1,11 @@
-"""Grid tiles assembled from JPEG tile streams on misaligned, resized reads (Aperio SVS through OpenSlide),
-against OpenSlide ``read_region`` + Pillow, and the fast pipeline on such a slide (CPU)."""
+"""Grid tiles assembled from JPEG tile streams on misaligned, resized reads (Aperio SVS and DICOM WSI
+through OpenSlide), against OpenSlide ``read_region`` + Pillow, and the fast pipeline on such slides (CPU)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ from wsi_llava.slide.jpeg_tiles import (
 from wsi_llava.slide.open import open_slide
 from wsi_llava.slide.tiff_reader import TiffReader
 from wsi_llava.slide.tiling import make_tile_grid, read_tiles
+from wsi_llava.synth.dicom import DicomInfo, write_dicom
 from wsi_llava.synth.svs import TILE, write_svs
 
 #: level-0 (column, row) TIFF tiles the scanner "left out" in the test slides
@@ -337,5 +339,218 @@ def test_cuda_assembly_matches_openslide(svs40, encoder, tmp_path, caplog):
         with caplog.at_level(logging.INFO, "wsi_llava"):
             extract_features(reader, grid, encoder, FeatureCache(tmp_path / "c"), device="cuda", batch_size=8)
     d = np.abs(fast.astype(np.int16) - _openslide_tiles(svs40, grid).astype(np.int16))
+    assert d.mean() < 2.0 and np.percentile(d, 99.9) <= 24, (d.mean(), np.percentile(d, 99.9), d.max())
+    assert any(f"{len(grid)} tiles from JPEG streams, 0 through" in r.message for r in caplog.records)
+
+
+# --- DICOM WSI (OpenSlide's dicom vendor): the frames of the level's file are the tiles --------------------
+
+
+@pytest.fixture(scope="module")
+def dcm20(tmp_path_factory) -> dict[str, DicomInfo]:
+    """1700 x 1100 px DICOM WSI series at 0.5 µm/px with 240-px frames (256-px grid tiles misaligned),
+    one per offset-table layout."""
+    root = tmp_path_factory.mktemp("dcm20")
+    return {
+        t: write_dicom(root / t, 1700, 1100, tile=TILE, downsamples=(4,), offset_table=t)
+        for t in ("basic", "extended", "empty")
+    }
+
+
+@pytest.fixture(scope="module")
+def dcm40(tmp_path_factory) -> DicomInfo:
+    """2300 x 1700 px at 0.2527 µm/px, 240-px frames, no offset table (the fragments are walked): 507-px
+    grid tiles resized to 256, the last column and row of grid tiles past the image edge."""
+    return write_dicom(
+        tmp_path_factory.mktemp("dcm40") / "s40", 2300, 1700, mpp=0.2527, tile=TILE, offset_table="empty"
+    )
+
+
+@pytest.mark.parametrize("table", ["basic", "extended", "empty"])
+def test_dicom_misaligned_tiles_equal_openslide(dcm20, table):
+    """256-px reads over 240-px frames, no resize, frames found through each offset-table layout, the
+    slide opened from its level-1 file: the plan reads level-0.dcm; measured max 0 (both libjpeg-turbo)."""
+    info = dcm20[table]
+    with open_slide(info.files[1]) as reader:
+        assert reader.properties["openslide.vendor"] == "dicom"
+        grid = make_tile_grid(reader, target_mpp=0.5, tile_size=256, min_tissue=0)
+        plan = plan_jpeg_tiles(reader, grid)
+        assert plan is not None and plan.path == str(info.files[0])
+        assert (plan.level, plan.file_tile, plan.resize) == (0, (TILE, TILE), False)
+        assert check_plan(reader, grid, plan, "cpu") is None
+        fast = load_tiles(plan, np.arange(len(grid))).numpy()
+    assert len(grid) == 7 * 5
+    mx, mean = _error(fast, _openslide_tiles(info.files[1], grid))
+    assert mx <= 1 and mean < 0.01, (mx, mean)
+
+
+def test_dicom_frames_are_the_encapsulated_items(dcm20):
+    """The plan's tile offsets and counts are the frames pydicom finds (one fragment each, the even-length
+    pad byte after EOI included; :func:`read_streams` drops it)."""
+    import pydicom
+    from pydicom.encaps import generate_frames
+
+    info = dcm20["basic"]
+    with open_slide(info.path) as reader:
+        grid = make_tile_grid(reader, target_mpp=0.5, tile_size=256, min_tissue=0)
+        plan = plan_jpeg_tiles(reader, grid)
+    ds = pydicom.dcmread(info.path)
+    frames = list(generate_frames(ds.PixelData, number_of_frames=ds.NumberOfFrames))
+    raw = info.path.read_bytes()
+    assert [raw[o : o + c] for o, c in zip(plan.offsets, plan.counts, strict=True)] == frames
+    fd = os.open(plan.path, os.O_RDONLY)
+    try:
+        streams = read_streams(plan, fd, np.arange(len(frames)))
+    finally:
+        os.close(fd)
+    assert any(f.endswith(b"\xff\xd9\x00") for f in frames)  # some odd-length ones were padded
+    assert streams == [f[:-1] if f.endswith(b"\xff\xd9\x00") else f for f in frames]
+
+
+def test_dicom_40x_resized_tiles_match_openslide(dcm40):
+    """507-px reads over 240-px frames resized to 256 (CPU uint8 kernel) versus OpenSlide + Pillow
+    BILINEAR: measured max 1, mean 0.0001; past the image edge white (the frames are padded black)."""
+    with open_slide(dcm40.path) as reader:
+        grid = make_tile_grid(reader, target_mpp=0.5, tile_size=256, min_tissue=0)
+        plan = plan_jpeg_tiles(reader, grid)
+        assert plan is not None
+        assert (plan.level, plan.size_at_level, plan.file_tile, plan.resize) == (0, 507, (TILE, TILE), True)
+        assert check_plan(reader, grid, plan, "cpu") is None
+        fast = load_tiles(plan, np.arange(len(grid))).numpy()
+    assert len(grid) == 5 * 4
+    mx, mean = _error(fast, _openslide_tiles(dcm40.path, grid))
+    assert mx <= 1 and mean < 0.01, (mx, mean)
+    corner = fast[-1]  # grid tile (2028, 1521) at level 0: 272 x 179 level-0 px of image, then none
+    assert (corner[round(179 * 256 / 507) + 1 :] == 255).all()
+    assert (corner[:, round(272 * 256 / 507) + 1 :] == 255).all()
+    assert (corner[:80, :120] != 255).any()  # glass there, but scanned glass
+
+
+def _rewrite_level0(info: DicomInfo, dest: Path, change) -> Path:
+    """A copy of the series with its level-0 file rewritten by ``change(dataset)`` (pydicom)."""
+    import pydicom
+
+    shutil.copytree(info.folder, dest)
+    path = dest / info.files[0].name
+    ds = pydicom.dcmread(path)
+    change(ds)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _tiled_sparse(ds) -> None:
+    """TILED_SPARSE: each frame's position in the per-frame functional groups."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds.DimensionOrganizationType = "TILED_SPARSE"
+    across = -(-ds.TotalPixelMatrixColumns // ds.Columns)
+    items = []
+    for k in range(ds.NumberOfFrames):
+        pos = Dataset()
+        pos.ColumnPositionInTotalImagePixelMatrix = k % across * ds.Columns + 1
+        pos.RowPositionInTotalImagePixelMatrix = k // across * ds.Rows + 1
+        pos.XOffsetInSlideCoordinateSystem = pos.YOffsetInSlideCoordinateSystem = 0.0
+        pos.ZOffsetInSlideCoordinateSystem = 0.0
+        item = Dataset()
+        item.PlanePositionSlideSequence = Sequence([pos])
+        items.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(items)
+
+
+def _uncompressed(ds) -> None:
+    """The frames decoded (Pillow) and stored native RGB, explicit VR little endian."""
+    import io
+
+    from pydicom.encaps import generate_frames
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    frames = [
+        np.asarray(Image.open(io.BytesIO(f)).convert("RGB"))
+        for f in generate_frames(ds.PixelData, number_of_frames=ds.NumberOfFrames)
+    ]
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.PhotometricInterpretation = "RGB"
+    ds.PixelData = np.stack(frames).tobytes()
+    ds["PixelData"].VR = "OB"
+
+
+def _bad_basic_offsets(ds) -> None:
+    """A Basic Offset Table whose second entry points into the first frame."""
+    data = bytearray(ds.PixelData)
+    data[12:16] = (4).to_bytes(4, "little")
+    ds.PixelData = bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (_tiled_sparse, "frames are TILED_SPARSE, not TILED_FULL"),
+        (_uncompressed, "transfer syntax 1.2.840.10008.1.2.1, not JPEG baseline"),
+        (_bad_basic_offsets, "the Basic Offset Table does not match the fragments"),
+    ],
+    ids=["tiled-sparse", "uncompressed", "bad-basic-offset-table"],
+)
+def test_dicom_the_plan_cannot_read_falls_back_with_the_reason_once(
+    dcm20, tmp_path, caplog, change, expected
+):
+    """DICOM files OpenSlide reads but the plan does not (the first two as OpenSlide shows the original:
+    measured max 0): no plan, one log line naming the file and why, tiles through OpenSlide."""
+    info = dcm20["basic"]
+    path = _rewrite_level0(info, tmp_path / "copy", change)
+    with open_slide(path) as reader, caplog.at_level(logging.INFO, "wsi_llava"):
+        assert reader.properties["openslide.vendor"] == "dicom"
+        grid = make_tile_grid(reader, target_mpp=0.5, tile_size=256, min_tissue=0)
+        assert plan_jpeg_tiles(reader, grid) is None
+        # libdicom believes a Basic Offset Table: OpenSlide cannot read the frames of that one either
+        tiles = read_tiles(reader, grid, np.arange(len(grid))) if change is not _bad_basic_offsets else None
+    said = [r.message for r in caplog.records if "no direct JPEG tile decoding" in r.message]
+    assert len(said) == 1 and f"level-0.dcm: {expected}" in said[0] and "the openslide reader" in said[0]
+    if tiles is not None:
+        np.testing.assert_array_equal(tiles, _openslide_tiles(info.path, grid))
+
+
+def test_dicom_without_pydicom_is_left_to_openslide(dcm20, monkeypatch):
+    """pydicom is an extra: without it a DICOM slide still reads, through OpenSlide, and says why."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # import pydicom raises ImportError
+    with open_slide(dcm20["basic"].path) as reader:
+        grid = make_tile_grid(reader, target_mpp=0.5, tile_size=256, min_tissue=0)
+        plan, reason = jpeg_plan(reader, grid)
+        assert plan is None and "pydicom is not installed" in reason
+        assert read_tiles(reader, grid, np.arange(2)).shape == (2, 256, 256, 3)
+
+
+def test_fast_extract_on_dicom_matches_reader_path(dcm40, encoder, tmp_path, caplog):
+    """``extract_features(fast=True)`` on CPU through OpenSlide's dicom backend: every grid tile from the
+    frames' JPEG streams, features within 2e-3 (relative) of the reader path's."""
+    with open_slide(dcm40.path) as reader, caplog.at_level(logging.INFO, "wsi_llava"):
+        grid = make_tile_grid(reader, target_mpp=0.5, tile_size=256, min_tissue=0)
+        ref = extract_features(
+            reader, grid, encoder, FeatureCache(tmp_path / "ref"), fast=False, batch_size=8
+        )
+        fast = extract_features(
+            reader, grid, encoder, FeatureCache(tmp_path / "fast"), fast=True, batch_size=6
+        )
+    np.testing.assert_array_equal(ref.coords, fast.coords)
+    f32, r32 = fast.features.astype(np.float32), ref.features.astype(np.float32)
+    rel = np.linalg.norm(f32 - r32) / np.linalg.norm(r32)
+    assert rel < 2e-3, rel
+    assert any(f"{len(grid)} tiles from JPEG streams, 0 through" in r.message for r in caplog.records)
+
+
+@pytest.mark.gpu
+def test_cuda_dicom_assembly_matches_openslide(dcm40, encoder, tmp_path, caplog):
+    """On CUDA (nvJPEG, float resize) the DICOM frames stay on the GPU path: within :func:`check_plan`'s
+    bounds of OpenSlide + Pillow, every grid tile from the frames' JPEG streams."""
+    with open_slide(dcm40.path) as reader:
+        grid = make_tile_grid(reader, target_mpp=0.5, tile_size=256, min_tissue=0)
+        plan = plan_jpeg_tiles(reader, grid)
+        fast = load_tiles(plan, np.arange(len(grid)), "cuda").cpu().numpy()
+        assert check_plan(reader, grid, plan, "cuda") is None
+        with caplog.at_level(logging.INFO, "wsi_llava"):
+            extract_features(reader, grid, encoder, FeatureCache(tmp_path / "c"), device="cuda", batch_size=8)
+    d = np.abs(fast.astype(np.int16) - _openslide_tiles(dcm40.path, grid).astype(np.int16))
     assert d.mean() < 2.0 and np.percentile(d, 99.9) <= 24, (d.mean(), np.percentile(d, 99.9), d.max())
     assert any(f"{len(grid)} tiles from JPEG streams, 0 through" in r.message for r in caplog.records)

@@ -12,7 +12,10 @@ antialiasing as :func:`~wsi_llava.slide.tiling.read_tiles` does.
 A grid tile that is exactly one file tile (a 0.5 µm/px TIFF with 256-px tiles) is the degenerate case.
 
 Tile offsets come from tifffile for any reader whose levels are the file's tiled pages: the tifffile
-reader and OpenSlide's ``aperio`` and ``generic-tiff`` backends. Anything else is left to the reader.
+reader and OpenSlide's ``aperio`` and ``generic-tiff`` backends. For OpenSlide's ``dicom`` backend the
+tiles are the JPEG baseline frames of the level's DICOM WSI file (TILED_FULL, one fragment per frame),
+found from the Extended Offset Table or by walking the fragments (pydicom reads the attributes).
+Anything else is left to the reader.
 torch is imported inside functions only.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +46,15 @@ _MAX_GAP = 64 << 10
 _MAX_READ = 32 << 20
 #: OpenSlide backends whose levels are the TIFF's tiled pages, tile for tile
 _OPENSLIDE_TIFF_VENDORS = ("aperio", "generic-tiff")
+#: DICOM: VL Whole Slide Microscopy Image Storage, JPEG Baseline (Process 1)
+_DICOM_WSI = "1.2.840.10008.5.1.4.1.1.77.1.6"
+_DICOM_JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+#: DICOM photometric interpretations of JPEG frames that decoders take as YCbCr, as OpenSlide does
+_DICOM_YCBCR = ("YBR_FULL_422", "YBR_FULL")
 #: pixels per chunk of grid tiles in :func:`assemble` (their int64 tile index: 128 MB), bounding device memory
 _GATHER_CHUNK = 1 << 24
+#: DICOM item and sequence delimiter tags (FFFE,E000), (FFFE,E0DD), little endian
+_DICOM_ITEM, _DICOM_SEQ_END = b"\xfe\xff\x00\xe0", b"\xfe\xff\xdd\xe0"
 #: what the readers give where there are no pixels (outside the image, tiles left out)
 _WHITE = 255
 
@@ -91,8 +102,10 @@ class JpegBatch:
 
 @dataclass(frozen=True)
 class _Page:
-    """What a plan needs of one tiled TIFF page (copied out, so the TiffFile can be closed)."""
+    """What a plan needs of one level's tiles: a tiled TIFF page, or the frames of a DICOM WSI instance
+    (TIFF codes: JPEG 7, YCbCr 6, chunky 1), copied out so the file can be closed."""
 
+    path: str  # the file the tiles are in
     compression: int
     photometric: int
     samples: int
@@ -115,6 +128,8 @@ def _level_page(reader: Any, level: int) -> tuple[_Page | None, str | None]:
 
     props = getattr(reader, "properties", None)
     vendor = props.get("openslide.vendor") if isinstance(props, dict) else None
+    if vendor == "dicom":
+        return _dicom_level_page(reader, level)
     if vendor is not None and vendor not in _OPENSLIDE_TIFF_VENDORS:
         return None, f"OpenSlide's {vendor} levels are not the file's TIFF tiles"
     path = Path(reader.path)
@@ -146,6 +161,7 @@ def _level_page(reader: Any, level: int) -> tuple[_Page | None, str | None]:
             return None, f"{len(found)} tiled TIFF pages of {width}x{height} px (level {level})"
         p = next(iter(found.values()))
         page = _Page(
+            path=str(path),
             compression=int(p.compression),
             photometric=int(p.photometric),
             samples=int(p.samplesperpixel),
@@ -158,6 +174,135 @@ def _level_page(reader: Any, level: int) -> tuple[_Page | None, str | None]:
             jpegtables=bytes(p.jpegtables) if p.jpegtables else None,
         )
     return page, None
+
+
+def _dicom_level_page(reader: Any, level: int) -> tuple[_Page | None, str | None]:
+    """OpenSlide's DICOM ``level`` as a page: the one file of the slide's series beside ``reader.path``
+    holding a VOLUME image of the level's size, its JPEG frames (TILED_FULL, row-major) as the tiles."""
+    try:
+        import pydicom
+    except ImportError:
+        return None, "pydicom is not installed: it locates the frames of DICOM files"
+    series = reader.properties.get("dicom.SeriesInstanceUID")
+    width, height = (int(v) for v in reader.level_dimensions[level])
+    folder = Path(reader.path).parent
+    found: dict[str, tuple[Path, Any, int]] = {}
+    for entry in sorted(folder.iterdir()):
+        try:
+            with open(entry, "rb") as f:
+                if f.read(132)[128:] != b"DICM":
+                    continue
+                f.seek(0)
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
+                pixel_at = f.tell()  # dcmread stops at the Pixel Data tag (checked below)
+        except Exception:  # noqa: BLE001 - not a DICOM file pydicom reads: not one of the levels
+            continue
+        image_type = list(ds.get("ImageType") or [])
+        if (
+            ds.file_meta.get("MediaStorageSOPClassUID") == _DICOM_WSI
+            and str(ds.get("SeriesInstanceUID")) == series
+            and len(image_type) > 2
+            and image_type[2] == "VOLUME"
+            and (ds.get("TotalPixelMatrixColumns"), ds.get("TotalPixelMatrixRows")) == (width, height)
+        ):
+            found.setdefault(str(ds.SOPInstanceUID), (entry, ds, pixel_at))  # copies: the same instance
+    if not found:
+        return None, f"no DICOM file of the series in {folder} holds level {level} ({width}x{height} px)"
+    if len(found) > 1:
+        return None, f"level {level} is split over {len(found)} DICOM files (a concatenation)"
+    path, ds, pixel_at = next(iter(found.values()))
+    syntax = str(ds.file_meta.get("TransferSyntaxUID"))
+    if syntax != _DICOM_JPEG_BASELINE:
+        return None, f"{path.name}: transfer syntax {syntax}, not JPEG baseline ({_DICOM_JPEG_BASELINE})"
+    organization = ds.get("DimensionOrganizationType", "TILED_SPARSE")  # OpenSlide's default too
+    if organization != "TILED_FULL":
+        return None, f"{path.name}: frames are {organization}, not TILED_FULL"
+    if "ConcatenationUID" in ds:
+        return None, f"{path.name}: one file of a concatenation"
+    if int(ds.get("TotalPixelMatrixFocalPlanes", 1)) != 1 or int(ds.get("NumberOfOpticalPaths", 1)) != 1:
+        return None, f"{path.name}: several focal planes or optical paths"
+    photometric = str(ds.get("PhotometricInterpretation"))
+    if photometric not in _DICOM_YCBCR:
+        return None, f"{path.name}: {photometric} JPEG frames (decoded here as YCbCr only)"
+    tile = (int(ds.Columns), int(ds.Rows))
+    ntiles = -(-width // tile[0]) * -(-height // tile[1])
+    if int(ds.get("NumberOfFrames", 1)) != ntiles:
+        return (
+            None,
+            f"{path.name}: {ds.get('NumberOfFrames', 1)} frames, TILED_FULL {width}x{height} needs {ntiles}",
+        )
+    eot = ds.get("ExtendedOffsetTable")
+    eot_lengths = ds.get("ExtendedOffsetTableLengths")
+    with open(path, "rb") as f:
+        frames, reason = _dicom_frames(f, pixel_at, ntiles, eot, eot_lengths)
+    if frames is None:
+        return None, f"{path.name}: {reason}"
+    return _Page(
+        path=str(path),
+        compression=_JPEG,
+        photometric=_PHOTOMETRIC_YCBCR,
+        samples=int(ds.SamplesPerPixel),
+        bits=int(ds.BitsStored),
+        planar=int(ds.get("PlanarConfiguration", 0)) + 1,  # DICOM 0 (interleaved) is TIFF 1 (chunky)
+        size=(width, height),
+        tile=tile,
+        offsets=frames[0],
+        counts=frames[1],
+        jpegtables=None,  # DICOM frames are whole JPEG streams, tables included
+    ), None
+
+
+def _dicom_frames(
+    f: Any, pixel_at: int, n: int, eot: bytes | None, eot_lengths: bytes | None
+) -> tuple[tuple[np.ndarray, np.ndarray] | None, str | None]:
+    """File offsets and byte counts of ``n`` encapsulated frames, one fragment each, in file ``f`` whose
+    Pixel Data element starts at ``pixel_at``: from the Extended Offset Table if there is one, else by
+    walking the fragments (checked against a non-empty Basic Offset Table)."""
+    f.seek(pixel_at)
+    tag, vr, length = struct.unpack("<4s2s2xI", f.read(12))
+    if tag != b"\xe0\x7f\x10\x00" or vr != b"OB" or length != 0xFFFFFFFF:
+        return None, "no encapsulated Pixel Data where the attributes end"
+    head = f.read(8)
+    if len(head) != 8 or head[:4] != _DICOM_ITEM:
+        return None, "the Pixel Data have no Basic Offset Table item"
+    bot_length = struct.unpack("<I", head[4:])[0]
+    bot = np.frombuffer(f.read(bot_length), dtype="<u4").astype(np.int64)
+    first = pixel_at + 20 + bot_length  # the first fragment's item tag: what offsets count from
+    if eot is not None and eot_lengths is not None:
+        offsets = np.frombuffer(eot, dtype="<u8").astype(np.int64)
+        counts = np.frombuffer(eot_lengths, dtype="<u8").astype(np.int64)
+        if offsets.size != n or counts.size != n:
+            return None, f"the Extended Offset Table lists {offsets.size} frames, not {n}"
+        for k in {0, n - 1}:  # the ends must be items of the stated length
+            f.seek(first + int(offsets[k]))
+            item = f.read(8)
+            if item[:4] != _DICOM_ITEM or struct.unpack("<I", item[4:])[0] != counts[k]:
+                return None, f"frame {k + 1} is not the item the Extended Offset Table points at"
+        return (first + offsets + 8, counts), None
+    starts: list[int] = []
+    lengths: list[int] = []
+    pos = first
+    while True:
+        f.seek(pos)
+        item = f.read(8)
+        if len(item) != 8:
+            return None, "the Pixel Data end without a sequence delimiter (file truncated?)"
+        if item[:4] == _DICOM_SEQ_END:
+            break
+        if item[:4] != _DICOM_ITEM:
+            return None, f"no fragment item at byte {pos}"
+        size = struct.unpack("<I", item[4:])[0]
+        starts.append(pos + 8)
+        lengths.append(size)
+        pos += 8 + size
+        if len(starts) > n:
+            break
+    if len(starts) != n:
+        return None, f"{'more than ' if len(starts) > n else ''}{len(starts)} fragments for {n} frames"
+    offsets = np.asarray(starts, dtype=np.int64)
+    if bot.size and not np.array_equal(bot, offsets - 8 - first):
+        return None, "the Basic Offset Table does not match the fragments"
+    return (offsets, np.asarray(lengths, dtype=np.int64)), None
 
 
 def jpeg_plan(reader: Any, grid: Any) -> tuple[JpegTilePlan | None, str | None]:
@@ -182,7 +327,7 @@ def jpeg_plan(reader: Any, grid: Any) -> tuple[JpegTilePlan | None, str | None]:
     ntiles = -(-page.size[0] // page.tile[0]) * -(-page.size[1] // page.tile[1])
     if page.offsets.size != ntiles or page.counts.size != ntiles:
         return None, f"level {level} lists {page.offsets.size} tiles, its size makes {ntiles}"
-    file_size = Path(reader.path).stat().st_size
+    file_size = Path(page.path).stat().st_size
     if ntiles and int((page.offsets + page.counts).max()) > file_size:
         return None, f"tiles of level {level} extend past the end of the file (truncated?)"
     ds = rplan.downsample
@@ -203,7 +348,7 @@ def jpeg_plan(reader: Any, grid: Any) -> tuple[JpegTilePlan | None, str | None]:
             return None, "JPEGTables are not an SOI ... EOI stream"
         header += tables[2:-2]
     plan = JpegTilePlan(
-        path=str(reader.path),
+        path=page.path,
         level=level,
         tile_size=int(grid.tile_size),
         size_at_level=int(rplan.size_at_level),
@@ -228,11 +373,12 @@ def log_plan(reader: Any, plan: JpegTilePlan | None, reason: str | None) -> None
         )
         return
     logger.info(
-        "%s: grid tiles from JPEG tile streams: %d px at level %d on %dx%d TIFF tiles%s",
+        "%s: grid tiles from JPEG tile streams: %d px at level %d on %dx%d tiles of %s%s",
         reader.path,
         plan.size_at_level,
         plan.level,
         *plan.file_tile,
+        Path(plan.path).name,
         f", resized to {plan.tile_size} px" if plan.resize else "",
     )
 
@@ -268,7 +414,11 @@ def plan_batch(plan: JpegTilePlan, indices: np.ndarray) -> JpegBatch:
 
 
 def splice(header: bytes, stream: bytes | memoryview) -> bytes:
-    """One decodable JPEG: ``header`` (SOI, markers, tables) + the tile stream without its own SOI."""
+    """One decodable JPEG: ``header`` (SOI, markers, tables) + the tile stream without its own SOI.
+
+    A pad byte after EOI (DICOM items are even-length) is dropped."""
+    if stream[-3:] == b"\xff\xd9\x00":
+        stream = stream[:-1]
     return header + bytes(stream[2:]) if header != b"\xff\xd8" else bytes(stream)
 
 
