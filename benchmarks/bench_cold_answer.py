@@ -286,7 +286,11 @@ def run_baseline(
         bd.sync(device.type)
         with st.stage("slide_encoder", what="longnet_v0 dilated attention (before issue 7), bf16 + pool"):
             vis = model.encode_slide(f, c, grid.tile_size_level0)
-    generate = hf_generate_static if static_generate else bd.hf_generate
+    impl = "static" if static_generate else None
+
+    def generate(model: Any, question: str, vis: Any, n: int, dev: str) -> dict:
+        return bd.hf_generate(model, question, vis, n, dev, impl)
+
     kind = "static cache (compiled by transformers on CUDA)" if static_generate else "eager, DynamicCache"
     t_warm = time.perf_counter()
     with torch.inference_mode():  # warm-up, untimed; the static cache's length (and compile) is the answer's
@@ -309,35 +313,6 @@ def run_baseline(
         "stages": st.rows,
         "sum_of_stages_s": st.total(),
         "slide_encoder_input": "our features of the same grid (timing does not depend on the values)",
-    }
-
-
-def hf_generate_static(model: Any, question: str, vis: Any, n_new: int, device: str) -> dict:
-    """``bench_decode.hf_generate`` with ``cache_implementation="static"``: HF's fast recipe."""
-    import torch
-
-    s = model.embed(torch.tensor([model.prompt(question).input_ids]), vis[None])
-    clock = bd._Clock()
-    bd.sync(device)
-    t0 = time.perf_counter()
-    out = model.llm.generate(
-        inputs_embeds=s.inputs_embeds,
-        attention_mask=s.attention_mask,
-        max_new_tokens=n_new,
-        min_new_tokens=n_new,
-        do_sample=False,
-        streamer=clock,
-        pad_token_id=0,
-        cache_implementation="static",
-    )
-    bd.sync(device)
-    token_times = clock.times[1:]  # the first put is the (empty) prompt
-    n = len(token_times)
-    return {
-        "new_tokens": n,
-        "ids": out[0].tolist()[-n:],
-        "ttft_ms": 1e3 * (token_times[0] - t0),
-        "decode_tok_s": (n - 1) / (token_times[-1] - token_times[0]) if n > 1 else None,
     }
 
 
