@@ -249,3 +249,45 @@ def test_background_compile_failure_stays_eager(encoder, monkeypatch, caplog):
     assert not fenc.compiled and fenc.ready
     torch.testing.assert_close(out, ref)
     assert any("in the background" in r.message for r in caplog.records)
+
+
+class _Tracing(torch.nn.Module):
+    """A compiled copy whose compiling is a real ``torch.fx`` trace, held open until the other thread
+    has encoded a batch (or 3 s), as inductor traces while the first batches run eagerly."""
+
+    def __init__(self, model, tracing, encoded) -> None:
+        super().__init__()
+        self.model, self.tracing, self.encoded = model, tracing, encoded
+
+    def forward(self, x):
+        tracing, encoded = self.tracing, self.encoded
+
+        class Pattern(torch.nn.Module):
+            def forward(self, y):
+                tracing.set()
+                encoded.wait(3)
+                return y + 1
+
+        if not tracing.is_set():
+            torch.fx.symbolic_trace(Pattern())
+        return self.model(x)
+
+
+def test_an_eager_batch_beside_a_background_trace_is_run_again(encoder, monkeypatch):
+    """torch.fx patches nn.Module.__call__ process-wide while it traces: a batch encoded meanwhile in
+    another thread failed ("module is not installed as a submodule"); it now runs again after."""
+    import threading
+
+    tracing, encoded = threading.Event(), threading.Event()
+    monkeypatch.setattr(fast_mod, "_compiled_copy", lambda model: _Tracing(model, tracing, encoded))
+    fenc = FastTileEncoder(encoder, "cpu", compile=True, background=True)
+    tiles = np.random.default_rng(3).integers(0, 255, size=(4, 112, 112, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        ref = encoder.encode(tiles)
+        first = fenc(tiles)  # starts the thread
+        assert tracing.wait(10)  # the trace is open now
+        second = fenc(tiles)
+        encoded.set()
+        assert fenc.wait(10) and fenc.ready and fenc.compiled
+    torch.testing.assert_close(first, ref)
+    torch.testing.assert_close(second, ref)

@@ -129,6 +129,23 @@ class FastTileEncoder:
             )
         return out
 
+    def _beside_compile(self, x: torch.Tensor) -> torch.Tensor:
+        """``_forward``, run again once a background compile is over if it failed while one was in flight.
+
+        torch's tracers (``torch.fx``, used while compiling) patch ``nn.Module.__call__`` for the whole
+        process for a moment, which fails a module call that another thread makes meanwhile
+        ("module is not installed as a submodule"). A real error fails the second run too.
+        """
+        thread = self._thread
+        try:
+            return self._forward(x)
+        except Exception as e:  # noqa: BLE001 - re-raised below unless a compile was in flight
+            if thread is None:
+                raise
+            logger.debug("tile encoder batch failed beside the background compile (%s); running it again", e)
+        self.wait()
+        return self._forward(x)
+
     def _give_up(self, e: BaseException, when: str) -> None:
         logger.warning(
             "compiled tile encoder %r failed %s (%s: %s); running eagerly",
@@ -189,13 +206,13 @@ class FastTileEncoder:
             if self.bf16_weights:
                 x = x.to(torch.bfloat16)
             if self._checked or not self.compiled:
-                return self._forward(x)
+                return self._beside_compile(x)
             if self.background:  # eager until the thread swaps the compiled copy in
                 with self._lock:
                     if self._thread is None:
                         self._compile_in_background(x.clone())
                 self._checked = True
-                return self._forward(x)
+                return self._beside_compile(x)
             try:  # compilation happens at the first call: fall back to eager if it fails
                 out = self._forward(x)
             except Exception as e:  # noqa: BLE001
