@@ -136,3 +136,14 @@ def test_recomputed_layers_give_the_same_attributions(session, monkeypatch):
     finally:
         del layers[0].forward
     assert not model.slide_encoder.longnet.encoder.grad_checkpointing
+
+
+def test_path_points_batched_into_one_pass_give_the_same_attributions(session):
+    """CPU runs every path point in one batched pass, CUDA one per pass: the same integral either way."""
+    model = session.model
+    x, c, tile = _inputs(session)
+    one = evidence.tile_attributions(model, Q, x, c, tile, [5, 6], steps=4, points_per_pass=1)
+    for per_pass in (3, 4, None):  # uneven chunks, all points at once, the CPU default (all)
+        got = evidence.tile_attributions(model, Q, x, c, tile, [5, 6], steps=4, points_per_pass=per_pass)
+        assert np.allclose(got, one, rtol=1e-5, atol=1e-9)
+    assert np.abs(one).sum() > 0

@@ -220,9 +220,12 @@ def load_checkpoint(
     tdtype = torch_dtype(dtype or default_dtype(device))
     llm, tokenizer, projector = load_language(spec, folder, device, tdtype, model_base)
     if spec.lora:
-        llm = load_lora(llm, folder / spec.lora)
-        if merge_lora:
-            llm = llm.merge_and_unload()
+        from wsi_llava.model.llm import merge_lora_weights
+
+        if not (merge_lora and merge_lora_weights(llm, folder / spec.lora)):
+            llm = load_lora(llm, folder / spec.lora)
+            if merge_lora:
+                llm = llm.merge_and_unload()
         llm.eval()
     hidden = llm.get_input_embeddings().weight.shape[1]
     if spec.projector.out_dim != hidden:

@@ -4,9 +4,10 @@ Integrated gradients of the answer's log-probability with respect to the tile fe
 path from a reference slide (every tile replaced by the average tile the model was trained on, or by the
 question's own average tile when the model records no training statistics) to the real one. The gradient
 flows through projector, pooling and the LongNet slide encoder, so a tile that LongNet mixed into every
-visual token is credited where it is, not where its pooling bin sits. Each step is one forward and one
-backward pass of slide encoder and LLM; LongNet layers and LLM decoder layers are recomputed in the
-backward pass on CUDA so a whole slide fits beside a 7B model.
+visual token is credited where it is, not where its pooling bin sits. Each pass is one forward and one
+backward of slide encoder and LLM over a batch of path points: on CPU every point in one pass (larger
+matrix products, a fraction of the Python work per point); on CUDA one point per pass, with LongNet layers
+and LLM decoder layers recomputed in the backward, so a whole slide fits beside a 7B model.
 """
 
 from __future__ import annotations
@@ -80,9 +81,11 @@ def _recompute(model: WSILlava, enable: bool) -> Iterator[None]:
 def _answer_log_prob(
     model: WSILlava, ids: torch.Tensor, n_answer: int, features: torch.Tensor, coords: torch.Tensor, tile: int
 ) -> torch.Tensor:
-    """Sum of the log-probabilities of the answer tokens (teacher-forced) given tile features."""
-    visual = model.slide_encoder(features, coords, tile)
-    s = model.embed(ids, visual[None])
+    """Sum of the log-probabilities of the answer tokens (teacher-forced) given tile features ``(N, D)``,
+    or summed over a batch of such slides ``(B, N, D)`` (one LLM pass for the whole batch)."""
+    points = features[None] if features.dim() == 2 else features
+    visual = torch.stack([model.slide_encoder(f, coords, tile) for f in points])
+    s = model.embed(ids.expand(len(points), -1), visual)
     out = model.llm(
         inputs_embeds=s.inputs_embeds,
         attention_mask=s.attention_mask,
@@ -90,9 +93,9 @@ def _answer_log_prob(
         use_cache=False,
         logits_to_keep=n_answer + 1,
     )
-    logits = out.logits[0, -n_answer - 1 : -1].float()  # the position before each answer token predicts it
-    answer = ids[0, -n_answer:].to(logits.device)
-    return logits.log_softmax(-1).gather(-1, answer[:, None]).sum()
+    logits = out.logits[:, -n_answer - 1 : -1].float()  # the position before each answer token predicts it
+    answer = ids[0, -n_answer:].to(logits.device).expand(len(points), -1)
+    return logits.log_softmax(-1).gather(-1, answer[..., None]).sum()
 
 
 def tile_attributions(
@@ -105,10 +108,12 @@ def tile_attributions(
     *,
     steps: int = DEFAULT_STEPS,
     reference: Any | None = None,
+    points_per_pass: int | None = None,
 ) -> np.ndarray:
     """Signed integrated gradient of each tile ``(N,)`` float64: its share of the change in the answer's
     log-probability between the reference slide (default :func:`reference_features`) and this one; the
-    shares sum to that change."""
+    shares sum to that change. ``points_per_pass``: path points batched into one forward and backward
+    (default: all of them on CPU, one on CUDA, where memory is what counts)."""
     if model.slide_encoder is None:
         raise ModelError(f"model {model.spec.name!r} has no slide encoder: evidence needs tile features")
     if steps < 1:
@@ -123,12 +128,15 @@ def tile_attributions(
     ref = reference_features(model, x) if reference is None else torch.as_tensor(reference).to(x).expand_as(x)
     delta = x - ref
     total = torch.zeros_like(x)
-    with torch.enable_grad(), _recompute(model, p.device.type == "cuda"):
-        for i in range(steps):
-            point = (ref + ((i + 0.5) / steps) * delta).to(p.dtype).requires_grad_(True)
-            logp = _answer_log_prob(model, ids, len(answer), point, c, int(tile_size_level0))
-            (grad,) = torch.autograd.grad(logp, point)
-            total += grad.float()
+    cuda = p.device.type == "cuda"
+    per_pass = max(1, points_per_pass or (1 if cuda else steps))
+    alphas = (torch.arange(steps, dtype=torch.float32, device=x.device) + 0.5) / steps  # midpoints
+    with torch.enable_grad(), _recompute(model, cuda):
+        for chunk in alphas.split(per_pass):
+            points = (ref + chunk[:, None, None] * delta).to(p.dtype).requires_grad_(True)
+            logp = _answer_log_prob(model, ids, len(answer), points, c, int(tile_size_level0))
+            (grad,) = torch.autograd.grad(logp, points)
+            total += grad.float().sum(dim=0)
     return (delta * total / steps).sum(dim=1).double().cpu().numpy()
 
 

@@ -128,3 +128,55 @@ def load_llm(source: str | Path, dtype: Any = "float32", device: str = "cpu") ->
     model.to(device).eval()
     logger.info("loaded LLM %s in %.2f s", folder, time.perf_counter() - t0)
     return model, tokenizer
+
+
+#: adapter_config.json keys that a plain ``W += scale * B @ A`` merge honours, or that only shape training
+_PLAIN_LORA_KEYS = frozenset(
+    {
+        "alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "ensure_weight_tying",
+        "exclude_modules", "fan_in_fan_out", "inference_mode", "init_lora_weights", "layers_pattern",
+        "layers_to_transform", "loftq_config", "lora_alpha", "lora_dropout", "megatron_core", "peft_type",
+        "peft_version", "qalora_group_size", "r", "rank_pattern", "revision", "target_modules", "task_type",
+        "use_rslora",
+    }
+)  # fmt: skip
+
+
+def is_plain_lora(config: dict[str, Any]) -> bool:
+    """Whether a peft ``adapter_config.json`` describes plain LoRA on linear layers: nothing set beyond the
+    rank, scale and target options (no DoRA, biases, saved modules, trainable tokens or other variants)."""
+    extra = [k for k, v in config.items() if k not in _PLAIN_LORA_KEYS and v not in (None, False, {}, [])]
+    return config.get("peft_type") == "LORA" and config.get("bias", "none") == "none" and not extra
+
+
+def merge_lora_weights(llm: Any, adapter: Path) -> bool:
+    """Fold the plain LoRA adapter in ``adapter`` into ``llm``'s weights in place, with peft's arithmetic.
+
+    Building a peft model to merge it at once costs seconds on CPU (importing peft, wrapping every targeted
+    layer); this reads the adapter's tensors and adds ``scale * B @ A`` to each weight. False, ``llm``
+    untouched, when the adapter is not plain LoRA (:func:`is_plain_lora`): peft merges those.
+    """
+    import torch
+
+    from wsi_llava.model import llava_import
+    from wsi_llava.model.build import first_line
+
+    config_path = adapter / "adapter_config.json"
+    if not config_path.is_file():
+        raise ModelError(f"{adapter}: missing adapter_config.json (the LoRA adapter of this checkpoint)")
+    try:
+        if not is_plain_lora(llava_import._read_json(config_path)):
+            return False
+        state = dict(llm.state_dict())
+        before = dict(state)
+        llava_import.merge_lora(state, adapter)
+    except ModelError as e:
+        raise ModelError(
+            f"{adapter}: cannot load the LoRA adapter, a file is truncated, corrupt or does not fit the "
+            f"LLM ({first_line(e)})"
+        ) from None
+    with torch.no_grad():
+        for key, value in state.items():
+            if value is not before[key]:
+                llm.get_parameter(key).copy_(value)
+    return True
