@@ -136,6 +136,17 @@ def _region_infos(layout: Layout, regions: list[Region], rng: np.random.Generato
     return infos
 
 
+def _slide_rng(seed: int, index: int) -> np.random.Generator:
+    """The stream slide ``index`` draws its layout, style, report and questions from, in that order."""
+    return np.random.default_rng([int(seed), int(index), 1])
+
+
+def slide_layout(manifest: WorldManifest, index: int) -> Layout:
+    """The layout slide ``index`` of a world was painted from: its label map is the per-pixel truth."""
+    labels = assign_labels(manifest.n_slides, manifest.seed)[index]
+    return make_layout(labels, manifest.size[0], manifest.size[1], _slide_rng(manifest.seed, index))
+
+
 def _check_out_dir(out_dir: Path, params: WorldManifest, overwrite: bool) -> WorldManifest | None:
     """The existing manifest when it matches ``params`` and is complete; else clear or refuse."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -221,7 +232,7 @@ def generate_world(
         for i, lab in enumerate(labels):
             t0 = time.perf_counter()
             stem = f"slide_{i:03d}"
-            rng = np.random.default_rng([int(seed), i, 1])
+            rng = _slide_rng(seed, i)
             layout = make_layout(lab, w, h, rng)
             style = make_style(lab, rng)
             noise_seed = int(rng.integers(1 << 62))
