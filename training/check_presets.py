@@ -238,7 +238,11 @@ def main() -> None:
     ap.add_argument("--cache-dir", dest="cache", type=Path, help=argparse.SUPPRESS)  # its old spelling
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's (as front ends)")
     ap.add_argument("--slides", type=int, default=None, help="only the first N slides")
-    ap.add_argument("--stems", default=None, help="only these slides, comma-separated (slide_011,slide_004)")
+    ap.add_argument(
+        "--stems",
+        default=None,
+        help="only these slides, in this order, comma-separated (slide_011,slide_004)",
+    )
     ap.add_argument(
         "--time-limit",
         type=float,
@@ -270,7 +274,8 @@ def main() -> None:
         unknown = sorted(set(wanted) - {e.stem for e in manifest.slides})
         if unknown:
             ap.error(f"--stems: {', '.join(unknown)} not in {args.world / 'manifest.json'}")
-        entries = [e for e in entries if e.stem in wanted]
+        by_stem = {e.stem: e for e in entries}
+        entries = [by_stem[w] for w in dict.fromkeys(wanted) if w in by_stem]  # in the order asked
     for entry in entries:
         if args.time_limit is not None and time.perf_counter() - t0 > args.time_limit:
             stopped_at = entry.stem
