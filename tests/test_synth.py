@@ -16,8 +16,10 @@ from wsi_llava.errors import Cancelled, WsiLlavaError
 from wsi_llava.progress import CancelToken
 from wsi_llava.slide.geojson import read_geojson
 from wsi_llava.synth import generate_world, load_manifest
-from wsi_llava.synth.labels import assign_labels
+from wsi_llava.synth.labels import CLASS_BY_KEY, assign_labels
+from wsi_llava.synth.layout import QUARTER, TILE
 from wsi_llava.synth.text import CLOSE_ENDED
+from wsi_llava.synth.world import WorldManifest, annotation_regions, slide_layout
 
 SIZE = (2048, 2048)
 N = 3
@@ -223,6 +225,54 @@ def test_region_rectangles_lie_in_their_class_polygon(world):
                     assert row["conversations"][1]["value"].startswith(names[cls] + ":")
     assert asked["Tumor"] >= 2 and asked["Stroma"] >= 2 * N
     assert len(asked) >= 4
+
+
+def test_slide_layout_is_the_layout_the_world_was_made_from(world):
+    m = load_manifest(world)
+    for i, s in enumerate(m.slides):
+        layout = slide_layout(m, i)
+        on_disk = read_geojson(world / s.annotations)
+        assert [r.points for r in annotation_regions(layout, m.seed, s.stem)] == [r.points for r in on_disk]
+        assert {k: round(v, 4) for k, v in layout.fractions().items()} == {
+            next(c.id for c in CLASS_BY_KEY.values() if c.key == k): v for k, v in s.tissue_fractions.items()
+        }
+
+
+def test_annotations_cover_their_class_only_and_never_overlap():
+    """An annotation is its class: its points lie on pixels of that class, no point lies in two annotations,
+    every class has one, and the tiles it selects (centre inside, as the front ends select) are mostly its class.
+
+    Checked on the held-out world's layouts (seed 777, 2560 px), whose necrosis annotations once shared tiles
+    with the tumour and stroma annotations around them.
+    """
+    size = 2560
+    manifest = WorldManifest(seed=777, n_slides=12, size=(size, size), mpp=0.5, split="test")
+    step = 16  # every 16 px: the corners and centres of any 32-px-aligned tile grid
+    xs, ys = (
+        v.ravel().astype(float) for v in np.meshgrid(np.arange(0, size, step), np.arange(0, size, step))
+    )
+    centres = np.arange(TILE // 2, size, TILE, dtype=float)
+    cx, cy = (v.ravel() for v in np.meshgrid(centres, centres))
+    for i, labels in enumerate(assign_labels(manifest.n_slides, manifest.seed)):
+        layout = slide_layout(manifest, i)
+        regions = annotation_regions(layout, manifest.seed, f"slide_{i:03d}")
+        cls_of = [a.cls for a in layout.annotations]
+        assert set(cls_of) == set(labels.classes), i
+        covered = np.zeros(len(xs), int)
+        for region, cls in zip(regions, cls_of, strict=True):
+            inside = region.contains(xs, ys)
+            covered += inside
+            under = layout.label_q[(ys[inside] // QUARTER).astype(int), (xs[inside] // QUARTER).astype(int)]
+            assert (under == cls).all(), (i, region.name, np.bincount(under, minlength=6))
+            own = []
+            for k in np.flatnonzero(region.contains(cx, cy)):
+                x, y = (
+                    int(cx[k]) // QUARTER - TILE // (2 * QUARTER),
+                    int(cy[k]) // QUARTER - TILE // (2 * QUARTER),
+                )
+                own.append(np.mean(layout.label_q[y : y + TILE // QUARTER, x : x + TILE // QUARTER] == cls))
+            assert own and np.mean(own) > 0.5, (i, region.name, own)
+        assert covered.max() <= 1, (i, "a point lies in two annotations")
 
 
 def test_same_seed_same_world_other_seed_differs(world, tmp_path):

@@ -15,13 +15,12 @@ import pytest
 import tifffile
 from skimage.measure import label as cc_label
 
-from wsi_llava.slide.geojson import read_geojson
 from wsi_llava.synth import generate_world, load_manifest
-from wsi_llava.synth.labels import BACKGROUND, CLASS_BY_KEY
+from wsi_llava.synth.layout import QUARTER
+from wsi_llava.synth.world import slide_layout
 
 logger = logging.getLogger(__name__)
 
-CLASS_OF = {c.qupath_name: c.id for c in CLASS_BY_KEY.values()}
 N_CLASSES = 6
 
 
@@ -50,25 +49,19 @@ def tile_features(tile: np.ndarray) -> list[float]:
 
 
 def labelled_tiles(world: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Features and classes of tiles (stride 128) lying wholly in one annotation or wholly outside all."""
+    """Features and classes of tiles (stride 128) that the label map paints with one class (glass included)."""
     xs, ys = [], []
-    grid = np.linspace(0, 255, 9)
-    for s in load_manifest(world).slides:
+    manifest = load_manifest(world)
+    for i, s in enumerate(manifest.slides):
         img = tifffile.imread(world / s.path, key=0)
-        regions = read_geojson(world / s.annotations)
+        label = slide_layout(manifest, i).label_q
+        q = 256 // QUARTER
         for ty in range(0, s.height - 255, 128):
             for tx in range(0, s.width - 255, 128):
-                px, py = np.meshgrid(tx + grid, ty + grid)
-                px, py = px.ravel(), py.ravel()
-                hits = [r for r in regions if r.contains(px, py).any()]
-                if not hits:
-                    cls = BACKGROUND
-                elif len(hits) == 1 and hits[0].contains(px, py).all():
-                    cls = CLASS_OF[hits[0].properties["classification"]["name"]]
-                else:
-                    continue
-                xs.append(tile_features(img[ty : ty + 256, tx : tx + 256]))
-                ys.append(cls)
+                patch = label[ty // QUARTER : ty // QUARTER + q, tx // QUARTER : tx // QUARTER + q]
+                if (patch == patch[0, 0]).all():
+                    xs.append(tile_features(img[ty : ty + 256, tx : tx + 256]))
+                    ys.append(int(patch[0, 0]))
     return np.asarray(xs, float), np.asarray(ys)
 
 

@@ -20,7 +20,7 @@ questions cover every tile. Each answer is judged by string rules against the wo
 * slide, "tissue types and diagnosis": both the tissue rule and the diagnosis rule.
 
 Usage: python training/check_presets.py WORLD_DIR OUT.json [--model demo] [--device cpu] [--cache DIR] [--slides N]
-       [--time-limit SECONDS]
+       [--stems slide_011,...] [--time-limit SECONDS]
 """
 
 from __future__ import annotations
@@ -239,6 +239,11 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's (as front ends)")
     ap.add_argument("--slides", type=int, default=None, help="only the first N slides")
     ap.add_argument(
+        "--stems",
+        default=None,
+        help="only these slides, in this order, comma-separated (slide_011,slide_004)",
+    )
+    ap.add_argument(
         "--time-limit",
         type=float,
         default=None,
@@ -263,7 +268,15 @@ def main() -> None:
     if args.max_new_tokens:
         kw["max_new_tokens"] = args.max_new_tokens
     stopped_at: str | None = None
-    for entry in manifest.slides[: args.slides]:
+    entries = manifest.slides[: args.slides]
+    if args.stems:
+        wanted = args.stems.split(",")
+        unknown = sorted(set(wanted) - {e.stem for e in manifest.slides})
+        if unknown:
+            ap.error(f"--stems: {', '.join(unknown)} not in {args.world / 'manifest.json'}")
+        by_stem = {e.stem: e for e in entries}
+        entries = [by_stem[w] for w in dict.fromkeys(wanted) if w in by_stem]  # in the order asked
+    for entry in entries:
         if args.time_limit is not None and time.perf_counter() - t0 > args.time_limit:
             stopped_at = entry.stem
             logger.warning("time limit %.0f s: stopping before %s", args.time_limit, entry.stem)

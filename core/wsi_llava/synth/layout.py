@@ -1,8 +1,11 @@
 """Slide layout: an irregular tissue section split into class regions of several tiles each.
 
-The layout is computed on a coarse grid (``GRID`` px cells), turned into polygons (the ground truth,
-level-0 px) and the polygons are rasterised at 1/``QUARTER`` scale to give the label map the renderer
-uses, so the drawn classes and the annotations agree to a few pixels.
+The layout is computed on a coarse grid (``GRID`` px cells), turned into polygons (level-0 px) and the
+polygons are rasterised at 1/``QUARTER`` scale to give the label map the renderer uses. The annotations
+(the ground truth a pathologist would draw) are traced from each class's cells less a rim of
+``ANNOTATION_INSET`` cells: an annotation covers pixels of its class only, annotations of two classes
+lie at least two rims apart (no point, so no tile centre, is in both), and a piece that cannot hold a
+whole tile is left unannotated.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from wsi_llava.synth.noise import Noise
 GRID = 32  #: layout cell edge, level-0 px
 QUARTER = 4  #: the label map is stored at 1/QUARTER of level 0
 TILE = 256
+ANNOTATION_INSET = 1  #: annotations keep this many layout cells inside their class's pixels
 
 #: relative area of each class on a slide
 _WEIGHTS = {TUMOUR: 0.34, STROMA: 0.24, NECROSIS: 0.14, LYMPHOCYTES: 0.14, FAT: 0.14}
@@ -40,13 +44,14 @@ class ClassPolygon:
 
 @dataclass
 class Layout:
-    """The layout of one slide: polygons and the quarter-scale label map they rasterise to."""
+    """The layout of one slide: class polygons, the quarter-scale label map they rasterise to, annotations."""
 
     width: int
     height: int
     polygons: list[ClassPolygon]
     label_q: np.ndarray  #: uint8 (ceil(h/4), ceil(w/4)) class ids
-    comp_q: np.ndarray  #: int32, index into ``polygons`` + 1 (0 = background)
+    annotations: list[ClassPolygon]
+    annotation_q: np.ndarray  #: int32, index into ``annotations`` + 1 (0 = in none)
 
     def fractions(self) -> dict[int, float]:
         """Area fraction of each class among tissue pixels."""
@@ -162,17 +167,37 @@ def _polygons(grid: np.ndarray, width: int, height: int) -> list[ClassPolygon]:
     return out
 
 
-def _rasterise(polys: list[ClassPolygon], width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
-    qh, qw = -(-height // QUARTER), -(-width // QUARTER)
-    label = np.zeros((qh, qw), np.uint8)
-    comp = np.zeros((qh, qw), np.int32)
-    order = sorted(range(len(polys)), key=lambda i: -polys[i].area_cells)
-    for i in order:
-        p = np.asarray(polys[i].outer)
-        rr, cc = draw_polygon(p[:, 1] / QUARTER - 0.5, p[:, 0] / QUARTER - 0.5, shape=(qh, qw))
-        label[rr, cc] = polys[i].cls
-        comp[rr, cc] = i + 1
-    return label, comp
+def _fill(ring: list[tuple[float, float]], shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Quarter-scale pixels inside a level-0 ring."""
+    p = np.asarray(ring)
+    return draw_polygon(p[:, 1] / QUARTER - 0.5, p[:, 0] / QUARTER - 0.5, shape=shape)
+
+
+def _rasterise(polys: list[ClassPolygon], width: int, height: int) -> np.ndarray:
+    """The label map: outer rings filled, largest first, so a hole is painted by the regions inside it."""
+    label = np.zeros((-(-height // QUARTER), -(-width // QUARTER)), np.uint8)
+    for i in sorted(range(len(polys)), key=lambda i: -polys[i].area_cells):
+        label[_fill(polys[i].outer, label.shape)] = polys[i].cls
+    return label
+
+
+def _annotations(grid: np.ndarray, width: int, height: int) -> tuple[list[ClassPolygon], np.ndarray]:
+    """Annotation polygons (see the module docstring) and their quarter-scale index map."""
+    rim = np.ones((2 * ANNOTATION_INSET + 1,) * 2, bool)
+    tile = np.ones((TILE // GRID,) * 2, bool)
+    inner = np.zeros_like(grid)
+    for c in (int(v) for v in np.unique(grid) if v != BACKGROUND):
+        core = ndi.binary_erosion(grid == c, structure=rim, border_value=0)
+        holds_tile = ndi.binary_erosion(core, structure=tile, border_value=0)
+        inner[ndi.binary_propagation(holds_tile, mask=core)] = c  # the pieces that hold a whole tile
+    anns = _polygons(inner, width, height)
+    index = np.zeros((-(-height // QUARTER), -(-width // QUARTER)), np.int32)
+    for i, a in enumerate(anns):
+        index[_fill(a.outer, index.shape)] = i + 1
+        for hole in a.holes:
+            rr, cc = _fill(hole, index.shape)
+            index[rr, cc] = np.where(index[rr, cc] == i + 1, 0, index[rr, cc])
+    return anns, index
 
 
 def make_layout(labels: SlideLabels, width: int, height: int, rng: np.random.Generator) -> Layout:
@@ -190,8 +215,8 @@ def make_layout(labels: SlideLabels, width: int, height: int, rng: np.random.Gen
                 break
         if ok:
             polys = _polygons(grid, width, height)
-            label_q, comp_q = _rasterise(polys, width, height)
-            return Layout(width, height, polys, label_q, comp_q)
+            anns, annotation_q = _annotations(grid, width, height)
+            return Layout(width, height, polys, _rasterise(polys, width, height), anns, annotation_q)
     raise WsiLlavaError(
         f"synthetic slide {width}x{height} px is too small to hold {len(labels.classes)} tissue classes "
         "with a 384-px square each; use a size of at least 2048x2048"
@@ -199,12 +224,12 @@ def make_layout(labels: SlideLabels, width: int, height: int, rng: np.random.Gen
 
 
 def find_rectangle(
-    layout: Layout, poly_index: int, size: tuple[int, int], rng: np.random.Generator, margin: int = 16
+    layout: Layout, annotation: int, size: tuple[int, int], rng: np.random.Generator, margin: int = 16
 ) -> tuple[int, int, int, int] | None:
-    """A random level-0 rectangle ``(x, y, w, h)`` of ``size`` lying wholly in one polygon (+ margin)."""
+    """A random level-0 rectangle ``(x, y, w, h)`` of ``size`` lying wholly in one annotation (+ margin)."""
     w, h = size
     m = QUARTER * math.ceil(margin / QUARTER)
-    inside = (layout.comp_q == poly_index + 1).astype(np.int32)
+    inside = (layout.annotation_q == annotation + 1).astype(np.int32)
     qw, qh = (w + 2 * m) // QUARTER, (h + 2 * m) // QUARTER
     ii = np.pad(inside.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
     if ii.shape[0] <= qh or ii.shape[1] <= qw:

@@ -4,7 +4,7 @@ Layout of ``out_dir``::
 
     manifest.json                 WorldManifest (written last: its presence means complete)
     slides/slide_000.tif          pyramidal tiled JPEG TIFF
-    annotations/slide_000.geojson QuPath GeoJSON, one polygon per class region
+    annotations/slide_000.geojson QuPath GeoJSON: class annotations, each inside its class's pixels
     reports/slide_000.txt         pathology-style report
     bench/<Task>_<split>.json     WSI-Bench conversation rows, one file per task
 
@@ -46,7 +46,7 @@ from wsi_llava.synth.tiff import write_pyramid
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "3"
 _OUR_ENTRIES = ("manifest.json", "slides", "annotations", "reports", "bench")
 _NS = uuid.UUID("6f1d3c1e-5b0a-4e55-9a43-7d2a8c1b9e01")
 
@@ -95,10 +95,11 @@ class WorldManifest(BaseModel):
         return all(getattr(self, k) == getattr(other, k) for k in keys)
 
 
-def _regions(layout: Layout, seed: int, stem: str) -> list[Region]:
+def annotation_regions(layout: Layout, seed: int, stem: str) -> list[Region]:
+    """The slide's annotations as QuPath-classified regions, named ``<class> <n>``, with stable ids."""
     out = []
     counts: dict[int, int] = defaultdict(int)
-    for j, p in enumerate(layout.polygons):
+    for j, p in enumerate(layout.annotations):
         tc = TISSUE_CLASSES[p.cls]
         counts[p.cls] += 1
         out.append(
@@ -120,10 +121,10 @@ def _region_infos(layout: Layout, regions: list[Region], rng: np.random.Generato
     """Rectangles for region questions: two for tumour and stroma, one for every other class."""
     infos = []
     by_class: dict[int, list[int]] = defaultdict(list)
-    for j, p in enumerate(layout.polygons):
+    for j, p in enumerate(layout.annotations):
         by_class[p.cls].append(j)
     for c in sorted(by_class):
-        idxs = sorted(by_class[c], key=lambda j: -layout.polygons[j].area_cells)
+        idxs = sorted(by_class[c], key=lambda j: -layout.annotations[j].area_cells)
         want = 2 if c in (TUMOUR, STROMA) else 1
         for k in range(want):
             j = idxs[k % len(idxs)]
@@ -133,6 +134,17 @@ def _region_infos(layout: Layout, regions: list[Region], rng: np.random.Generato
                     infos.append(RegionInfo(annotation_id=str(regions[j].id), cls=c, rect=rect))
                     break
     return infos
+
+
+def _slide_rng(seed: int, index: int) -> np.random.Generator:
+    """The stream slide ``index`` draws its layout, style, report and questions from, in that order."""
+    return np.random.default_rng([int(seed), int(index), 1])
+
+
+def slide_layout(manifest: WorldManifest, index: int) -> Layout:
+    """The layout slide ``index`` of a world was painted from: its label map is the per-pixel truth."""
+    labels = assign_labels(manifest.n_slides, manifest.seed)[index]
+    return make_layout(labels, manifest.size[0], manifest.size[1], _slide_rng(manifest.seed, index))
 
 
 def _check_out_dir(out_dir: Path, params: WorldManifest, overwrite: bool) -> WorldManifest | None:
@@ -220,7 +232,7 @@ def generate_world(
         for i, lab in enumerate(labels):
             t0 = time.perf_counter()
             stem = f"slide_{i:03d}"
-            rng = np.random.default_rng([int(seed), i, 1])
+            rng = _slide_rng(seed, i)
             layout = make_layout(lab, w, h, rng)
             style = make_style(lab, rng)
             noise_seed = int(rng.integers(1 << 62))
@@ -287,7 +299,7 @@ def _describe_slide(
     """Annotations, report and questions of slide ``i``; its manifest entry (draws from ``rng`` in order)."""
     stem, w, h = f"slide_{i:03d}", layout.width, layout.height
     slide_rel = f"slides/{stem}.tif"
-    regions = _regions(layout, seed, stem)
+    regions = annotation_regions(layout, seed, stem)
     ann_rel = f"annotations/{stem}.geojson"
     (out_dir / "annotations").mkdir(exist_ok=True)
     write_geojson(out_dir / ann_rel, regions)
@@ -315,7 +327,7 @@ def _describe_slide(
 
     slide_questions(lab, report, infos, rng, letters, emit)
     # its own stream: the rows above, and the pixels, stay as they were before these questions
-    annotations = [(str(r.id), p.cls) for r, p in zip(regions, layout.polygons, strict=True)]
+    annotations = [(str(r.id), p.cls) for r, p in zip(regions, layout.annotations, strict=True)]
     annotation_questions(lab, annotations, np.random.default_rng([int(seed), i, 2]), emit)
     fr = layout.fractions()
     return SlideEntry(
