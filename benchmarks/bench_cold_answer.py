@@ -54,8 +54,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -66,6 +67,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "cold_answer.json"
 TARGET_S = 30.0
 N_TEXT = 64
 log = logging.getLogger("bench_cold_answer")
+T = TypeVar("T")
 
 
 # --- helpers -------------------------------------------------------------------------------------------
@@ -598,28 +600,18 @@ def main(argv: list[str] | None = None) -> int:
         del tile_enc  # the session owns it now and frees it after featurization
         return main_ask_evidence(args, res, dump, slide, model, device, question, out, t_proc)
 
-    first = None
-    try:
-        first, (feats, grid, _) = run_ours(
-            slide,
-            model,
-            tile_enc,
-            device,
-            args.workdir,
-            question,
-            args.new_tokens,
-            "first",
-            args.encoder_compile,
-        )
-        first["decode_mode"] = args.decode_mode or "default"
-        res["ours_first_slide"] = first
-        res["slide"]["tissue_tiles"] = len(grid)
-    except Exception as e:  # noqa: BLE001 - keep what was measured
-        log.exception("ours (first slide) failed")
-        res["errors"]["ours_first_slide"] = f"{type(e).__name__}: {e}"
+    got = attempt(
+        res, "ours_first_slide", lambda: run_ours(
+            slide, model, tile_enc, device, args.workdir, question, args.new_tokens, "first", args.encoder_compile,
+        ),
+    )  # fmt: skip
     dump()
-    if first is None:
+    if got is None:
         return 1
+    first, (feats, grid, _) = got
+    first["decode_mode"] = args.decode_mode or "default"
+    res["ours_first_slide"] = first
+    res["slide"]["tissue_tiles"] = len(grid)
     if args.first_only:
         log.warning(
             "first slide only (encoder %s, decode %s): %.2f s",
@@ -628,33 +620,22 @@ def main(argv: list[str] | None = None) -> int:
             first["sum_of_stages_s"],
         )
         return 0
-    try:
-        res["baseline"] = run_baseline(
-            slide,
-            model,
-            tile_enc,
-            device,
-            args.workdir,
-            question,
-            args.new_tokens,
-            feats,
-            args.baseline_workers,
-        )
-    except Exception as e:  # noqa: BLE001
-        log.exception("baseline failed")
-        res["errors"]["baseline"] = f"{type(e).__name__}: {e}"
+    res["baseline"] = attempt(
+        res, "baseline", lambda: run_baseline(
+            slide, model, tile_enc, device, args.workdir, question, args.new_tokens, feats, args.baseline_workers,
+        ),
+    )  # fmt: skip
     dump()
     elapsed = time.perf_counter() - t_proc
     expect = first["sum_of_stages_s"] - (first["stages"]["answer"]["fast_decoder_capture_seconds"] or 0)
     if elapsed + expect < args.budget_s:
-        try:
-            res["ours_second_slide"], _ = run_ours(
+        got = attempt(
+            res, "ours_second_slide", lambda: run_ours(
                 slide, model, tile_enc, device, args.workdir, question, args.new_tokens, "second",
                 args.encoder_compile,
-            )  # fmt: skip
-        except Exception as e:  # noqa: BLE001
-            log.exception("ours (second slide) failed")
-            res["errors"]["ours_second_slide"] = f"{type(e).__name__}: {e}"
+            ),
+        )  # fmt: skip
+        res["ours_second_slide"] = got[0] if got else None
     else:
         res["ours_second_slide"] = None
         res["errors"]["ours_second_slide"] = f"skipped: {elapsed:.0f} s elapsed, budget {args.budget_s} s"
@@ -704,6 +685,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def attempt(res: dict[str, Any], key: str, fn: Callable[[], T]) -> T | None:
+    """``fn()``, or None with its error recorded under ``res["errors"][key]``: what was measured is kept."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - keep what was measured
+        log.exception("%s failed", key)
+        res["errors"][key] = f"{type(e).__name__}: {e}"
+        return None
+
+
 def main_ask_evidence(
     args: argparse.Namespace,
     res: dict,
@@ -723,32 +714,30 @@ def main_ask_evidence(
         "cold slide -> answer with evidence through SlideSession.ask, first slide of a fresh process; "
         "random weights in the published shapes"
     )
-    ours = None
-    try:
-        ours, feats, grid = run_ask_evidence(slide, model, device, args.workdir, question, args.new_tokens)
-        res["ours_ask_evidence"] = ours
-        res["slide"]["tissue_tiles"] = len(grid)
-    except Exception as e:  # noqa: BLE001 - keep what was measured
-        log.exception("ours (ask with evidence) failed")
-        res["errors"]["ours_ask_evidence"] = f"{type(e).__name__}: {e}"
+    got = attempt(
+        res, "ours_ask_evidence",
+        lambda: run_ask_evidence(slide, model, device, args.workdir, question, args.new_tokens),
+    )  # fmt: skip
     dump()
-    if ours is None:
+    if got is None:
         return 1
+    ours, feats, grid = got
+    res["ours_ask_evidence"] = ours
+    res["slide"]["tissue_tiles"] = len(grid)
     if device.type == "cuda":
         res["process_peak_gpu_gib_ours"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
     load = Stages(device)
     with load.stage("baseline_tile_encoder", what="a second encoder for the usual recipe (fp32 weights)"):
         base_enc = bf.make_encoder("demo" if args.cpu_smoke else "vit-g", device)
     res["model_load"].update(load.rows)
-    try:
-        res["baseline"] = run_baseline(
+    res["baseline"] = attempt(
+        res, "baseline", lambda: run_baseline(
             slide, model, base_enc, device, args.workdir, question, args.new_tokens, feats,
             args.baseline_workers, static_generate=True,
-        )  # fmt: skip
+        ),
+    )  # fmt: skip
+    if res["baseline"]:
         res["ratios"] = compare_ask(ours, res["baseline"])
-    except Exception as e:  # noqa: BLE001
-        log.exception("baseline failed")
-        res["errors"]["baseline"] = f"{type(e).__name__}: {e}"
     res["cold_ask_with_evidence_s"] = ours["sum_of_stages_s"]
     res["peak_gpu_gib_ours"] = max((r.get("peak_gpu_gib") or 0) for r in ours["stages"].values()) or None
     res["total_seconds"] = round(time.perf_counter() - t_proc, 1)

@@ -84,3 +84,19 @@ def test_an_adapter_for_another_model_names_its_folder(tiny_llm_dir, tmp_path):
     save_file({k.replace("q_proj", "no_such_proj"): v for k, v in state.items()}, str(path))
     with pytest.raises(ModelError, match=r"ckpt/lora: cannot load the LoRA adapter.*no_such_proj"):
         load_checkpoint(ckpt)
+
+
+def test_the_merge_runs_where_the_weights_live(tiny_llm_dir, tmp_path):
+    """A model loaded onto an accelerator merges there: the adapter's CPU tensors follow each weight (the
+    meta device stands in for CUDA, which mixes with CPU tensors no more than meta does)."""
+    from wsi_llava.model.llava_import import merge_lora
+
+    ckpt = _trained_lora_checkpoint(
+        tiny_llm_dir, tmp_path / "ckpt", r=4, lora_alpha=8, target_modules=["q_proj"]
+    )
+    llm, _ = load_llm(tiny_llm_dir)
+    state = {k: v.to("meta") for k, v in llm.state_dict().items()}
+    assert merge_lora(state, ckpt / "lora") == llm.config.num_hidden_layers
+    merged = [k for k in state if "q_proj" in k]
+    assert merged and all(state[k].device.type == "meta" for k in state)
+    assert all(state[k].shape == llm.state_dict()[k].shape for k in merged)

