@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from wsi_llava.synth.text import _PER_SLIDE
+from wsi_llava.synth.text import _CLASS_REPEAT, _PER_KIND, _PER_SLIDE, NECROSIS
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the phrasing groups of ``FRONT_END_QUESTIONS`` that ``check_presets`` judges under another kind
@@ -84,8 +84,11 @@ def test_preset_rows_answer_by_the_rules_they_are_judged_by(world: Path) -> None
     assert sum(slide_kinds.values()) == len(manifest.slides) * 7 * _PER_SLIDE
     necrotic = [r.id for e in manifest.slides for r in e.regions if cp.region_class(r) == "necrosis"]
     assert necrotic
+    repeat = _CLASS_REPEAT[NECROSIS]
+    assert repeat > 1
     for rid in necrotic:  # the rare class is asked more often
-        assert asked[(rid, "necrosis?")] == 3 and asked[(rid, "tissue")] == 3 * 3
+        assert asked[(rid, "necrosis?")] == repeat * _PER_KIND["necrosis?"]
+        assert asked[(rid, "tissue")] == repeat * (_PER_KIND["describe"] + _PER_KIND["tissue"])
 
 
 def _pixels_sha(path: Path) -> str:
