@@ -464,6 +464,7 @@ class Batcher:
             self.model.wait_fast_decode()  # a warm-up thread in flight uses the LLM
             if not self._active:
                 self._decoder()  # weights or mode may have changed while the batch was empty
+            t_join, hits = time.perf_counter(), self.prefixes.hits
             for r in joiners:
                 try:
                     self._prefill(r)
@@ -471,6 +472,13 @@ class Batcher:
                     self._fail(r, e)
                     with self._cv:
                         self._joining -= 1
+            logger.debug(  # where a joining answer's time to first token goes
+                "batcher: %d joined in %.3f s (prefix hits %d), %d active",
+                len(joiners),
+                time.perf_counter() - t_join,
+                self.prefixes.hits - hits,
+                len(self._active),
+            )
 
         # one token for every active answer (the previous step's argmax of all rows at once)
         if self._out is not None and any(r.row is not None for r in self._active):
