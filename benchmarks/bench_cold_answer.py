@@ -73,6 +73,16 @@ T = TypeVar("T")
 # --- helpers -------------------------------------------------------------------------------------------
 
 
+def attempt(res: dict[str, Any], key: str, fn: Callable[[], T]) -> T | None:
+    """``fn()``, or None with its error recorded under ``res["errors"][key]``: what was measured is kept."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - keep what was measured
+        log.exception("%s failed", key)
+        res["errors"][key] = f"{type(e).__name__}: {e}"
+        return None
+
+
 def drop_page_cache(path: Path) -> bool:
     """Evict ``path``'s pages from the page cache, so that the next read comes from the disk."""
     try:
@@ -605,13 +615,14 @@ def main(argv: list[str] | None = None) -> int:
             slide, model, tile_enc, device, args.workdir, question, args.new_tokens, "first", args.encoder_compile,
         ),
     )  # fmt: skip
+    if got is not None:
+        first, (feats, grid, _) = got
+        first["decode_mode"] = args.decode_mode or "default"
+        res["ours_first_slide"] = first
+        res["slide"]["tissue_tiles"] = len(grid)
     dump()
     if got is None:
         return 1
-    first, (feats, grid, _) = got
-    first["decode_mode"] = args.decode_mode or "default"
-    res["ours_first_slide"] = first
-    res["slide"]["tissue_tiles"] = len(grid)
     if args.first_only:
         log.warning(
             "first slide only (encoder %s, decode %s): %.2f s",
@@ -685,16 +696,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def attempt(res: dict[str, Any], key: str, fn: Callable[[], T]) -> T | None:
-    """``fn()``, or None with its error recorded under ``res["errors"][key]``: what was measured is kept."""
-    try:
-        return fn()
-    except Exception as e:  # noqa: BLE001 - keep what was measured
-        log.exception("%s failed", key)
-        res["errors"][key] = f"{type(e).__name__}: {e}"
-        return None
-
-
 def main_ask_evidence(
     args: argparse.Namespace,
     res: dict,
@@ -718,12 +719,13 @@ def main_ask_evidence(
         res, "ours_ask_evidence",
         lambda: run_ask_evidence(slide, model, device, args.workdir, question, args.new_tokens),
     )  # fmt: skip
+    if got is not None:
+        ours, feats, grid = got
+        res["ours_ask_evidence"] = ours
+        res["slide"]["tissue_tiles"] = len(grid)
     dump()
     if got is None:
         return 1
-    ours, feats, grid = got
-    res["ours_ask_evidence"] = ours
-    res["slide"]["tissue_tiles"] = len(grid)
     if device.type == "cuda":
         res["process_peak_gpu_gib_ours"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
     load = Stages(device)

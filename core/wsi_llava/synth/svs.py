@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 TILE = 240
 MPP_BY_MAG = {40: 0.2527, 20: 0.5}
 LIBRARY = "Aperio Image Library v12.0.15"
-#: where scanners pad the image-edge tiles is unspecified: black makes a reader that forgets to crop show
 
 
 @dataclass(frozen=True)
@@ -204,7 +203,7 @@ def write_svs(
         )
         for d, (lw, lh) in zip(ds_list, level_dims[1:], strict=True):
             tif.write(
-                mirror_tiles(textures[d], level_dims[(1, *ds_list).index(d)], TILE, encode),
+                mirror_tiles(textures[d], (lw, lh), TILE, encode),
                 shape=(lh, lw, 3),
                 description=f"{head} -> {lw}x{lh} JPEG/RGB Q={quality}{meta}",
                 subfiletype=0,

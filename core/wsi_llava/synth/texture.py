@@ -17,7 +17,8 @@ import numpy as np
 
 from wsi_llava.errors import WsiLlavaError
 
-#: the value of pixels past the level's edge in its last row and column of tiles
+#: pixels past the level's edge in its last row and column of tiles: where scanners pad is unspecified, and
+#: black makes a reader that forgets to crop show
 PAD = 0
 
 
