@@ -67,6 +67,7 @@ def start_server(args: argparse.Namespace, root: Path, log: Path) -> tuple[subpr
         sys.executable, "-m", "wsi_llava.cli", "serve", "--model", args.model, "--slides-root", str(root),
         "--host", "127.0.0.1", "--port", str(port), "--device", args.device,
         "--max-batch", str(args.max_batch), "--queue", str(max(args.concurrency) * 2),
+        "--log-level", args.server_log_level,
     ]  # fmt: skip
     if args.cache:
         cmd += ["--cache", str(args.cache)]
@@ -230,6 +231,12 @@ def main() -> None:
     ap.add_argument("--token-file", type=Path)
     ap.add_argument("--cache", type=Path, help="the started server's --cache")
     ap.add_argument("--server-log", type=Path, help="the started server's output (default: in a temp folder)")
+    ap.add_argument(
+        "--server-log-level",
+        default="info",
+        choices=("debug", "info", "warning"),
+        help="the started server's --log-level (debug: where each answer's time to first token goes)",
+    )
     ap.add_argument("--start-timeout", type=float, default=300)
     ap.add_argument("--timeout", type=float, default=900, help="seconds per request")
     ap.add_argument("--out", type=Path)

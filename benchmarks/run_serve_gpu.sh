@@ -3,12 +3,14 @@
 #
 #     bash benchmarks/run_serve_gpu.sh          # TINY=1 DEVICE=cpu: the same steps with tiny weights (smoke test)
 #
+# CONC (default 1,4,16,64): the concurrencies bench_serve runs.
 # 1. bench_batching.py (SKIP_BATCHING=1 leaves it out): N concurrent greedy answers through Batcher vs one at a time through model.stream, on
 #    a random Vicuna-7B-shape model (bench_decode's), N = 1, 4, 16, 32;
 # 2. make_paper_weights.py: Prov-GigaPath + a merged 7B in the official layouts, random, registered with
 #    `wsi-llava models add` under a private WSI_LLAVA_HOME;
 # 3. two 2,000-tissue-tile slides, and bench_serve.py against a real `wsi-llava serve` of that model:
 #    1, 4, 16 and 64 concurrent SSE asks vs the same requests one at a time.
+# SERVER_LOG_LEVEL=debug logs where each answer's time to first token goes (server.log).
 # Writes under $OUT: batching_gpu.json, serve_gpu.json, summary.json (headline keys), server.log, run.log.
 # File them here: copy the JSONs to benchmarks/results/ and merge summary.json's keys into results/summary.json.
 set -o pipefail
@@ -55,12 +57,12 @@ for i, name in enumerate(("a.tif", "b.tif")):
 PY
 
 log "bench_serve"
-conc=1,4,16,64
+conc=${CONC:-1,4,16,64}
 [ -n "$TINY" ] && conc=1,4
 timeout $((${BUDGET_S:-560} - (SECONDS - t0))) python3 benchmarks/bench_serve.py --model paper7b \
     --device "$DEVICE" --slides-root "$WORK/slides" --concurrency "$conc" --max-batch 64 --max-new-tokens 64 \
     --cache "$WORK/cache" --server-log "$OUT/server.log" --out "$OUT/serve_gpu.json" \
-    --summary "$OUT/summary.json" 2>&1 | tee -a "$OUT/run.log"
+    --summary "$OUT/summary.json" --server-log-level "${SERVER_LOG_LEVEL:-info}" 2>&1 | tee -a "$OUT/run.log"
 rc=$?
 log "bench_serve rc $rc"
 exit $rc

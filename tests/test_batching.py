@@ -379,3 +379,111 @@ def test_prefix_cache_prefill_equals_the_whole_prompt_and_stays_bounded(tiny):
         _vt, parts, _gen = checked_request(tiny, Q, vis)
         assert off.prefill(tiny, parts, vis)[3] is False and off.prefill(tiny, parts, vis)[3] is False
         assert off.nbytes == 0
+
+
+def test_prompts_prefilled_together_equal_each_prefilled_alone(tiny):
+    """``prefill_many``: questions of different lengths about two selections, in chunks of two rows;
+    each prompt's logits and its cache row (up to its own length) equal its whole-prompt prefill."""
+    from wsi_llava.model.fast_decode import cache_kv
+    from wsi_llava.model.generation import checked_request, prefill, splice
+    from wsi_llava.model.prefix_cache import PrefixCache
+
+    a, b = _tiny_vis(40), _tiny_vis(41)
+    asks = [(Q, a), ("Is there necrosis?", b), ("Describe the tissue. What is the diagnosis?", a.clone()),
+            ("Grade?", a.clone()), (QUESTIONS[4], b.clone())]  # fmt: skip
+    cache = PrefixCache()
+    with torch.inference_mode():
+        prompts = [(checked_request(tiny, q, v)[1], v) for q, v in asks]
+        done = cache.prefill_many(tiny, prompts, max_rows=2)
+        assert (cache.misses, cache.hits) == (2, 3)
+        assert [p.hit for p in done] == [False, False, True, True, True]
+        assert [p.row for p in done] == [0, 0, 1, 0, 1]  # selection a: rows 0, 1 then a chunk of its own
+        lengths = set()
+        for (parts, v), p in zip(prompts, done, strict=True):
+            ref_past, ref_logits = prefill(tiny, splice(tiny, parts, v))
+            torch.testing.assert_close(p.logits, ref_logits[0], rtol=1e-5, atol=1e-5)
+            n = p.spliced.inputs_embeds.shape[1]
+            lengths.add(n)
+            for layer in range(tiny.llm.config.num_hidden_layers):
+                for got, want in zip(cache_kv(p.cache, layer), cache_kv(ref_past, layer), strict=True):
+                    assert got.shape[2] >= n == want.shape[2]
+                    torch.testing.assert_close(got[p.row, :, :n], want[0], rtol=1e-5, atol=1e-5)
+        assert len(lengths) >= 3  # rows of one call were padded to the longest
+
+
+def test_answers_joining_in_one_turn_are_prefilled_together(tiny, monkeypatch):
+    """Answers queued while the loop is busy join in one turn through one ``prefill_many`` call and
+    still equal answering alone."""
+    vis = _tiny_vis(50)
+    reqs = [(q, {"max_new_tokens": 10 + i}) for i, q in enumerate(QUESTIONS[:4])]
+    refs = [_alone(tiny, q, vis, **kw) for q, kw in reqs]
+    with Batcher(tiny, max_batch=4) as batcher:
+        calls = []
+        real = batcher.prefixes.prefill_many
+        monkeypatch.setattr(
+            batcher.prefixes,
+            "prefill_many",
+            lambda m, prompts, **kw: calls.append(len(prompts)) or real(m, prompts, **kw),
+        )
+        release, started = threading.Event(), threading.Event()
+
+        def hold() -> None:  # in the loop thread: nothing joins until it returns
+            started.set()
+            release.wait(30)
+
+        busy = threading.Thread(target=lambda: batcher.call(hold))
+        busy.start()
+        assert started.wait(30)
+        streams = [batcher.submit(q, vis.clone(), **kw) for q, kw in reqs]
+        release.set()
+        busy.join()
+        results = [(list(s), s.result) for s in streams]
+    assert calls == [4]
+    for (chunks, result), ref in zip(results, refs, strict=True):
+        _same(chunks, result, ref)
+
+
+def test_warm_slots_fit_half_the_free_memory():
+    from wsi_llava.model.batching import warm_slots
+
+    assert warm_slots(16, per_slot=10, free=1000) == 16
+    assert warm_slots(10, per_slot=10, free=1000) == 16  # the bucket holding them
+    assert warm_slots(16, per_slot=10, free=200) == 8  # 16 x 10 > 100: the next smaller bucket
+    assert warm_slots(16, per_slot=10, free=50) == 2
+    assert warm_slots(16, per_slot=10, free=0) == 1
+    assert warm_slots(100, per_slot=1, free=10_000) == 128  # beyond the largest bucket: its multiples
+    assert warm_slots(100, per_slot=1, free=200) == 64
+
+
+def test_warm_prepares_nothing_where_steps_run_eagerly(tiny):
+    ref = _alone(tiny, Q, _tiny_vis(7), max_new_tokens=20)
+    with Batcher(tiny, max_batch=4) as batcher:
+        assert batcher.warm() is None  # CPU: no graphs to capture, no buffers allocated ahead
+        stream = batcher.submit(Q, _tiny_vis(7), max_new_tokens=20)
+        _same(list(stream), stream.result, ref)
+
+
+@pytest.mark.gpu
+def test_warm_captures_every_bucket_once_and_answers_stay_the_same(tiny_llm_dir):
+    """CUDA: after ``warm`` the buffers hold ``max_batch`` answers and every bucket's step is captured;
+    staggered answers then join without a capture or a buffer regrowth, each equal to answering alone."""
+    model = make_tiny_wsi_llava(tiny_llm_dir)
+    model.llm.to("cuda")
+    model.projector.to("cuda")
+    model.fast_decode = "graph"
+    vis = [_tiny_vis(20 + i).cuda() for i in range(6)]
+    refs = [_alone(model, QUESTIONS[i], vis[i], max_new_tokens=24) for i in range(6)]
+    with Batcher(model, max_batch=8) as batcher:
+        info = batcher.warm()
+        assert info is not None and info["buckets"] == [1, 2, 4, 8] and info["slots"] == 8
+        dec = batcher._dec
+        captured, k0 = dec.capture_seconds, dec.k[0]
+        assert batcher.warm()["buckets"] == []  # warm twice: nothing more to capture
+        streams = []
+        for i in range(6):
+            streams.append(batcher.submit(QUESTIONS[i], vis[i], max_new_tokens=24))
+            time.sleep(0.01)
+        for s, ref in zip(streams, refs, strict=True):
+            _same(list(s), s.result, ref)
+            assert s.result.decode_path == "batched-graph"
+        assert dec.capture_seconds == captured and dec.k[0] is k0

@@ -1,16 +1,18 @@
 """Continuous batching of answers for one ``WSILlava``: concurrent questions decode together.
 
 A loop thread owns every LLM call. Each turn it runs the queued :meth:`Batcher.call` functions, drops
-cancelled streams, prefills the requests that fit (eagerly with the Hugging Face model, batch 1; the
-K/V of a prompt's prefix, the text up to the image and the selection's visual tokens, is computed once
-for everyone asking about that selection: :class:`~wsi_llava.model.prefix_cache.PrefixCache`, so each
-answer prefills only its question) and copies their K/V into a slot of static buffers ``[slots, kv_heads, capacity, head_dim]`` per layer, chooses one token
+cancelled streams, prefills the requests that fit (eagerly with the Hugging Face model; the K/V of a
+prompt's prefix, the text up to the image and the selection's visual tokens, is computed once for
+everyone asking about that selection: :class:`~wsi_llava.model.prefix_cache.PrefixCache`, so each answer
+prefills only its question, and the questions of answers joining in one turn run as one batch) and copies their K/V into a slot of static buffers ``[slots, kv_heads, capacity, head_dim]`` per layer, chooses one token
 for every active answer (the per-token rules of :class:`~wsi_llava.model.generation.AnswerState`, shared
 with ``stream``), and runs one decode step for all of them at once, each row at its own position behind
 its own key mask. Active answers stay compacted in slots ``0..b-1`` (one that leaves is replaced by the
 last), so a step works on views of ``[:b]``. On CUDA in the ``graph``/``compile`` modes of
 ``resolve_mode(model.fast_decode, ...)`` the step is captured once per batch-size bucket (1, 2, 4, ..., 64;
-padded with masked dummy rows) and replayed (``compile`` captures the same uncompiled step); otherwise,
+padded with masked dummy rows) and replayed (``compile`` captures the same uncompiled step): every bucket
+up to ``max_batch`` by :meth:`Batcher.warm`, which a server runs before it listens, else when first needed,
+and again after the buffers grow (a longer answer than they hold, or more answers); otherwise,
 ``off`` included, and after a failed capture, it runs eagerly (``decode_path`` ``batched-graph`` or
 ``batched``). Answers equal ``stream``'s alone: the step's logits match the single-stream step's to float
 rounding, and each answer keeps its own seeded sampling generator (in bf16, as with the single-stream fast
@@ -58,7 +60,7 @@ from wsi_llava.model.generation import (
     checked_request,
     is_cancelled,
 )
-from wsi_llava.model.prefix_cache import PrefixCache
+from wsi_llava.model.prefix_cache import Prefilled, PrefixCache
 
 if TYPE_CHECKING:
     from wsi_llava.model.wsi_llava import WSILlava
@@ -77,6 +79,15 @@ def bucket(n: int) -> int:
         if n <= b:
             return b
     return -(-n // BUCKETS[-1]) * BUCKETS[-1]
+
+
+def warm_slots(max_batch: int, per_slot: int, free: int) -> int:
+    """Slots to allocate up front for ``max_batch`` answers of ``per_slot`` KV bytes each: the bucket
+    holding them, or the largest smaller bucket whose buffers take at most half of ``free`` bytes (1 at least)."""
+    slots = bucket(max_batch)
+    while slots > 1 and slots * per_slot > free // 2:
+        slots = max(b for b in BUCKETS if b < slots) if slots <= BUCKETS[-1] else slots - BUCKETS[-1]
+    return slots
 
 
 class BatchDecoder(DecoderParts):
@@ -127,17 +138,17 @@ class BatchDecoder(DecoderParts):
         self.slots, self.capacity = n_slots, cap
         logger.debug("batched decode: KV buffers for %d slots x %d positions", n_slots, cap)
 
-    def load(self, slot: int, cache: Any, length: int) -> None:
-        """Copy the first ``length`` positions of every layer of a batch-1 Hugging Face cache into ``slot``."""
+    def load(self, slot: int, cache: Any, length: int, row: int = 0) -> None:
+        """Copy the first ``length`` positions of row ``row`` of every layer of a Hugging Face cache into ``slot``."""
         self.ensure(slot + 1, length + 1)
         for i in range(len(self.layers)):
             k, v = cache_kv(cache, i)
-            if k.shape[0] != 1 or k.shape[1] != self.n_kv or k.shape[-1] != self.head_dim:
+            if row >= k.shape[0] or k.shape[1] != self.n_kv or k.shape[-1] != self.head_dim:
                 raise ModelError(
-                    f"prefill cache layer {i} has shape {tuple(k.shape)}: not batch 1 of this LLM"
+                    f"prefill cache layer {i} has shape {tuple(k.shape)}: no row {row} of this LLM's K/V"
                 )
-            self.k[i][slot, :, :length].copy_(k[0, :, :length])
-            self.v[i][slot, :, :length].copy_(v[0, :, :length])
+            self.k[i][slot, :, :length].copy_(k[row, :, :length])
+            self.v[i][slot, :, :length].copy_(v[row, :, :length])
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` positions of slot ``src`` into slot ``dst``."""
@@ -186,6 +197,19 @@ class BatchDecoder(DecoderParts):
         self.capture_seconds += time.perf_counter() - t0
         logger.info("batched decode: captured the step for %d rows in %.2f s", b, time.perf_counter() - t0)
         return graph, out
+
+    def capture_buckets(self, rows: int) -> list[int]:
+        """Capture the step of every bucket up to ``rows`` not captured yet (the buffers must hold no
+        answer: a capture writes K/V at position 0 of its rows); the buckets captured now."""
+        done = []
+        for b in sorted({*(b for b in BUCKETS if b <= rows), bucket(rows)}):
+            if b > self.slots or b in self._graphs:
+                continue
+            self._tok[:b].zero_()
+            self._pos[:b].zero_()
+            self._graphs[b] = self._capture(b)
+            done.append(b)
+        return done
 
     def step(self, tokens: list[int], positions: list[int]) -> tuple[torch.Tensor, bool]:
         """Logits (b, vocab) after feeding ``tokens[i]`` at ``positions[i]`` to slot ``i``, and whether a
@@ -376,6 +400,59 @@ class Batcher:
         with self._cv:
             self._cv.notify_all()
 
+    def warm(self, length: int | None = None) -> dict[str, Any] | None:
+        """Allocate the KV buffers of ``max_batch`` answers and capture every bucket's decode step now, so
+        that answers joining later never wait for a capture (a server calls this before it listens).
+
+        Only where steps run as CUDA graphs. ``length``: positions per answer (default: the visual
+        tokens, 128 text tokens and the model's ``max_new_tokens``). The buffers take at most half the
+        card's free memory: fewer slots are warmed when they would not fit (the rest grow on demand).
+        What was prepared, or None when there is nothing to warm.
+        """
+        return self.call(lambda: self._warm(length))
+
+    def _warm(self, length: int | None) -> dict[str, Any] | None:
+        model = self.model
+        model.wait_fast_decode()
+        dec = self._decoder()
+        if dec is None or not dec.use_graphs or self._active:
+            return None
+        t0 = time.perf_counter()
+        if length is None:
+            length = model.n_visual_tokens + 128 + model.spec.generation.max_new_tokens
+        context = model.context_length()
+        length = min(int(length), context) if context else int(length)
+        step = fast_decode.CAPACITY_STEP
+        cap = max(dec.capacity, -(-length // step) * step)
+        per_slot = 2 * len(dec.layers) * dec.n_kv * cap * dec.head_dim * dec.embed_w.element_size()
+        slots = warm_slots(self.max_batch, per_slot, torch.cuda.mem_get_info(dec.device)[0])
+        if slots < bucket(self.max_batch):
+            logger.info(
+                "answer batcher: KV buffers for %d of %d answers fit half the free memory; more grow on demand",
+                slots,
+                self.max_batch,
+            )
+        with torch.inference_mode():
+            dec.ensure(slots, cap)
+            captured = dec.capture_buckets(slots)
+        torch.cuda.synchronize(dec.device)
+        info = {
+            "slots": dec.slots,
+            "positions": dec.capacity,
+            "buckets": captured,
+            "kv_bytes": dec.slots * per_slot,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        logger.info(
+            "answer batcher warm: %d slots x %d positions (%.1f GiB), steps captured for %s in %.1f s",
+            info["slots"],
+            info["positions"],
+            info["kv_bytes"] / 2**30,
+            captured,
+            info["seconds"],
+        )
+        return info
+
     # --- the loop ------------------------------------------------------------------------------------
     def _loop(self) -> None:
         model = self.model
@@ -465,9 +542,10 @@ class Batcher:
             if not self._active:
                 self._decoder()  # weights or mode may have changed while the batch was empty
             t_join, hits = time.perf_counter(), self.prefixes.hits
+            together = self._prefill_together(joiners) if self._dec is not None and len(joiners) > 1 else None
             for r in joiners:
                 try:
-                    self._prefill(r)
+                    self._prefill(r, together.get(id(r)) if together else None)
                 except Exception as e:
                     self._fail(r, e)
                     with self._cv:
@@ -524,18 +602,38 @@ class Batcher:
             if r.ans.done and r.stream.result is None and not r.failed:
                 self._end(r)
 
-    def _prefill(self, r: _Request) -> None:
+    def _prefill_together(self, joiners: list[_Request]) -> dict[int, tuple[Prefilled, float]] | None:
+        """The joiners' prompts prefilled in one go (:meth:`PrefixCache.prefill_many`), by request id with
+        the seconds it took; None when that failed (each is then prefilled alone, failing alone)."""
+        t0 = time.perf_counter()
+        try:
+            done = self.prefixes.prefill_many(self.model, [(r.parts, r.vt) for r in joiners])
+        except Exception as e:
+            logger.warning(
+                "prefilling %d answers together failed (%s: %s)", len(joiners), type(e).__name__, e
+            )
+            return None
+        seconds = time.perf_counter() - t0
+        return {id(r): (p, seconds) for r, p in zip(joiners, done, strict=True)}
+
+    def _prefill(self, r: _Request, done: tuple[Prefilled, float] | None = None) -> None:
+        """Prefill ``r`` (or take its part of a joint prefill) and move it into the next free slot."""
         model = self.model
         r.ans = AnswerState(model, r.parts, r.gen, r.seed)
         t0 = time.perf_counter()
-        s, past, logits, _hit = self.prefixes.prefill(model, r.parts, r.vt)
+        if done is None:
+            p = self.prefixes.prefill_many(model, [(r.parts, r.vt)])[0]
+        else:
+            p, seconds = done
+            t0 -= seconds
+        s, past = p.spliced, p.cache
         n = int(s.inputs_embeds.shape[1])
         r.result = GenerationResult(prompt_len=n, n_visual_tokens=s.n_visual)
-        r.logits, r.greedy, r.row, r.cur_len = logits[0], None, None, n
+        r.logits, r.greedy, r.row, r.cur_len = p.logits, None, None, n
         dec = self._dec
         if dec is not None:
             dec.ensure(len(self._active) + 1, n + r.ans.max_new)
-            dec.load(len(self._active), past, n)
+            dec.load(len(self._active), past, n, p.row)
             r.result.decode_path = "batched-graph" if dec.use_graphs else "batched"
         else:
             r.past = past
