@@ -59,6 +59,7 @@ from wsi_llava.model.generation import (
     cache_of,
     checked_request,
     is_cancelled,
+    warm_length,
 )
 from wsi_llava.model.prefix_cache import Prefilled, PrefixCache
 
@@ -115,8 +116,7 @@ class BatchDecoder(DecoderParts):
         if slots <= self.slots and length <= self.capacity:
             return
         n_slots = max(self.slots, bucket(slots))
-        step = fast_decode.CAPACITY_STEP
-        cap = max(self.capacity, -(-int(length) // step) * step)
+        cap = self.capacity_for(length)
         self._graphs.clear()
         shape = (n_slots, self.n_kv, cap, self.head_dim)
         for bufs in (self.k, self.v):
@@ -137,6 +137,15 @@ class BatchDecoder(DecoderParts):
         self._pos = torch.zeros((n_slots,), dtype=torch.long, device=self.device)
         self.slots, self.capacity = n_slots, cap
         logger.debug("batched decode: KV buffers for %d slots x %d positions", n_slots, cap)
+
+    def capacity_for(self, length: int) -> int:
+        """Positions the buffers hold once they have room for ``length`` (grown in whole steps)."""
+        step = fast_decode.CAPACITY_STEP
+        return max(self.capacity, -(-int(length) // step) * step)
+
+    def slot_bytes(self, capacity: int) -> int:
+        """K/V bytes of one slot of ``capacity`` positions over every layer."""
+        return 2 * len(self.layers) * self.n_kv * capacity * self.head_dim * self.embed_w.element_size()
 
     def load(self, slot: int, cache: Any, length: int, row: int = 0) -> None:
         """Copy the first ``length`` positions of row ``row`` of every layer of a Hugging Face cache into ``slot``."""
@@ -418,13 +427,10 @@ class Batcher:
         if dec is None or not dec.use_graphs or self._active:
             return None
         t0 = time.perf_counter()
-        if length is None:
-            length = model.n_visual_tokens + 128 + model.spec.generation.max_new_tokens
+        length = int(length) if length is not None else warm_length(model)
         context = model.context_length()
-        length = min(int(length), context) if context else int(length)
-        step = fast_decode.CAPACITY_STEP
-        cap = max(dec.capacity, -(-length // step) * step)
-        per_slot = 2 * len(dec.layers) * dec.n_kv * cap * dec.head_dim * dec.embed_w.element_size()
+        cap = dec.capacity_for(min(length, context) if context else length)
+        per_slot = dec.slot_bytes(cap)
         slots = warm_slots(self.max_batch, per_slot, torch.cuda.mem_get_info(dec.device)[0])
         if slots < bucket(self.max_batch):
             logger.info(
@@ -543,9 +549,9 @@ class Batcher:
                 self._decoder()  # weights or mode may have changed while the batch was empty
             t_join, hits = time.perf_counter(), self.prefixes.hits
             together = self._prefill_together(joiners) if self._dec is not None and len(joiners) > 1 else None
-            for r in joiners:
+            for r, done in zip(joiners, together or [None] * len(joiners), strict=True):
                 try:
-                    self._prefill(r, together.get(id(r)) if together else None)
+                    self._prefill(r, done)
                 except Exception as e:
                     self._fail(r, e)
                     with self._cv:
@@ -602,9 +608,9 @@ class Batcher:
             if r.ans.done and r.stream.result is None and not r.failed:
                 self._end(r)
 
-    def _prefill_together(self, joiners: list[_Request]) -> dict[int, tuple[Prefilled, float]] | None:
-        """The joiners' prompts prefilled in one go (:meth:`PrefixCache.prefill_many`), by request id with
-        the seconds it took; None when that failed (each is then prefilled alone, failing alone)."""
+    def _prefill_together(self, joiners: list[_Request]) -> list[tuple[Prefilled, float]] | None:
+        """The joiners' prompts prefilled in one go (:meth:`PrefixCache.prefill_many`), in their order, each
+        with the seconds it took; None when that failed (each is then prefilled alone, failing alone)."""
         t0 = time.perf_counter()
         try:
             done = self.prefixes.prefill_many(self.model, [(r.parts, r.vt) for r in joiners])
@@ -614,7 +620,7 @@ class Batcher:
             )
             return None
         seconds = time.perf_counter() - t0
-        return {id(r): (p, seconds) for r, p in zip(joiners, done, strict=True)}
+        return [(p, seconds) for p in done]
 
     def _prefill(self, r: _Request, done: tuple[Prefilled, float] | None = None) -> None:
         """Prefill ``r`` (or take its part of a joint prefill) and move it into the next free slot."""

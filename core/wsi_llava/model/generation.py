@@ -116,6 +116,11 @@ def fast_decoder(model: WSILlava, mode: str, length: int) -> Any:
     return dec
 
 
+def warm_length(model: WSILlava) -> int:
+    """Positions a decoder is warmed for by default: the visual tokens, 128 text tokens and the answer."""
+    return model.n_visual_tokens + 128 + model.spec.generation.max_new_tokens
+
+
 def warm_fast_decode(model: WSILlava, length: int | None = None, *, background: bool = True) -> bool:
     """Compile the fast decode step now, in a thread by default, so that the first answer does not
     wait for it (``SlideSession`` starts this while the slide is featurized).
@@ -131,7 +136,7 @@ def warm_fast_decode(model: WSILlava, length: int | None = None, *, background: 
     if mode == "off" or (model._warm_thread and model._warm_thread.is_alive()):
         return False
     max_new = model.spec.generation.max_new_tokens
-    length = int(length) if length is not None else model.n_visual_tokens + 128 + max_new
+    length = int(length) if length is not None else warm_length(model)
     dec = model._fast[1] if model._fast is not None else None
     if dec is not None and dec.mode == mode and dec.capacity >= length:
         return False  # an earlier warm-up or answer built it: nothing to do again

@@ -115,15 +115,18 @@ class PrefixCache:
             else:
                 self.hits += 1
             groups.setdefault(id(entry), (entry, length, []))[2].append((i, s, hit))
+        step = max(1, int(max_rows))
         for entry, length, members in groups.values():
-            for j in range(0, len(members), max(1, int(max_rows))):
-                self._questions(model, entry, length, members[j : j + max(1, int(max_rows))], out)
+            for j in range(0, len(members), step):
+                chunk = members[j : j + step]
+                for (i, _s, _hit), p in zip(chunk, self._questions(model, entry, length, chunk), strict=True):
+                    out[i] = p
         assert all(p is not None for p in out)
         return out  # type: ignore[return-value]
 
     def _questions(
-        self, model: WSILlava, entry: _Entry, length: int, rows: list[tuple[int, Any, bool]], out: list
-    ) -> None:
+        self, model: WSILlava, entry: _Entry, length: int, rows: list[tuple[int, Any, bool]]
+    ) -> list[Prefilled]:
         """One LLM call on the question parts of ``rows`` (prompts sharing ``entry``'s prefix)."""
         lens = [int(s.inputs_embeds.shape[1]) - length for _, s, _ in rows]
         width, first = max(lens), rows[0][1]
@@ -144,8 +147,10 @@ class PrefixCache:
             **{cache_arg(model): self._cache(model, entry, len(rows))},
         )
         cache = cache_of(res)
-        for r, (i, s, hit) in enumerate(rows):
-            out[i] = Prefilled(s, cache, r, res.logits[r, keep.index(lens[r] - 1)], hit)
+        return [
+            Prefilled(s, cache, r, res.logits[r, keep.index(lens[r] - 1)], hit)
+            for r, (_i, s, hit) in enumerate(rows)
+        ]
 
     # --- entries ----------------------------------------------------------------------------------
     def _find(self, key: tuple, vt: torch.Tensor) -> _Entry | None:
