@@ -109,12 +109,18 @@ def test_stage2_projector_loss_falls(stage2: Path) -> None:
 
 
 def _stage3_cfg(
-    d: Path, pack: Path, base: Path, extra: str = "", top: str = "", tasks: str = "Morphology_TF_question"
+    d: Path,
+    pack: Path,
+    base: Path,
+    extra: str = "",
+    top: str = "",
+    tasks: str = "Morphology_TF_question",
+    model: str = "",
 ) -> Path:
     return _cfg(
         d / "s3.yaml",
         f"data: {{packs: [{pack}], max_length: 64, tasks: [{tasks}]}}\n{top}"
-        f"model: {{base: {base}}}\nlora: {{r: 2, alpha: 4, dropout: 0.1}}\n"
+        f"model: {{base: {base}{model}}}\nlora: {{r: 2, alpha: 4, dropout: 0.1}}\n"
         "optim: {lr: 2.0e-3, projector_lr: 2.0e-3, warmup_ratio: 0.0}\n"
         f"train: {{max_steps: 4, epochs: 4, batch_size: 3, bf16: false, save_every: 2{extra}}}\n",
     )
@@ -213,10 +219,16 @@ def test_stage3_sample_weighting_trains(pack: Path, stage2: Path, tmp_path: Path
         stage2 / "final",
         top="loss_weighting: sample\n",
         tasks="Morphology_TF_question, Region_Description",
+        model=', region_prompt: "In the region: {question}"',
     )
     _train(["stage3", "--config", str(cfg), "--out", str(tmp_path / "run"), "--device", "cpu"])
     losses = _losses(tmp_path / "run")
     assert len(losses) == 4 and losses[-1] < losses[0]
+    # the cue region questions were trained with is the one the checkpoint is asked with
+    from wsi_llava.model.spec import ModelSpec
+
+    spec = ModelSpec.load(tmp_path / "run" / "final")
+    assert spec.model_question("Why?", "region") == "In the region: Why?"
 
 
 def test_two_process_data_parallel_matches_one_process(pack: Path, stage1: Path, tmp_path: Path) -> None:

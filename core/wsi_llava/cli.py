@@ -321,7 +321,8 @@ def _ask_slide(
     with SlideSession(
         slide, model, mpp=mpp, cache_dir=cache, device=device, dtype=dtype, model_base=model_base
     ) as session:
-        session.check_question(question, **kw)  # a bad question fails here, before any featurization
+        # a bad question fails here, before any featurization
+        session.check_question(question, region=reg is not None, **kw)
         session.extract(progress=TerminalProgress())
         if as_json:
             answer = session.ask(question, reg, **kw)

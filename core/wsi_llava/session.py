@@ -210,7 +210,7 @@ class SlideSession:
             gen_kw["max_new_tokens"] = max_new_tokens
         if temperature is not None:
             gen_kw["temperature"] = temperature
-        yield from self.model.stream(question, visual, **gen_kw)
+        yield from self.model.stream(self.model_question(question, region), visual, **gen_kw)
         self.last_answer = self.build_answer(
             question,
             region,
@@ -231,7 +231,9 @@ class SlideSession:
         temperature: float | None = None,
     ) -> np.ndarray:
         """Check the question and region (cheap, before any featurization); the grid indices they cover."""
-        self.check_question(question, max_new_tokens=max_new_tokens, temperature=temperature)
+        self.check_question(
+            question, max_new_tokens=max_new_tokens, temperature=temperature, region=region is not None
+        )
         source = region.name or region.id or "region" if region is not None else "slide"
         if region is not None:
             w, h = self.reader.dimensions
@@ -256,7 +258,7 @@ class SlideSession:
             raise Cancelled("answer cancelled by the user")
         ev = Evidence(tile_size=int(self.grid.tile_size_level0))
         if evidence and len(gen.new_token_ids) > 0:
-            ev = self._evidence(question, gen.new_token_ids, indices)
+            ev = self._evidence(self.model_question(question, region), gen.new_token_ids, indices)
         spec = self.model.spec
         notice = None
         if spec.demo:
@@ -285,13 +287,26 @@ class SlideSession:
         )
 
     def check_question(
-        self, question: str, *, max_new_tokens: int | None = None, temperature: float | None = None
+        self,
+        question: str,
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        region: bool = False,
     ) -> None:
         """Refuse an empty or undecodable question, bad decoding settings, or a prompt longer than the
         model's context, with one ``WsiLlavaError``; cheap, so callers run it before :meth:`extract`."""
         if not isinstance(question, str) or not question.strip():
             raise WsiLlavaError("question is empty: type a question about the slide or region")
-        self.model.check_request(question, max_new_tokens=max_new_tokens, temperature=temperature)
+        self.model.check_request(
+            self.model.spec.model_question(question, "region" if region else "slide"),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+        )
+
+    def model_question(self, question: str, region: Region | None) -> str:
+        """``question`` as the LLM is asked it: about ``region``, with the model's region cue."""
+        return self.model.spec.model_question(question, "region" if region is not None else "slide")
 
     def ask(self, question: str, region: Region | None = None, **kw: Any) -> Answer:
         """Answer a question (whole slide when ``region`` is None) and return the ``Answer``."""

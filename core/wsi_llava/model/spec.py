@@ -6,13 +6,16 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from wsi_llava.errors import ModelError
 
 SPEC_FILE = "wsi_llava.json"
 
 TemplateName = Literal["vicuna_v1", "llava_v1", "chat"]
+Scope = Literal["slide", "region"]
+#: where the question goes in ``ModelSpec.region_prompt``
+QUESTION_SLOT = "{question}"
 
 
 class _Strict(BaseModel):
@@ -127,6 +130,28 @@ class ModelSpec(_Strict):
         description="training tile-feature statistics of this checkpoint (`train feature-stats`); answers on "
         "tiles far from them carry a warning. None: no such check",
     )
+    region_prompt: str = Field(
+        QUESTION_SLOT,
+        description="how a question about a region (not the whole slide) reaches the LLM: the question "
+        "replaces {question}; a model trained with a scope cue (e.g. 'In the selected region: {question}') "
+        "is asked with the same cue. Default: the question unchanged, as the paper's model was trained",
+    )
+
+    @field_validator("region_prompt")
+    @classmethod
+    def _one_question_slot(cls, v: str) -> str:
+        if v.count(QUESTION_SLOT) != 1:
+            raise ValueError(f"must hold {QUESTION_SLOT} exactly once, got {v!r}")
+        return v
+
+    def model_question(self, question: str, scope: Scope = "slide") -> str:
+        """The question as this model is asked it: a region question carries ``region_prompt``'s cue.
+
+        The one place the scope reaches the prompt: answers, evidence, the server and training all call it.
+        """
+        if scope == "region":
+            return self.region_prompt.replace(QUESTION_SLOT, question)
+        return question
 
     @model_validator(mode="before")
     @classmethod

@@ -351,7 +351,7 @@ class Engine:
         ticket.token.raise_if_cancelled()
         t_submit = time.perf_counter()
         stream = slot.batcher.submit(
-            question,
+            s.model_question(question, region),
             visual,
             max_new_tokens=settings.max_new_tokens,
             temperature=settings.temperature,

@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from wsi_llava.errors import WsiLlavaError
+from wsi_llava.model.spec import QUESTION_SLOT
 
 Stage = Literal["tiles", "stage1", "stage2", "stage3"]
 
@@ -68,6 +69,19 @@ class ModelConfig(_Strict):
     )
     template: Literal["vicuna_v1", "llava_v1", "chat"] | None = None
     name: str | None = Field(None, description="spec.name of the saved checkpoint")
+    region_prompt: str | None = Field(
+        None,
+        description="spec.region_prompt of the saved checkpoint: the cue region questions are trained and "
+        "then asked with (e.g. 'In the selected region: {question}'); None keeps the base model's",
+    )
+
+    @field_validator("region_prompt")
+    @classmethod
+    def _one_question_slot(cls, v: str | None) -> str | None:
+        if v is not None and v.count(QUESTION_SLOT) != 1:
+            raise ValueError(f"must hold {QUESTION_SLOT} exactly once, got {v!r}")
+        return v
+
     tile_encoder_weights: Path | None = Field(
         None,
         description="stage 1 with base demo: tile encoder weights to ship in the checkpoint (the output "

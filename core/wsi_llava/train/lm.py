@@ -62,6 +62,8 @@ def load_base(cfg: Stage2Config | Stage3Config, d: Dist) -> Any:
         model.spec.template = cfg.model.template
     if cfg.model.name:
         model.spec.name = cfg.model.name
+    if cfg.model.region_prompt is not None:
+        model.spec.region_prompt = cfg.model.region_prompt
     return model
 
 
@@ -81,7 +83,8 @@ class Tokenized:
         self.samples: list[Sample] = []
         dropped = 0
         for s in samples:
-            parts = model.prompt(s.question, s.answer)
+            scope = "region" if s.tiles is not None else "slide"  # as SlideSession asks it
+            parts = model.prompt(model.spec.model_question(s.question, scope), s.answer)
             ids, labels = parts.input_ids[:room], (parts.labels or [])[:room]
             n_answer = sum(1 for x in labels[1:] if x != IGNORE_INDEX)
             if n_answer == 0:  # the prompt alone fills max_length: nothing to learn from
