@@ -110,6 +110,7 @@ def _warm_child(slide: Path, runs: int) -> None:
         "answer": ans.answer,
         "answer_ids": [int(i) for i in gen.new_token_ids],
         "evidence_scores": ans.evidence.scores,
+        "llm_dtype": str(next(session.model.llm.parameters()).dtype).removeprefix("torch."),
     }
     print(json.dumps(out))
 
@@ -120,6 +121,15 @@ def _warm(tree: Path, slide: Path, runs: int) -> dict[str, Any]:
     if done.returncode != 0:
         raise SystemExit(f"{tree}: warm session failed ({done.returncode}):\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _commit(tree: Path) -> str:
+    """``tree``'s commit, ``+changes`` when its working tree differs from it."""
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", "-C", str(tree), *a], capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "-uno") else "")
 
 
 def _median(rows: list[dict[str, Any]], key: str) -> float:
@@ -151,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from wsi_llava.demo import demo_world
     from wsi_llava.model.demo import DEMO_WEIGHTS
+    from wsi_llava.settings import cpu_computes_bf16
     from wsi_llava.synth import load_manifest
 
     world = demo_world()
@@ -162,18 +173,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"--baseline {args.baseline}: no core/wsi_llava in it (a checkout of this repository)"
             )
         trees = {"baseline": args.baseline.resolve(), **trees}
-    commit = {
-        name: subprocess.run(
-            ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
-        for name, tree in trees.items()
-    }
+    commit = {name: _commit(tree) for name, tree in trees.items()}
     res: dict[str, Any] = {
         "benchmark": "cpu_ask",
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
         "card": CARD,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "cpu_bf16_arithmetic": cpu_computes_bf16(),
         "transformers": transformers.__version__,
         "model": f"demo (SmolLM2-135M-Instruct + trained checkpoint {DEMO_WEIGHTS.name}/)",
         "question": QUESTION,
@@ -204,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             "answer": w["answer"],
             "answer_ids": w["answer_ids"],
             "evidence_scores": w["evidence_scores"],
+            "llm_dtype": w.get("llm_dtype"),
         }
     if "baseline" in trees:
         b, n = res["baseline"], res["new"]

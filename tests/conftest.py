@@ -25,6 +25,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # never the user's ~/.cache.
 _SESSION_CACHE = Path(tempfile.mkdtemp(prefix="wsi-llava-test-cache-"))
 os.environ["WSI_LLAVA_CACHE"] = str(_SESSION_CACHE)
+# The same CPU dtype on every machine (the default depends on the CPU's bf16 arithmetic): tests that compare
+# answers or logits expect fp32; test_cpu_dtype covers the choice and the bf16 path.
+os.environ.setdefault("WSI_LLAVA_CPU_DTYPE", "float32")
 
 
 #: children running before the first test (plugins' own, such as pytest-xvfb's Xvfb): not the tests'

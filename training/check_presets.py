@@ -234,6 +234,7 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--model", default="demo")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, help="the LLM's dtype (default: as on wsi-llava ask)")
     ap.add_argument("--cache", type=Path, help="cache folder, as on wsi-llava ask")
     ap.add_argument("--cache-dir", dest="cache", type=Path, help=argparse.SUPPRESS)  # its old spelling
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's (as front ends)")
@@ -260,7 +261,7 @@ def main() -> None:
 
     questions = front_end_questions()
     manifest = load_manifest(args.world)
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
     t0 = time.perf_counter()
@@ -327,6 +328,7 @@ def main() -> None:
     out = {
         "world": str(args.world),
         "model": str(args.model),
+        "dtype": str(next(model.llm.parameters()).dtype).removeprefix("torch."),
         "questions": {
             scope: [{"question": q, "from": src} for q, src in qs] for scope, qs in questions.items()
         },

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from wsi_llava.errors import Cancelled, WsiLlavaError
+from wsi_llava.settings import DTYPES
 
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
@@ -112,8 +113,9 @@ def model_options(default: str | None = "demo", device: str = "auto"):
                 ),
                 click.option(
                     "--dtype",
-                    type=click.Choice(["float32", "bfloat16", "float16"]),
-                    help="Model weights' dtype (default: bfloat16 on CUDA, float32 on the CPU).",
+                    type=click.Choice(DTYPES),
+                    help="Model weights' dtype (default: bfloat16 on CUDA and on CPUs with bf16 arithmetic, "
+                    "else float32).",
                 ),
             ]
         ):

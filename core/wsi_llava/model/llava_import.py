@@ -916,7 +916,7 @@ def read_llava(
     """Load a LLaVA-format folder (merged, or LoRA / projector-only over ``base``) after the header checks.
 
     The LLM is a plain ``LlamaForCausalLM`` with any LoRA merged in; the projector is on ``device`` in
-    ``dtype`` (default: bf16 on CUDA, fp32 on CPU).
+    ``dtype`` (default: :func:`wsi_llava.settings.default_dtype`).
     """
     import torch
 
