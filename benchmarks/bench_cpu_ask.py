@@ -110,7 +110,7 @@ def _warm_child(slide: Path, runs: int) -> None:
         "answer": ans.answer,
         "answer_ids": [int(i) for i in gen.new_token_ids],
         "evidence_scores": ans.evidence.scores,
-        "llm_dtype": str(next(session.model.llm.parameters()).dtype).removeprefix("torch."),
+        "llm_dtype": str(session.model.dtype).removeprefix("torch."),
     }
     print(json.dumps(out))
 

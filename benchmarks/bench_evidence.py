@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "world": str(args.world),
         "model": "demo",
         "device": "cpu",
-        "llm_dtype": str(next(model.llm.parameters()).dtype).removeprefix("torch."),
+        "llm_dtype": str(model.dtype).removeprefix("torch."),
         "steps": steps,
         "mean_class_fraction": round(float(np.mean([r["class_fraction"] for r in rows])), 4),
         "table": table,

@@ -229,12 +229,14 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main() -> None:
+    from wsi_llava.settings import DTYPES
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("world", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--model", default="demo")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default=None, help="the LLM's dtype (default: as on wsi-llava ask)")
+    ap.add_argument("--dtype", choices=DTYPES, help="the LLM's dtype (default: as on wsi-llava ask)")
     ap.add_argument("--cache", type=Path, help="cache folder, as on wsi-llava ask")
     ap.add_argument("--cache-dir", dest="cache", type=Path, help=argparse.SUPPRESS)  # its old spelling
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's (as front ends)")
@@ -328,7 +330,7 @@ def main() -> None:
     out = {
         "world": str(args.world),
         "model": str(args.model),
-        "dtype": str(next(model.llm.parameters()).dtype).removeprefix("torch."),
+        "dtype": str(model.dtype).removeprefix("torch."),
         "questions": {
             scope: [{"question": q, "from": src} for q, src in qs] for scope, qs in questions.items()
         },
