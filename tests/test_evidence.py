@@ -138,8 +138,9 @@ def test_recomputed_layers_give_the_same_attributions(session, monkeypatch):
     assert not model.slide_encoder.longnet.encoder.grad_checkpointing
 
 
-def test_path_points_batched_into_one_pass_give_the_same_attributions(session):
+def test_path_points_batched_into_one_pass_give_the_same_attributions(session, monkeypatch):
     """CPU runs every path point in one batched pass, CUDA one per pass: the same integral either way."""
+    monkeypatch.setattr(evidence, "EAGER_ATTENTION_BYTES", 0)  # the LLM's own attention, batch-invariant
     model = session.model
     x, c, tile = _inputs(session)
     one = evidence.tile_attributions(model, Q, x, c, tile, [5, 6], steps=4, points_per_pass=1)
@@ -147,3 +148,37 @@ def test_path_points_batched_into_one_pass_give_the_same_attributions(session):
         got = evidence.tile_attributions(model, Q, x, c, tile, [5, 6], steps=4, points_per_pass=per_pass)
         assert np.allclose(got, one, rtol=1e-5, atol=1e-9)
     assert np.abs(one).sum() > 0
+
+
+def test_cpu_pass_runs_matmul_attention_where_it_fits_and_gives_the_same_attributions(session, monkeypatch):
+    """On CPU the gradient pass switches the LLM to eager attention while what that keeps for the backward
+    fits the budget (its backward is faster there than the flash kernel's), with the same attributions as
+    the LLM's own attention; the LLM's own comes back afterwards, after a failure too."""
+    model = session.model
+    x, c, tile = _inputs(session)
+    own = model.llm.config._attn_implementation
+    assert own != "eager"
+    seen: list[str] = []
+    log_prob = evidence._answer_log_prob
+
+    def spy(*args, **kw):
+        seen.append(model.llm.config._attn_implementation)
+        return log_prob(*args, **kw)
+
+    monkeypatch.setattr(evidence, "_answer_log_prob", spy)
+    fast = evidence.tile_attributions(model, Q, x, c, tile, [5, 6], steps=4)
+    assert seen == ["eager"] and model.llm.config._attn_implementation == own
+    monkeypatch.setattr(evidence, "EAGER_ATTENTION_BYTES", 1024)  # a slide too long for the budget
+    plain = evidence.tile_attributions(model, Q, x, c, tile, [5, 6], steps=4)
+    assert seen == ["eager", own]
+    assert np.abs(plain).sum() > 0 and np.allclose(fast, plain, rtol=1e-3, atol=1e-8)
+
+    monkeypatch.setattr(evidence, "EAGER_ATTENTION_BYTES", 1 << 30)
+
+    def fail(*args, **kw):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(evidence, "_answer_log_prob", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        evidence.tile_attributions(model, Q, x, c, tile, [5, 6], steps=4)
+    assert model.llm.config._attn_implementation == own

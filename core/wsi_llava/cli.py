@@ -22,13 +22,27 @@ MPP_HELP = (
 )
 
 
+class OwnProcess:
+    """``ctx.obj`` of a ``wsi-llava`` process started by :func:`main`: the commands that own the whole
+    process (built-in ones and the QuPath bridge's), which start it without transformers' vision imports
+    (:mod:`wsi_llava.startup`). Commands invoked from Python (tests, ``CliRunner``) get no such object."""
+
+    def __init__(self, commands: set[str]) -> None:
+        self.commands = commands
+
+
 @click.group(cls=UserErrorGroup)
 @click.version_option(package_name="wsi-llava")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-def cli(verbose: int) -> None:
+@click.pass_context
+def cli(ctx: click.Context, verbose: int) -> None:
     """WSI-LLaVA: ask questions about whole slide images and regions of them."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if isinstance(ctx.obj, OwnProcess) and ctx.invoked_subcommand in ctx.obj.commands:
+        from wsi_llava.startup import text_only_transformers
+
+        text_only_transformers()
 
 
 @cli.command()
@@ -180,7 +194,7 @@ def _extract_encoder(
         if weights is not None:
             raise click.UsageError("--weights goes with --encoder (a model brings its own weights)")
         from wsi_llava.model import load_tile_encoder
-        from wsi_llava.model.build import TILE_ENCODER_FILE
+        from wsi_llava.model.build import own_tile_encoder
         from wsi_llava.session import inference_tile_encoder
         from wsi_llava.settings import resolve_device
 
@@ -194,8 +208,7 @@ def _extract_encoder(
                     f"{option} {value:g}: model {model or 'demo'!r} tiles at {own:g}, and `ask` reads only its "
                     f"own tiling; leave {option} out (or featurize with a bare --encoder)"
                 )
-        separate = spec.tile_encoder.weights != TILE_ENCODER_FILE  # as load_checkpoint builds it in
-        enc = inference_tile_encoder(enc, resolve_device(device), separate=separate)
+        enc = inference_tile_encoder(enc, resolve_device(device), separate=not own_tile_encoder(spec))
         return enc.eval(), spec.tiling.target_mpp, spec.tiling.tile_size
     if model is not None:
         raise click.UsageError("use either --model (a model's tile encoder) or --encoder (a bare one)")
@@ -587,11 +600,12 @@ def _load_plugin_commands() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``wsi-llava`` script."""
+    own = OwnProcess(set(cli.commands) | {"qupath"})  # before other plugins add theirs
     try:
         _load_plugin_commands()
     except WsiLlavaError as e:  # pragma: no cover - a broken plugin must not hide built-in commands
         logger.warning("plugin commands not loaded: %s", e)
-    cli.main(args=argv, prog_name="wsi-llava")
+    cli.main(args=argv, prog_name="wsi-llava", obj=own)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -99,8 +99,11 @@ class SlideSession:
         weights plus autocast's bf16 copies would not fit a 24 GB card.
         """
         if self._tile_encoder is None:
+            from wsi_llava.model.build import own_tile_encoder
+
             enc = self.model.build_tile_encoder()
-            enc = inference_tile_encoder(enc, self.device, separate=enc is not self.model.tile_encoder)
+            separate = enc is not self.model.tile_encoder and not own_tile_encoder(self.model.spec)
+            enc = inference_tile_encoder(enc, self.device, separate=separate)
             self._tile_encoder = enc.to(self.device).eval()
         return self._tile_encoder
 

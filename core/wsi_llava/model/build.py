@@ -82,6 +82,12 @@ def build_slide_encoder(spec: ModelSpec, folder: Path | None = None) -> Any:
     return SlideEncoder(cfg)
 
 
+def own_tile_encoder(spec: ModelSpec) -> bool:
+    """Whether the tile encoder was trained with the checkpoint (its weights in the folder): it runs in
+    the fp32 it was trained in, where an encoder built apart from the model may run in bf16."""
+    return spec.tile_encoder.weights == TILE_ENCODER_FILE
+
+
 def build_tile_encoder(spec: ModelSpec, folder: Path | None) -> Any:
     """The registered tile encoder ``spec.tile_encoder.name`` (a ``TileEncoder``) with this checkpoint's weights.
 

@@ -27,7 +27,6 @@ from wsi_llava.model.build import (
     SLIDE_ENCODER_FILE,
     TILE_ENCODER_FILE,
     build_slide_encoder,
-    build_tile_encoder,
     first_line,
     load_into,
     part_path,
@@ -250,9 +249,8 @@ def load_checkpoint(
         load_into(slide_encoder, folder / SLIDE_ENCODER_FILE, "slide encoder")
     if slide_encoder is not None:
         slide_encoder.to(device=device, dtype=torch.float32).eval()
-    tile_encoder = None
-    if spec.tile_encoder.weights == TILE_ENCODER_FILE:
-        tile_encoder = build_tile_encoder(spec, folder)
-    model = WSILlava(llm, tokenizer, projector, spec, slide_encoder=slide_encoder, tile_encoder=tile_encoder)
+    # the tile encoder is built when a slide needs featurizing (``WSILlava.build_tile_encoder``): answers
+    # about cached features never import or build it
+    model = WSILlava(llm, tokenizer, projector, spec, slide_encoder=slide_encoder)
     model.checkpoint_dir = folder
     return model

@@ -6,7 +6,8 @@ question's own average tile when the model records no training statistics) to th
 flows through projector, pooling and the LongNet slide encoder, so a tile that LongNet mixed into every
 visual token is credited where it is, not where its pooling bin sits. Each pass is one forward and one
 backward of slide encoder and LLM over a batch of path points: on CPU every point in one pass (larger
-matrix products, a fraction of the Python work per point); on CUDA one point per pass, with LongNet layers
+matrix products, a fraction of the Python work per point) and, where it fits, plain matmul-softmax attention,
+whose backward is faster there than the CPU flash kernel's; on CUDA one point per pass, with LongNet layers
 and LLM decoder layers recomputed in the backward, so a whole slide fits beside a 7B model.
 """
 
@@ -78,6 +79,34 @@ def _recompute(model: WSILlava, enable: bool) -> Iterator[None]:
             encoder.grad_checkpointing = was
 
 
+#: on CPU, the attention probabilities (fp32, every layer and path point) that the matmul-softmax path may keep
+#: for the backward pass before the evidence pass keeps the LLM's own (memory-lean) attention instead
+EAGER_ATTENTION_BYTES = 1 << 30
+
+
+@contextlib.contextmanager
+def _cpu_attention(llm: nn.Module, points: int, length: int) -> Iterator[None]:
+    """On CPU, the LLM's plain matmul-softmax ("eager") attention for the gradient pass while what it keeps
+    fits :data:`EAGER_ATTENTION_BYTES`: PyTorch's CPU flash-attention backward is several times slower than
+    the matmul one at a slide's few hundred tokens. The pass runs on the thread that owns the model (the
+    session's, or the server's batcher), so no answer decodes while it is switched."""
+    cfg = getattr(llm, "config", None)
+    current = getattr(cfg, "_attn_implementation", None)
+    heads = getattr(cfg, "num_attention_heads", None)
+    layers = getattr(cfg, "num_hidden_layers", None)
+    if current in (None, "eager") or not (heads and layers) or not hasattr(llm, "set_attn_implementation"):
+        yield
+        return
+    if points * heads * layers * length * length * 4 > EAGER_ATTENTION_BYTES:
+        yield
+        return
+    llm.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        llm.set_attn_implementation(current)
+
+
 def _answer_log_prob(
     model: WSILlava, ids: torch.Tensor, n_answer: int, features: torch.Tensor, coords: torch.Tensor, tile: int
 ) -> torch.Tensor:
@@ -131,7 +160,9 @@ def tile_attributions(
     cuda = p.device.type == "cuda"
     per_pass = max(1, points_per_pass or (1 if cuda else steps))
     alphas = (torch.arange(steps, dtype=torch.float32, device=x.device) + 0.5) / steps  # midpoints
-    with torch.enable_grad(), _recompute(model, cuda):
+    length = ids.shape[1] - 1 + model.n_visual_tokens  # the LLM's sequence: <image> becomes the visual tokens
+    attention = contextlib.nullcontext() if cuda else _cpu_attention(model.llm, per_pass, length)
+    with torch.enable_grad(), _recompute(model, cuda), attention:
         for chunk in alphas.split(per_pass):
             points = (ref + chunk[:, None, None] * delta).to(p.dtype).requires_grad_(True)
             logp = _answer_log_prob(model, ids, len(answer), points, c, int(tile_size_level0))
