@@ -291,7 +291,7 @@ class QuPathBridge:
                 "is this port QuPath's Py4J gateway?"
             ) from None
         except Py4JError as e:
-            raise QuPathError(f"QuPath refused {what}: {_first_line(e)}") from None
+            raise QuPathError(f"QuPath at {self.host}:{self.port} refused {what}: {_first_line(e)}") from None
         except (TypeError, ValueError, AttributeError, LookupError, OSError) as e:
             raise QuPathError(
                 f"unexpected reply from port {self.port} to {what} ({type(e).__name__}: {_first_line(e)}): "
