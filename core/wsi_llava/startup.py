@@ -1,8 +1,8 @@
 """Start-up of a command that answers from the terminal: transformers without its vision-only imports.
 
 Importing any model config makes transformers import torchvision (the backend of its image and video
-processors) and ``scipy.optimize`` (for its object-detection losses). A language model uses neither; on
-two CPU cores they cost about 0.8 s of every ``wsi-llava ask``. For a process the CLI owns, a one-shot
+processors) and ``scipy.optimize`` (for its object-detection losses). A language model uses neither, yet
+every ``wsi-llava ask`` would pay for importing them. For a process the CLI owns, a one-shot
 import hook lets transformers see both as not installed; torchvision itself still imports as usual when
 our own code asks for it (timm's tile encoders, the GPU JPEG path). Library users and the napari plugin
 keep transformers as it is: other code in their process may use its image processors.

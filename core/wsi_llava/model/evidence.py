@@ -87,17 +87,19 @@ EAGER_ATTENTION_BYTES = 1 << 30
 @contextlib.contextmanager
 def _cpu_attention(llm: nn.Module, points: int, length: int) -> Iterator[None]:
     """On CPU, the LLM's plain matmul-softmax ("eager") attention for the gradient pass while what it keeps
-    fits :data:`EAGER_ATTENTION_BYTES`: PyTorch's CPU flash-attention backward is several times slower than
-    the matmul one at a slide's few hundred tokens. The pass runs on the thread that owns the model (the
+    fits :data:`EAGER_ATTENTION_BYTES`: PyTorch's CPU flash-attention backward is slower than the matmul
+    one at a slide's few hundred tokens. The pass runs on the thread that owns the model (the
     session's, or the server's batcher), so no answer decodes while it is switched."""
     cfg = getattr(llm, "config", None)
     current = getattr(cfg, "_attn_implementation", None)
-    heads = getattr(cfg, "num_attention_heads", None)
-    layers = getattr(cfg, "num_hidden_layers", None)
-    if current in (None, "eager") or not (heads and layers) or not hasattr(llm, "set_attn_implementation"):
-        yield
-        return
-    if points * heads * layers * length * length * 4 > EAGER_ATTENTION_BYTES:
+    heads = getattr(cfg, "num_attention_heads", 0) or 0
+    layers = getattr(cfg, "num_hidden_layers", 0) or 0
+    kept = points * heads * layers * length * length * 4  # fp32 probabilities of every layer and point
+    if (
+        current in (None, "eager")
+        or not hasattr(llm, "set_attn_implementation")
+        or not 0 < kept <= EAGER_ATTENTION_BYTES
+    ):
         yield
         return
     llm.set_attn_implementation("eager")
